@@ -1,0 +1,54 @@
+"""gpsparse — Gaussian processes with sparse covariance or sparse precision matrices in GPyTorch.
+
+Public API
+----------
+solve
+    Iterative sparse solve with sparse gradients (CG, MINRES, BiCGSTAB).
+SparseLinearOperator
+    A linear_operator ``LinearOperator`` backed by a sparse matrix.
+SparsityPattern
+    The shared, non-differentiable CSR structure of sparse operators.
+cg, minres, bicgstab, SolverInfo
+    Krylov cores on a matvec closure.
+JacobiPreconditioner, IncompleteCholeskyPreconditioner, Preconditioner
+    Preconditioners with split factors and log-determinants.
+settings
+    Context managers for global settings.
+"""
+
+from gpsparse import settings
+from gpsparse.errors import (
+    ConvergenceWarning,
+    DenseSizeError,
+    GPSparseError,
+    NonConvergenceError,
+    NotPositiveDefiniteError,
+    SolverBreakdownError,
+)
+from gpsparse.krylov import SolverInfo, bicgstab, cg, minres
+from gpsparse.operator import SparseLinearOperator
+from gpsparse.pattern import SparsityPattern
+from gpsparse.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
+from gpsparse.solve import solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve",
+    "SparseLinearOperator",
+    "SparsityPattern",
+    "cg",
+    "minres",
+    "bicgstab",
+    "SolverInfo",
+    "Preconditioner",
+    "JacobiPreconditioner",
+    "IncompleteCholeskyPreconditioner",
+    "settings",
+    "GPSparseError",
+    "NotPositiveDefiniteError",
+    "SolverBreakdownError",
+    "NonConvergenceError",
+    "DenseSizeError",
+    "ConvergenceWarning",
+]

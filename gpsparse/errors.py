@@ -1,0 +1,39 @@
+"""Errors and warnings raised by gpsparse.
+
+Cores (Krylov solvers, Lanczos) report slow convergence as data in their
+``info`` record and raise only on a genuine breakdown; the public layer turns
+non-convergence into a :class:`ConvergenceWarning` or, when the caller asks for
+strictness, a :class:`NonConvergenceError`.
+"""
+
+from __future__ import annotations
+
+
+class GPSparseError(Exception):
+    """Base class of every exception raised by gpsparse."""
+
+
+class NotPositiveDefiniteError(GPSparseError, ValueError):
+    """A matrix required to be symmetric positive definite is not.
+
+    Raised, e.g., by CG when a search direction gives ``pᵀAp ≤ 0``, or by an
+    incomplete Cholesky factorisation meeting a non-positive pivot.
+    """
+
+
+class SolverBreakdownError(GPSparseError, RuntimeError):
+    """A Krylov recurrence divided by (numerically) zero and cannot continue."""
+
+
+class NonConvergenceError(GPSparseError, RuntimeError):
+    """An iterative method stopped at ``max_iters`` above its tolerance and the
+    caller asked for strictness."""
+
+
+class DenseSizeError(GPSparseError, RuntimeError):
+    """An operation would have to form a dense matrix larger than the limit in
+    :data:`gpsparse.settings.max_dense_size`."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative method stopped at ``max_iters`` above its tolerance."""

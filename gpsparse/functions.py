@@ -1,0 +1,114 @@
+"""Autograd Functions: a core forward paired with a named core adjoint.
+
+Every Function here takes values already laid out as ``(B, nnz)`` and dense
+operands as ``(B, n, k)`` (the batch flattened, see :mod:`gpsparse.batching`),
+and returns the gradient with respect to the values as a ``(B, nnz)`` tensor
+aligned with them — never anything ``n × n``.
+
+Gradient formulas (``A`` with values ``a[e]`` at ``(i_e, j_e)``; ``G`` the
+upstream gradient):
+
+* matmul ``Y = A X``: ``∂/∂X = Aᵀ G``, ``∂/∂a[e] = Σ_c G[i_e, c] X[j_e, c]``;
+* solve ``X = A⁻¹ B``: ``Ĝ = A⁻ᵀ G`` (a genuine transpose solve),
+  ``∂/∂B = Ĝ``, ``∂/∂a[e] = −Σ_c Ĝ[i_e, c] X[j_e, c]``;
+* inverse quadratic ``q_c = b_cᵀ A⁻¹ b_c`` (A symmetric): with ``x = A⁻¹ b``,
+  ``∂/∂b_c = 2 x_c ḡ_c``, ``∂/∂a[e] = −Σ_c ḡ_c x_c[i_e] x_c[j_e]``.
+
+For a pattern declared symmetric the value gradients are symmetrised
+(:func:`gpsparse.sparse_ops.symmetrize_values_grad`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.autograd import Function
+
+from gpsparse.pattern import SparsityPattern
+from gpsparse.solver_config import SolverConfig, run_solver
+from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
+
+__all__ = ["SparseMatmul", "SparseSolve", "SparseInvQuad", "transpose_values"]
+
+
+def transpose_values(values: Tensor, pattern: SparsityPattern) -> tuple[Tensor, SparsityPattern]:
+    """Values and pattern of ``Aᵀ`` (no copy for symmetric patterns)."""
+    if pattern.symmetric:
+        return values, pattern
+    return values[..., pattern.transpose_perm], pattern.transposed
+
+
+def _values_grad(pattern: SparsityPattern, left: Tensor, right: Tensor, scale: float = 1.0) -> Tensor:
+    grad = sampled_product(pattern, left, right)
+    if scale != 1.0:
+        grad = grad.mul_(scale)
+    return symmetrize_values_grad(grad, pattern)
+
+
+class SparseMatmul(Function):
+    """``Y[b] = A[b] X[b]`` with sparse value gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, rhs: Tensor, pattern: SparsityPattern) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(values, rhs)
+        return spmm(values, pattern, rhs)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        values, rhs = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_values = grad_rhs = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _values_grad(pattern, grad_out, rhs)
+        if ctx.needs_input_grad[1]:
+            values_t, pattern_t = transpose_values(values, pattern)
+            grad_rhs = spmm(values_t, pattern_t, grad_out)
+        return grad_values, grad_rhs, None
+
+
+class SparseSolve(Function):
+    """``X[b] = A[b]⁻¹ B[b]`` by an iterative method; the backward solves with ``Aᵀ``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, values: Tensor, rhs: Tensor, pattern: SparsityPattern, config: SolverConfig, x0: Tensor | None
+    ) -> Tensor:
+        ctx.pattern, ctx.config = pattern, config
+        solution = run_solver(config, values, pattern, rhs, x0=x0, what="solve")
+        ctx.save_for_backward(values, solution)
+        return solution
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        values, solution = ctx.saved_tensors
+        pattern, config = ctx.pattern, ctx.config
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        values_t, pattern_t = transpose_values(values, pattern)
+        adjoint = run_solver(config.for_transpose(), values_t, pattern_t, grad_out, what="backward solve with Aᵀ")
+        grad_values = _values_grad(pattern, adjoint, solution, -1.0) if ctx.needs_input_grad[0] else None
+        return grad_values, adjoint, None, None, None
+
+
+class SparseInvQuad(Function):
+    """``q[b, c] = B[b, :, c]ᵀ A[b]⁻¹ B[b, :, c]`` for symmetric ``A``; one solve in total."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, rhs: Tensor, pattern: SparsityPattern, config: SolverConfig) -> Tensor:
+        if not pattern.symmetric:
+            raise ValueError("SparseInvQuad needs a pattern declared symmetric")
+        ctx.pattern = pattern
+        solution = run_solver(config, values, pattern, rhs, what="inv_quad solve")
+        ctx.save_for_backward(solution)
+        return (solution * rhs).sum(-2)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        (solution,) = ctx.saved_tensors
+        weighted = solution * grad_out.unsqueeze(-2)
+        grad_values = _values_grad(ctx.pattern, weighted, solution, -1.0) if ctx.needs_input_grad[0] else None
+        grad_rhs = 2.0 * weighted if ctx.needs_input_grad[1] else None
+        return grad_values, grad_rhs, None, None
+

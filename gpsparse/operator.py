@@ -1,0 +1,391 @@
+"""``SparseLinearOperator``: a linear_operator ``LinearOperator`` backed by a sparse matrix.
+
+An adapter (DESIGN.md §1): it validates, lays out operands and delegates to
+the Functions in :mod:`gpsparse.functions`; it has no numerics of its own.
+
+Every path linear_operator or GPyTorch reaches is overridden so that nothing
+densifies: products are CSR SpMMs, gradients are sampled products at the
+stored entries, solves are gpsparse's Krylov solvers (also below
+linear_operator's ``max_cholesky_size``), sums with diagonals and scalings
+keep the type. Dense materialisation (``to_dense``, dense Cholesky and
+eigendecompositions) is allowed up to :func:`gpsparse.settings.max_dense_size`
+elements and refused with :class:`~gpsparse.errors.DenseSizeError` above it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from linear_operator import settings as lo_settings
+from linear_operator.operators import DiagLinearOperator, LinearOperator
+from torch import Tensor
+
+from gpsparse import krylov
+from gpsparse import settings as gs_settings
+from gpsparse.batching import flatten_operands
+from gpsparse.convert import check_finite, sparse_parts, symmetrized
+from gpsparse.errors import DenseSizeError
+from gpsparse.functions import SparseInvQuad, SparseMatmul
+from gpsparse.pattern import SparsityPattern
+from gpsparse.solve import check_operand, solve_parts
+from gpsparse.solver_config import SolverConfig, build_preconditioner, report_convergence
+from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
+
+__all__ = ["SparseLinearOperator"]
+
+
+class SparseLinearOperator(LinearOperator):
+    r"""A (batch of) sparse ``m × n`` matrices sharing one sparsity pattern.
+
+    Parameters
+    ----------
+    values : Tensor
+        ``(*batch, nnz)`` stored values in the pattern's CSR order — the
+        operator's only tensor argument, and the one that receives gradients.
+    pattern : SparsityPattern
+        The shared pattern (keyword; passed by reference, so building an
+        operator is O(1)).
+
+    Notes
+    -----
+    *Symmetry.* A pattern declared symmetric (see
+    :class:`~gpsparse.pattern.SparsityPattern`) makes the operator symmetric:
+    transposition returns an equal operator, solves use CG, and every
+    gradient with respect to ``values`` is symmetrised,
+    ``g ← (g + g[transpose_perm]) / 2``, the gradient for a symmetric matrix
+    parameterised by its stored entries (the convention of linear_operator's
+    test-suite). General operators get the plain per-entry gradient.
+
+    *Solves* use :func:`gpsparse.settings.solver_defaults` (``rtol = 1e-6``,
+    CG for symmetric, BiCGSTAB otherwise), not linear_operator's loose
+    training tolerance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from gpsparse import SparseLinearOperator
+    >>> i = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]])
+    >>> A = torch.sparse_coo_tensor(i, torch.tensor([4.0, 1.0, 1.0, 3.0]), (2, 2))
+    >>> op = SparseLinearOperator.from_tensor(A)
+    >>> op.solve(torch.ones(2, 1)).shape
+    torch.Size([2, 1])
+    """
+
+    def __init__(self, values: Tensor, *, pattern: SparsityPattern):
+        if not isinstance(pattern, SparsityPattern):
+            raise TypeError(f"pattern must be a SparsityPattern, got {type(pattern).__name__}")
+        if not isinstance(values, Tensor) or values.dim() < 1 or values.shape[-1] != pattern.nnz:
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(f"values must have shape (*batch, nnz={pattern.nnz}), got {shape}")
+        if not values.dtype.is_floating_point:
+            raise TypeError(f"values must be floating point, got {values.dtype}")
+        if values.device != pattern.device:
+            raise ValueError(f"values are on {values.device} but the pattern is on {pattern.device}")
+        super().__init__(values, pattern=pattern)
+        self.values = values
+        self.pattern = pattern
+
+    # ---------------------------------------------------------------- build
+    @classmethod
+    def from_tensor(cls, matrix: Tensor, *, symmetric: bool | None = None) -> "SparseLinearOperator":
+        """Wrap a 2-D torch sparse COO or CSR tensor; gradients flow back to ``matrix.values()``.
+
+        ``symmetric=None`` detects symmetry (pattern and values, to rounding);
+        see :func:`gpsparse.convert.sparse_parts` for errors.
+        """
+        values, pattern = sparse_parts(matrix, symmetric=symmetric)
+        return cls(values, pattern=pattern)
+
+    def _new(self, values: Tensor, pattern: SparsityPattern | None = None) -> "SparseLinearOperator":
+        return SparseLinearOperator(values, pattern=self.pattern if pattern is None else pattern)
+
+    @property
+    def is_symmetric(self) -> bool:
+        """Whether the operator is declared symmetric (see class notes)."""
+        return self.pattern.symmetric
+
+    def to_sparse_csr(self) -> Tensor:
+        """The (non-batched) matrix as a torch CSR tensor (differentiable in the values)."""
+        if self.values.dim() != 1:
+            raise ValueError(f"to_sparse_csr needs a non-batched operator, got batch shape {tuple(self.batch_shape)}")
+        return self.pattern.to_sparse_csr(self.values)
+
+    # ------------------------------------------------------- core protocol
+    def _size(self) -> torch.Size:
+        return torch.Size((*self.values.shape[:-1], *self.pattern.size))
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        values2d, rhs3d, unflatten = flatten_operands(self.values, rhs, self.pattern.size[1])
+        if rhs3d.dtype != values2d.dtype:
+            rhs3d = rhs3d.to(values2d.dtype)
+        return unflatten(SparseMatmul.apply(values2d, rhs3d, self.pattern))
+
+    def _transpose_nonbatch(self) -> "SparseLinearOperator":
+        if self.pattern.symmetric:
+            return self
+        return self._new(self.values[..., self.pattern.transpose_perm], self.pattern.transposed)
+
+    def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
+        if not self.values.requires_grad:
+            return (None,)
+        m, n = self.pattern.size
+        values2d, left3d, _ = flatten_operands(self.values.detach(), left_vecs, m)
+        _, right3d, _ = flatten_operands(self.values.detach(), right_vecs, n)
+        grad = sampled_product(self.pattern, left3d, right3d)
+        if grad.shape[0] == 1:  # one matrix: batches were folded into columns and are already summed
+            grad = grad.reshape(self.values.shape)
+        else:
+            grad = _sum_to_shape(grad.reshape(*_broadcast_batch(self.values, left_vecs), -1), self.values.shape)
+        return (symmetrize_values_grad(grad, self.pattern),)
+
+    def _values_for_gather(self) -> Tensor:
+        """Values whose gradient follows the symmetric convention when gathered or scattered."""
+        return symmetrized(self.values, self.pattern) if self.pattern.symmetric else self.values
+
+    # ------------------------------------------------------------- entries
+    def _diagonal(self) -> Tensor:
+        pos = self.pattern.diagonal_positions
+        gathered = self.values[..., pos.clamp_min(0)]
+        return torch.where(pos >= 0, gathered, torch.zeros((), dtype=self.dtype, device=self.device))
+
+    def _get_indices(self, row_index: Tensor, col_index: Tensor, *batch_indices: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(*(i.shape for i in batch_indices), row_index.shape, col_index.shape)
+        pos, found = self.pattern.positions(row_index.expand(shape), col_index.expand(shape))
+        values = self._values_for_gather()
+        gathered = values[(*(i.expand(shape) for i in batch_indices), pos)] if batch_indices else values[pos]
+        return torch.where(found, gathered, torch.zeros((), dtype=self.dtype, device=self.device))
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        if any(torch.is_tensor(i) for i in batch_indices) and (torch.is_tensor(row_index) or torch.is_tensor(col_index)):
+            return super()._getitem(row_index, col_index, *batch_indices)
+        values = self.values[(*batch_indices, slice(None))] if batch_indices else self.values
+        m, n = self.pattern.size
+        if _is_full(row_index, m) and _is_full(col_index, n):
+            return self._new(values)
+        rows = _as_index(row_index, m, self.device)
+        cols = _as_index(col_index, n, self.device)
+        pattern, entries = self.pattern.select(rows, cols)
+        return self._new(values[..., entries], pattern)
+
+    def to_dense(self) -> Tensor:
+        """The dense matrix ``(*batch, m, n)``; refused above :func:`gpsparse.settings.max_dense_size`."""
+        self._check_dense("to_dense")
+        m, n = self.pattern.size
+        values = self._values_for_gather()
+        dense = values.new_zeros(*values.shape[:-1], m * n).index_add(-1, self.pattern.keys, values)
+        return dense.reshape(*values.shape[:-1], m, n)
+
+    def _check_dense(self, what: str) -> None:
+        limit = gs_settings.current().max_dense_size
+        elements = math.prod(self.shape)
+        if elements > limit:
+            raise DenseSizeError(
+                f"{what} of a sparse operator of shape {tuple(self.shape)} would form {elements:,} dense elements, "
+                f"above gpsparse.settings.max_dense_size = {limit:,}; stay sparse or raise the limit with "
+                "`with gpsparse.settings.max_dense_size(N):`"
+            )
+
+    def _cholesky(self, upper: bool = False):
+        self._check_dense("a dense Cholesky factorisation")
+        return super()._cholesky(upper=upper)
+
+    def _symeig(self, eigenvectors: bool = False, return_evals_as_lazy: bool = False):
+        self._check_dense("a dense eigendecomposition")
+        return super()._symeig(eigenvectors=eigenvectors, return_evals_as_lazy=return_evals_as_lazy)
+
+    def _svd(self):
+        self._check_dense("a dense SVD")
+        return super()._svd()
+
+    # --------------------------------------------------------------- batch
+    def _expand_batch(self, batch_shape) -> "SparseLinearOperator":
+        return self._new(self.values.expand(*batch_shape, self.pattern.nnz))
+
+    def _sum_batch(self, dim: int) -> "SparseLinearOperator":
+        return self._new(self.values.sum(dim))
+
+    # ---------------------------------------------------------- arithmetic
+    def _mul_constant(self, other) -> "SparseLinearOperator":
+        other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
+        return self._new(self.values * (other.unsqueeze(-1) if other.dim() else other))
+
+    def _mul_matrix(self, other) -> LinearOperator:
+        if isinstance(other, SparseLinearOperator):
+            if other.pattern is self.pattern:
+                return self._new(self.values * other.values)
+            pos, found = other.pattern.positions(self.pattern.row, self.pattern.col_long)
+            gathered = torch.where(found, other.values[..., pos], torch.zeros((), dtype=other.dtype, device=other.device))
+            symmetric = self.pattern.symmetric and other.pattern.symmetric
+            return self._new(self.values * gathered, self.pattern.with_symmetric(symmetric))
+        # Any other operand only needs its entries at our pattern: the product stays sparse.
+        gathered = other[..., self.pattern.row, self.pattern.col_long]
+        return self._new(self.values * gathered, self.pattern.with_symmetric(False))
+
+    def add_diagonal(self, diag: Tensor) -> "SparseLinearOperator":
+        """``A + diag(d)`` as a SparseLinearOperator; gradients reach ``d`` (scalar, ``(n,)`` or batched)."""
+        if not self.pattern.is_square:
+            raise RuntimeError(f"add_diagonal needs a square operator, got size {tuple(self.shape)}")
+        n = self.pattern.size[0]
+        diag = torch.as_tensor(diag, dtype=self.dtype, device=self.device)
+        if diag.dim() == 0:
+            diag = diag.reshape(1)
+        if diag.shape[-1] not in (1, n):
+            raise RuntimeError(f"add_diagonal for an operator of size {tuple(self.shape)} got a diagonal of size {tuple(diag.shape)}")
+        batch = torch.broadcast_shapes(self.values.shape[:-1], diag.shape[:-1])
+        diag = diag.expand(*batch, n)
+        pattern, old_positions = self.pattern.with_full_diagonal
+        values = self.values.expand(*batch, self.pattern.nnz)
+        if pattern is not self.pattern:
+            values = values.new_zeros(*batch, pattern.nnz).index_add(-1, old_positions, values)
+        return self._new(values.index_add(-1, pattern.diagonal_positions, diag), pattern)
+
+    def __add__(self, other):
+        if isinstance(other, SparseLinearOperator):
+            return self._add_sparse(other)
+        if isinstance(other, DiagLinearOperator):
+            return self.add_diagonal(other._diagonal())
+        return super().__add__(other)
+
+    def _add_sparse(self, other: "SparseLinearOperator") -> "SparseLinearOperator":
+        if other.pattern is self.pattern:
+            return self._new(self.values + other.values)
+        if other.pattern.size != self.pattern.size:
+            raise RuntimeError(f"cannot add sparse operators of sizes {tuple(self.shape)} and {tuple(other.shape)}")
+        keys = torch.cat([self.pattern.keys, other.pattern.keys])
+        union, inverse = torch.unique(keys, return_inverse=True)
+        n = self.pattern.size[1]
+        symmetric = self.pattern.symmetric and other.pattern.symmetric
+        pattern, order = SparsityPattern.from_indices(union // n, union % n, self.pattern.size, symmetric=symmetric)
+        position = torch.argsort(order)[inverse]
+        batch = torch.broadcast_shapes(self.values.shape[:-1], other.values.shape[:-1])
+        values = self.values.new_zeros(*batch, pattern.nnz)
+        values = values.index_add(-1, position[: self.pattern.nnz], self.values.expand(*batch, -1))
+        values = values.index_add(-1, position[self.pattern.nnz :], other.values.expand(*batch, -1))
+        return self._new(values, pattern)
+
+    # -------------------------------------------------------------- solves
+    def _solver_config(self) -> SolverConfig:
+        s = gs_settings.current()
+        method = "cg" if self.pattern.symmetric else "bicgstab"
+        return SolverConfig(method=method, rtol=s.rtol, atol=s.atol, max_iters=s.max_iters, preconditioner=s.preconditioner)
+
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        r"""``A⁻¹ R`` (or ``L A⁻¹ R``) by gpsparse's iterative solvers, at every size.
+
+        CG for symmetric operators, BiCGSTAB otherwise; tolerances from
+        :func:`gpsparse.settings.solver_defaults`. Gradients: see
+        :func:`gpsparse.solve`.
+        """
+        if not self.is_square:
+            raise RuntimeError(f"solve needs a square operator, got size {tuple(self.shape)}")
+        check_operand(right_tensor, self.values, "right-hand side")
+        result = solve_parts(self.values, self.pattern, right_tensor, self._solver_config())
+        if left_tensor is None:
+            return result
+        return left_tensor @ result
+
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        r"""``diag(Rᵀ A⁻¹ R)`` (summed if ``reduce_inv_quad``), one solve forward and none backward for symmetric A."""
+        if not self.is_square:
+            raise RuntimeError(f"inv_quad needs a square operator, got size {tuple(self.shape)}")
+        check_operand(inv_quad_rhs, self.values, "inv_quad_rhs")
+        rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+        if self.pattern.symmetric:
+            values2d, rhs3d, _ = flatten_operands(self.values, rhs, self.pattern.size[1])
+            batch = _broadcast_batch(self.values, rhs)
+            term = SparseInvQuad.apply(values2d, rhs3d, self.pattern, self._solver_config()).reshape(*batch, rhs.shape[-1])
+        else:
+            term = (self.solve(rhs) * rhs).sum(-2)
+        return term.sum(-1) if reduce_inv_quad else term
+
+    def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
+        """Inverse quadratic form and log-determinant.
+
+        Without ``logdet`` the inverse quadratic form always uses gpsparse's
+        solver. With ``logdet``, linear_operator's estimator is used for now
+        (dense Cholesky below ``max_cholesky_size`` within
+        :func:`gpsparse.settings.max_dense_size`, otherwise its stochastic
+        Lanczos quadrature on top of gpsparse's CG, with sparse gradients
+        through :meth:`_bilinear_derivative`).
+        """
+        if not logdet:
+            if inv_quad_rhs is None:
+                raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specified.")
+            return self.inv_quad(inv_quad_rhs, reduce_inv_quad=reduce_inv_quad), torch.zeros(
+                [], dtype=self.dtype, device=self.device
+            )
+        return super().inv_quad_logdet(inv_quad_rhs=inv_quad_rhs, logdet=logdet, reduce_inv_quad=reduce_inv_quad)
+
+    def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int | None = 0):
+        """linear_operator's internal solve hook, served by gpsparse's CG (with tridiagonals for SLQ)."""
+        batch = _broadcast_batch(self.values, rhs)
+        values2d = self.values.detach().expand(*batch, self.pattern.nnz).reshape(-1, self.pattern.nnz)
+        rhs3d = rhs.expand(*batch, *rhs.shape[-2:]).reshape(-1, *rhs.shape[-2:])
+        config = self._solver_config()
+        if preconditioner is None:
+            preconditioner = build_preconditioner(config.preconditioner, values2d, self.pattern)
+        solver = getattr(krylov, config.method) if not num_tridiag else krylov.cg
+        kwargs = dict(return_tridiag=True) if num_tridiag else {}
+
+        def matvec(x: Tensor) -> Tensor:
+            return spmm(values2d, self.pattern, x)
+
+        solution, info = solver(
+            matvec, rhs3d, preconditioner=preconditioner, rtol=config.rtol, atol=config.atol, max_iters=config.max_iters, **kwargs
+        )
+        report_convergence(info, config, "solve")
+        solution = solution.reshape(*batch, *rhs.shape[-2:])
+        if not num_tridiag:
+            return solution
+        return solution, _tridiag_matrices(info, num_tridiag, batch)
+
+
+def _tridiag_matrices(info: "krylov.SolverInfo", num_tridiag: int, batch: torch.Size) -> Tensor:
+    """Dense ``(num_tridiag, *batch, m, m)`` Lanczos matrices from CG coefficients (linear_operator's format).
+
+    Columns that converged after ``j < m`` steps are padded with an identity
+    block, which carries zero quadrature weight (its eigenvectors are
+    orthogonal to e₁).
+    """
+    diag, off = info.tridiag
+    cap = lo_settings.max_lanczos_quadrature_iterations.value()
+    diag, off = diag[:, :num_tridiag, :cap], off[:, :num_tridiag, : cap - 1]
+    steps = info.iterations_per_column[:, :num_tridiag].clamp(1, diag.shape[-1])
+    m = diag.shape[-1]
+    idx = torch.arange(m, device=diag.device)
+    keep = idx < steps.unsqueeze(-1)
+    diag = torch.where(keep, diag, torch.ones_like(diag))
+    off = torch.where(keep[..., 1:], off, torch.zeros_like(off))
+    t_mat = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    t_mat = t_mat.reshape(*batch, num_tridiag, m, m)
+    return t_mat.movedim(-3, 0)
+
+
+def _broadcast_batch(values: Tensor, rhs: Tensor) -> torch.Size:
+    rbatch = rhs.shape[:-2] if rhs.dim() >= 2 else torch.Size()
+    return torch.broadcast_shapes(values.shape[:-1], rbatch)
+
+
+def _sum_to_shape(tensor: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    extra = tensor.dim() - len(shape)
+    if extra:
+        tensor = tensor.sum(tuple(range(extra)))
+    dims = tuple(i for i, (a, b) in enumerate(zip(tensor.shape, shape)) if b == 1 and a != 1)
+    return tensor.sum(dims, keepdim=True) if dims else tensor
+
+
+def _is_full(index, size: int) -> bool:
+    return isinstance(index, slice) and index == slice(None, None, None) or (
+        isinstance(index, slice) and range(*index.indices(size)) == range(size)
+    )
+
+
+def _as_index(index, size: int, device: torch.device) -> Tensor:
+    if isinstance(index, slice):
+        return torch.arange(*index.indices(size), device=device)
+    if isinstance(index, int):
+        return torch.tensor([index % size], device=device)
+    index = torch.as_tensor(index, device=device).long().reshape(-1)
+    return torch.where(index < 0, index + size, index)

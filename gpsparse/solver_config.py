@@ -1,0 +1,156 @@
+"""Solver configuration and the single place where a Krylov core is run on a sparse matrix.
+
+:class:`SolverConfig` is the static part of a solve (method, tolerances,
+iteration cap, preconditioner, strictness), kept separate from the per-call
+inputs (values, right-hand sides, initial guess), as in lineax. It is hashable
+and travels into autograd Functions unchanged, so the backward pass solves
+with the same settings as the forward.
+
+The stopping rule is the cores' (``gpsparse.krylov``): per column
+``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Union
+
+import torch
+from torch import Tensor
+
+from gpsparse import krylov
+from gpsparse.errors import ConvergenceWarning, NonConvergenceError
+from gpsparse.pattern import SparsityPattern
+from gpsparse.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
+from gpsparse.sparse_ops import spmm
+
+__all__ = ["SolverConfig", "run_solver", "METHODS", "PRECONDITIONERS"]
+
+METHODS = ("cg", "minres", "bicgstab")
+PRECONDITIONERS = ("jacobi", "ic0")
+PreconditionerSpec = Union[None, str, Preconditioner, Callable[[Tensor], Tensor]]
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Static settings of an iterative solve.
+
+    Parameters
+    ----------
+    method : {"cg", "minres", "bicgstab"}
+        ``cg`` for symmetric positive definite, ``minres`` for symmetric
+        (possibly indefinite), ``bicgstab`` for general square matrices.
+    rtol, atol : float
+        Stopping rule per column: ``‖b − A x‖ ≤ max(rtol·‖b‖, atol)``.
+    max_iters : int or None
+        Iteration cap (``None``: the core's default, ``10·n``).
+    preconditioner : None, "jacobi", "ic0", Preconditioner or callable
+        A string builds the preconditioner from the (detached) matrix values
+        at every call; an object or callable ``r ↦ M⁻¹ r`` is used as given.
+        ``M`` must be symmetric: the backward pass applies it to ``Aᵀ`` too.
+    strict : bool
+        Raise :class:`~gpsparse.errors.NonConvergenceError` instead of
+        warning with :class:`~gpsparse.errors.ConvergenceWarning` when the
+        tolerance is not reached.
+    """
+
+    method: str = "cg"
+    rtol: float = 1e-6
+    atol: float = 0.0
+    max_iters: int | None = None
+    preconditioner: PreconditionerSpec = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if not (self.rtol >= 0 and self.atol >= 0):
+            raise ValueError(f"rtol and atol must be non-negative, got rtol={self.rtol}, atol={self.atol}")
+        if self.max_iters is not None and int(self.max_iters) < 1:
+            raise ValueError(f"max_iters must be a positive integer, got {self.max_iters}")
+        spec = self.preconditioner
+        if isinstance(spec, str) and spec not in PRECONDITIONERS:
+            raise ValueError(f"unknown preconditioner {spec!r}; choose one of {PRECONDITIONERS}, an object or None")
+        if spec is not None and not isinstance(spec, str) and not callable(spec):
+            raise TypeError(f"preconditioner must be None, a name, or callable r -> M⁻¹r, got {type(spec).__name__}")
+
+    def for_transpose(self) -> "SolverConfig":
+        """Settings for the adjoint solve with ``Aᵀ`` (same method and tolerances)."""
+        return self
+
+    def with_method(self, method: str) -> "SolverConfig":
+        return replace(self, method=method)
+
+
+def build_preconditioner(spec: PreconditionerSpec, values: Tensor, pattern: SparsityPattern):
+    """Resolve a preconditioner spec for the ``(B, nnz)`` values into a callable (or None)."""
+    if spec is None or not isinstance(spec, str):
+        return spec
+    values = values.detach()
+    if spec == "jacobi":
+        pos = pattern.diagonal_positions
+        diagonal = torch.where(pos >= 0, values[:, pos.clamp_min(0)], values.new_zeros(()))
+        return JacobiPreconditioner(diagonal)
+    if values.shape[0] != 1:
+        raise NotImplementedError("the 'ic0' preconditioner needs a single (non-batched) matrix")
+    return IncompleteCholeskyPreconditioner.from_matrix(pattern.to_sparse_csr(values[0]))
+
+
+def run_solver(
+    config: SolverConfig,
+    values: Tensor,
+    pattern: SparsityPattern,
+    rhs: Tensor,
+    *,
+    x0: Tensor | None = None,
+    what: str = "solve",
+) -> Tensor:
+    """Solve ``A[b] X[b] = rhs[b]`` for ``(B, nnz)`` values and ``(B, n, k)`` rhs; report non-convergence.
+
+    Raises
+    ------
+    NotPositiveDefiniteError, SolverBreakdownError
+        From the core, on a genuine breakdown.
+    NonConvergenceError
+        When ``config.strict`` and some column missed the tolerance.
+
+    Warns
+    -----
+    ConvergenceWarning
+        When not strict and some column missed the tolerance; the message
+        names the largest relative residual reached.
+    """
+    preconditioner = build_preconditioner(config.preconditioner, values, pattern)
+
+    def matvec(x: Tensor) -> Tensor:
+        return spmm(values, pattern, x)
+
+    solver = getattr(krylov, config.method)
+    solution, info = solver(
+        matvec,
+        rhs,
+        x0=x0,
+        preconditioner=preconditioner,
+        rtol=config.rtol,
+        atol=config.atol,
+        max_iters=config.max_iters,
+    )
+    report_convergence(info, config, what)
+    return solution
+
+
+def report_convergence(info: "krylov.SolverInfo", config: SolverConfig, what: str) -> None:
+    """Warn or raise (``config.strict``) when some column did not converge."""
+    if info.all_converged:
+        return
+    worst = float(info.residual_norm.max())
+    failed = int((~info.converged).sum())
+    message = (
+        f"{config.method} {what} did not converge: {failed} of {info.converged.numel()} column(s) stopped after "
+        f"{info.iterations} iterations with relative residual up to {worst:.3e} "
+        f"(rtol={config.rtol:g}, atol={config.atol:g}); raise max_iters, loosen rtol or add a preconditioner"
+    )
+    if config.strict:
+        raise NonConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=4)

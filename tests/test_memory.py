@@ -1,0 +1,43 @@
+"""Solve + backward at a size where an n × n tensor could never exist, with bounded peak memory.
+
+n = 250 000 (an n × n float64 tensor would need 500 GB). The run happens in a
+fresh subprocess so that its peak resident memory (``ru_maxrss``) measures
+this workload alone (interpreter and torch included).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, resource, torch, gpsparse
+    from matrices import lattice_precision_13pt, scipy_to_torch
+
+    torch.manual_seed(0)
+    A = scipy_to_torch(lattice_precision_13pt(500, kappa=0.5, noise=1.0))   # n = 250 000, 13 nnz/row
+    values = A.values().clone().requires_grad_(True)
+    A = torch.sparse_coo_tensor(A.indices(), values, A.shape)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    B = torch.randn(A.shape[0], 4, dtype=torch.float64, requires_grad=True)
+    X = gpsparse.solve(A, B, rtol=1e-8, strict=True)
+    (X * torch.randn_like(X)).sum().backward()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": A.shape[0], "grad_shape": list(values.grad.shape), "nnz": values.numel(),
+                      "peak_mib": peak_kib / 1024, "before_mib": before / 1024, "bgrad": list(B.grad.shape)}))
+    """
+)
+
+
+def test_solve_backward_at_quarter_million_under_2gb():
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, cwd=__file__.rsplit("/", 1)[0]
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["n"] == 250_000
+    assert report["grad_shape"] == [report["nnz"]]  # one number per stored nonzero
+    assert report["bgrad"] == [250_000, 4]
+    assert report["peak_mib"] < 2048, report
