@@ -59,7 +59,7 @@ def lattice_laplacian(h: int, w: int) -> sp.csr_matrix:
 def to_torch(matrix: sp.spmatrix) -> torch.Tensor:
     coo = matrix.tocoo()
     indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(indices, torch.from_numpy(coo.data), coo.shape).coalesce()
+    return torch.sparse_coo_tensor(indices, torch.from_numpy(coo.data), coo.shape, check_invariants=False).coalesce()
 
 
 def posterior_mean(laplacian, observed_mask, y_full, log_kappa, log_snr):
@@ -120,7 +120,7 @@ def main() -> None:
             restored = posterior_mean(laplacian, mask_all, y_t, log_kappa, log_snr).numpy()
 
     # Exact reference: the same linear system by a sparse direct solver.
-    kappa2, inv_snr = float(log_kappa.exp() ** 2), float(torch.exp(-log_snr))
+    kappa2, inv_snr = float(log_kappa.detach().exp() ** 2), float(torch.exp(-log_snr.detach()))
     system = (lap + kappa2 * sp.identity(n)) * inv_snr + sp.diags(observed.astype(np.float64))
     exact = spla.spsolve(system.tocsc(), np.where(observed, y, 0.0))
     rel = np.linalg.norm(restored - exact) / np.linalg.norm(exact)

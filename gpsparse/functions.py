@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from gpsparse.pattern import SparsityPattern
-from gpsparse.solver_config import SolverConfig, run_solver
+from gpsparse.solver_config import SolverConfig, build_preconditioner, run_solver
 from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
 
 __all__ = ["SparseMatmul", "SparseSolve", "SparseInvQuad", "transpose_values"]
@@ -76,7 +76,10 @@ class SparseSolve(Function):
         ctx: Any, values: Tensor, rhs: Tensor, pattern: SparsityPattern, config: SolverConfig, x0: Tensor | None
     ) -> Tensor:
         ctx.pattern, ctx.config = pattern, config
-        solution = run_solver(config, values, pattern, rhs, x0=x0, what="solve")
+        preconditioner = build_preconditioner(config.preconditioner, values, pattern)
+        # M is symmetric, so it serves Aᵀ as well when A is symmetric or M is Jacobi (diag Aᵀ = diag A).
+        ctx.preconditioner = preconditioner if pattern.symmetric or config.preconditioner == "jacobi" else None
+        solution = run_solver(config, values, pattern, rhs, x0=x0, preconditioner=preconditioner, what="solve")
         ctx.save_for_backward(values, solution)
         return solution
 
@@ -87,7 +90,9 @@ class SparseSolve(Function):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None
         values_t, pattern_t = transpose_values(values, pattern)
-        adjoint = run_solver(config.for_transpose(), values_t, pattern_t, grad_out, what="backward solve with Aᵀ")
+        adjoint = run_solver(
+            config, values_t, pattern_t, grad_out, preconditioner=ctx.preconditioner, what="backward solve with Aᵀ"
+        )
         grad_values = _values_grad(pattern, adjoint, solution, -1.0) if ctx.needs_input_grad[0] else None
         return grad_values, adjoint, None, None, None
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gpsparse import krylov
-from gpsparse.errors import ConvergenceWarning, NonConvergenceError
+from gpsparse.errors import ConvergenceWarning, NonConvergenceError, NotPositiveDefiniteError
 from gpsparse.pattern import SparsityPattern
 from gpsparse.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
 from gpsparse.sparse_ops import spmm
@@ -75,10 +75,6 @@ class SolverConfig:
         if spec is not None and not isinstance(spec, str) and not callable(spec):
             raise TypeError(f"preconditioner must be None, a name, or callable r -> M⁻¹r, got {type(spec).__name__}")
 
-    def for_transpose(self) -> "SolverConfig":
-        """Settings for the adjoint solve with ``Aᵀ`` (same method and tolerances)."""
-        return self
-
     def with_method(self, method: str) -> "SolverConfig":
         return replace(self, method=method)
 
@@ -94,7 +90,28 @@ def build_preconditioner(spec: PreconditionerSpec, values: Tensor, pattern: Spar
         return JacobiPreconditioner(diagonal)
     if values.shape[0] != 1:
         raise NotImplementedError("the 'ic0' preconditioner needs a single (non-batched) matrix")
-    return IncompleteCholeskyPreconditioner.from_matrix(pattern.to_sparse_csr(values[0]))
+    return incomplete_cholesky_with_shift(pattern.to_sparse_csr(values[0]))
+
+
+IC_SHIFTS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def incomplete_cholesky_with_shift(matrix: Tensor) -> IncompleteCholeskyPreconditioner:
+    """IC(0) of ``A + s·diag(A)`` for the first shift ``s`` in :data:`IC_SHIFTS` that has positive pivots.
+
+    IC(0) can break down on SPD matrices that are not M-matrices (e.g. the
+    13-point lattice precision ``τ(κ²I + L)² + σ⁻²I`` with small κ and
+    σ⁻²); a diagonal shift (Manteuffel, 1980) restores it at the price of a
+    slightly weaker preconditioner. The shift only changes ``M``, never the
+    solution.
+    """
+    error = None
+    for shift in IC_SHIFTS:
+        try:
+            return IncompleteCholeskyPreconditioner.from_matrix(matrix, shift=shift)
+        except NotPositiveDefiniteError as err:
+            error = err
+    raise NotPositiveDefiniteError(f"IC(0) broke down even with a diagonal shift of {IC_SHIFTS[-1]}: {error}")
 
 
 def run_solver(
@@ -104,9 +121,14 @@ def run_solver(
     rhs: Tensor,
     *,
     x0: Tensor | None = None,
+    preconditioner=None,
     what: str = "solve",
 ) -> Tensor:
     """Solve ``A[b] X[b] = rhs[b]`` for ``(B, nnz)`` values and ``(B, n, k)`` rhs; report non-convergence.
+
+    ``preconditioner``, when given, is a resolved callable that overrides
+    ``config.preconditioner`` (used to reuse one factorisation for the
+    forward and the backward solve).
 
     Raises
     ------
@@ -121,7 +143,8 @@ def run_solver(
         When not strict and some column missed the tolerance; the message
         names the largest relative residual reached.
     """
-    preconditioner = build_preconditioner(config.preconditioner, values, pattern)
+    if preconditioner is None:
+        preconditioner = build_preconditioner(config.preconditioner, values, pattern)
 
     def matvec(x: Tensor) -> Tensor:
         return spmm(values, pattern, x)

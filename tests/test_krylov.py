@@ -22,15 +22,32 @@ SHAPES = {"vector": (), "block": (3,), "batched": (2, 3, 4)}  # (*batch, k): rhs
 def tol(dtype: torch.dtype) -> dict:
     """All tolerances of this file, keyed by dtype.
 
-    ``rtol``: the solver's stopping tolerance. ``close``: ``assert_close``
+    ``rtol``: the solvers' stopping tolerance. ``close``: ``assert_close``
     tolerances for solutions of the well-conditioned test systems (condition
     number ≤ ~100) against dense float64 solves. ``drift``: allowed gap,
     relative to ``‖b‖``, between the recursively updated residual a solver
-    reports and the true residual ``b − A x``.
+    reports and the true residual ``b − A x``. ``exact``: identities that hold
+    up to rounding (Lanczos exactness, Gauss quadrature, agreement with
+    linear_operator). ``roundoff``: a few units in the last place.
     """
     if dtype == torch.float64:
-        return {"rtol": 1e-10, "close": {"rtol": 1e-7, "atol": 1e-9}, "drift": 1e-9}
-    return {"rtol": 1e-5, "close": {"rtol": 2e-3, "atol": 2e-4}, "drift": 5e-4}
+        return {
+            "rtol": 1e-10,
+            "close": {"rtol": 1e-7, "atol": 1e-9},
+            "drift": 1e-9,
+            "exact": {"rtol": 1e-8, "atol": 1e-12},
+            "roundoff": 1e-12,
+        }
+    return {
+        "rtol": 1e-5,
+        "close": {"rtol": 2e-3, "atol": 2e-4},
+        "drift": 5e-4,
+        "exact": {"rtol": 1e-4, "atol": 1e-6},
+        "roundoff": 1e-5,
+    }
+
+
+F64 = tol(torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,18 +175,18 @@ def test_jacobi_reduces_iterations_on_badly_scaled_matrix(method):
     diag = torch.diagonal(a).unsqueeze(-1)
     b = rhs_for("block", n, torch.float64)
     # unpreconditioned: 400–1400 iterations (capped here at 150); Jacobi: 20–35
-    _, plain = SOLVERS[method](dense_matvec(a), b, rtol=1e-8, max_iters=150)
-    x_pre, pre = SOLVERS[method](dense_matvec(a), b, preconditioner=lambda r: r / diag, rtol=1e-8, max_iters=150)
+    _, plain = SOLVERS[method](dense_matvec(a), b, rtol=F64["rtol"], max_iters=150)
+    x_pre, pre = SOLVERS[method](dense_matvec(a), b, preconditioner=lambda r: r / diag, rtol=F64["rtol"], max_iters=150)
     assert pre.all_converged and not plain.converged.any()
     assert pre.iterations < plain.iterations / 2
-    torch.testing.assert_close(x_pre, dense_solve(a, b), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(x_pre, dense_solve(a, b), **F64["close"])
 
 
 def test_works_on_device(device):
     a = spd(30).to(device)
     b = rhs_for("block", 30, torch.float64).to(device)
     for solver in SOLVERS.values():
-        x, info = solver(dense_matvec(a), b, rtol=1e-10)
+        x, info = solver(dense_matvec(a), b, rtol=F64["rtol"])
         assert x.device == b.device and info.converged.device == b.device
         torch.testing.assert_close(x, dense_solve(a, b).to(device), **tol(torch.float64)["close"])
 
@@ -185,18 +202,18 @@ def test_columns_converge_independently(method):
     a = spd(n, cond=1000.0)
     eigvals, eigvecs = torch.linalg.eigh(a)
     b = torch.stack([torch.zeros(n, dtype=torch.float64), eigvecs[:, 5], rhs_for("vector", n, torch.float64)], dim=-1)
-    x, info = SOLVERS[method](dense_matvec(a), b, rtol=1e-10)
+    x, info = SOLVERS[method](dense_matvec(a), b, rtol=F64["rtol"])
 
     assert info.converged.tolist() == [True, True, True]
     its = info.iterations_per_column.tolist()
     assert its[0] == 0 and its[1] == 1 and its[2] > 5
     assert info.iterations == its[2]
     assert torch.equal(x[:, 0], torch.zeros(n, dtype=torch.float64)) and info.residual_norm[0] == 0
-    torch.testing.assert_close(x[:, 1], eigvecs[:, 5] / eigvals[5], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x[:, 1], eigvecs[:, 5] / eigvals[5], **F64["exact"])
     torch.testing.assert_close(x, dense_solve(a, b), **tol(torch.float64)["close"])
 
     # a converged column stops changing: more iterations leave it bit-for-bit unchanged
-    x_short, short = SOLVERS[method](dense_matvec(a), b, rtol=1e-10, max_iters=3)
+    x_short, short = SOLVERS[method](dense_matvec(a), b, rtol=F64["rtol"], max_iters=3)
     assert short.converged.tolist() == [True, True, False]
     assert torch.equal(x_short[:, :2], x[:, :2])
 
@@ -232,11 +249,11 @@ def test_warm_start(method, matrix):
     exact = dense_solve(a, b)
     solver = SOLVERS[method]
 
-    x, info = solver(dense_matvec(a), b, x0=exact, rtol=1e-8)
+    x, info = solver(dense_matvec(a), b, x0=exact, rtol=F64["rtol"])
     assert info.iterations == 0 and info.all_converged and torch.equal(x, exact)
 
-    cold = solver(dense_matvec(a), b, rtol=1e-10)[1]
-    x, warm = solver(dense_matvec(a), b, x0=exact + 1e-6 * torch.randn_like(exact), rtol=1e-10)
+    cold = solver(dense_matvec(a), b, rtol=F64["rtol"])[1]
+    x, warm = solver(dense_matvec(a), b, x0=exact + 1e-6 * torch.randn_like(exact), rtol=F64["rtol"])
     assert warm.all_converged and warm.iterations < cold.iterations
     torch.testing.assert_close(x, exact, **tol(torch.float64)["close"])
 
@@ -248,11 +265,11 @@ def test_non_convergence_is_reported_not_raised(method, matrix):
     b = rhs_for("block", n, torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        x, info = SOLVERS[method](dense_matvec(a), b, rtol=1e-12, max_iters=2)
+        x, info = SOLVERS[method](dense_matvec(a), b, rtol=F64["rtol"], max_iters=2)
     assert info.iterations == 2 and info.iterations_per_column.tolist() == [2, 2, 2]
     assert not info.converged.any() and not info.all_converged
-    assert (info.residual_norm > 1e-12).all()
-    torch.testing.assert_close(info.residual_norm, true_relative_residual(a, x, b), rtol=1e-6, atol=1e-12)
+    assert (info.residual_norm > F64["rtol"]).all()
+    torch.testing.assert_close(info.residual_norm, true_relative_residual(a, x, b), **F64["exact"])
 
 
 @pytest.mark.parametrize("method", list(SOLVERS))
@@ -269,7 +286,7 @@ def test_inputs_not_modified(method):
         assert torch.equal(v, before)
         return out
 
-    x, _ = SOLVERS[method](matvec, b, x0=x0, preconditioner=lambda r: 0.5 * r, rtol=1e-8)
+    x, _ = SOLVERS[method](matvec, b, x0=x0, preconditioner=lambda r: 0.5 * r, rtol=F64["rtol"])
     assert torch.equal(b, b_copy) and torch.equal(x0, x0_copy)
     assert x.data_ptr() not in (b.data_ptr(), x0.data_ptr())
 
@@ -289,7 +306,7 @@ def test_matvec_may_reuse_its_output_buffer(method, matrix):
     def preconditioner(r):
         return torch.div(r, diag, out=pre_out)
 
-    x, info = SOLVERS[method](matvec, b, preconditioner=preconditioner, rtol=1e-10)
+    x, info = SOLVERS[method](matvec, b, preconditioner=preconditioner, rtol=F64["rtol"])
     assert info.all_converged
     torch.testing.assert_close(x, dense_solve(a, b), **tol(torch.float64)["close"])
 
@@ -298,7 +315,7 @@ def test_runs_with_grad_enabled_and_returns_detached():
     a = spd(20).requires_grad_()
     b = rhs_for("block", 20, torch.float64).requires_grad_()
     for solver in SOLVERS.values():
-        x, _ = solver(lambda v: a @ v, b, rtol=1e-10)
+        x, _ = solver(lambda v: a @ v, b, rtol=F64["rtol"])
         assert not x.requires_grad
         torch.testing.assert_close(x, dense_solve(a.detach(), b.detach()), **tol(torch.float64)["close"])
 
@@ -324,7 +341,7 @@ def test_zero_tolerance_stops_when_residual_underflows(method):
     x, info = SOLVERS[method](dense_matvec(a), b, rtol=0.0, atol=0.0, max_iters=5000)
     assert info.all_converged and info.iterations < 5000
     assert (info.residual_norm <= math.sqrt(torch.finfo(torch.float64).tiny)).all()
-    torch.testing.assert_close(x, dense_solve(a, b), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(x, dense_solve(a, b), **F64["exact"])
 
 
 def test_default_max_iters():
@@ -438,12 +455,12 @@ def test_tridiag_full_depth_recovers_spectrum_and_log_quadrature():
     diag, off = info.tridiag
     assert diag.shape == (1, n) and off.shape == (1, n - 1)
     t = tridiag_dense(diag[0], off[0])
-    torch.testing.assert_close(torch.linalg.eigvalsh(t), eig, rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(torch.linalg.eigvalsh(t), eig, **F64["exact"])
     # Gauss quadrature with n nodes is exact: ‖b‖² e₁ᵀ log(T) e₁ = bᵀ log(A) b
     theta, s = torch.linalg.eigh(t)
     quad = b.dot(b) * (s[0] ** 2 * theta.log()).sum()
     exact = b @ ((q * eig.log()) @ q.mT) @ b
-    torch.testing.assert_close(quad, exact, rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(quad, exact, **F64["exact"])
 
 
 def test_tridiag_partial_depth_is_cg_gauss_quadrature():
@@ -457,7 +474,7 @@ def test_tridiag_partial_depth_is_cg_gauss_quadrature():
     e1 = torch.zeros(m, dtype=torch.float64)
     e1[0] = 1.0
     quad = (b * b).sum(0) * torch.linalg.solve(t, e1.expand(3, m))[:, 0]
-    torch.testing.assert_close(quad, (b * x).sum(0), rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(quad, (b * x).sum(0), **F64["exact"])
 
 
 def test_tridiag_padding_for_early_columns_and_batches():
@@ -468,20 +485,20 @@ def test_tridiag_padding_for_early_columns_and_batches():
         [torch.zeros(2, n, dtype=torch.float64), eigvecs[..., :, 3], rhs_for("batched", n, torch.float64)[:, 0, :, 0]],
         dim=-1,
     )
-    x, info = cg(dense_matvec(a), b, rtol=1e-10, return_tridiag=True)
+    x, info = cg(dense_matvec(a), b, rtol=F64["rtol"], return_tridiag=True)
     diag, off = info.tridiag
     m = info.iterations
     assert diag.shape == (2, 3, m) and off.shape == (2, 3, m - 1)
     assert info.iterations_per_column[:, :2].tolist() == [[0, 1], [0, 1]]
     # zero columns: pure padding; eigenvector columns: T = [λ] ⊕ I
     assert torch.equal(diag[:, 0], torch.ones(2, m, dtype=torch.float64)) and not off[:, :2].any()
-    torch.testing.assert_close(diag[:, 1, 0], eigvals[:, 3], rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(diag[:, 1, 0], eigvals[:, 3], **F64["exact"])
     assert torch.equal(diag[:, 1, 1:], torch.ones(2, m - 1, dtype=torch.float64))
     # padding is decoupled: e₁ᵀ T⁻¹ e₁ of the padded matrix equals that of the leading block
     t = tridiag_dense(diag, off)
     inv = torch.linalg.inv(t)[..., 0, 0]
-    torch.testing.assert_close(inv[:, 1], 1.0 / eigvals[:, 3], rtol=1e-12, atol=0.0)
-    torch.testing.assert_close((b * b).sum(-2)[:, 2] * inv[:, 2], (b * x).sum(-2)[:, 2], rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(inv[:, 1], 1.0 / eigvals[:, 3], **F64["exact"])
+    torch.testing.assert_close((b * b).sum(-2)[:, 2] * inv[:, 2], (b * x).sum(-2)[:, 2], **F64["exact"])
 
 
 def test_tridiag_preconditioned_spectrum():
@@ -496,7 +513,7 @@ def test_tridiag_preconditioned_spectrum():
     m2 = (d * d).unsqueeze(-1)
     _, info = cg(dense_matvec(a), b, preconditioner=lambda r: r / m2, rtol=0.0, max_iters=n, return_tridiag=True)
     t = tridiag_dense(info.tridiag[0][0], info.tridiag[1][0])
-    torch.testing.assert_close(torch.linalg.eigvalsh(t), eig, rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(torch.linalg.eigvalsh(t), eig, **F64["exact"])
 
 
 def test_tridiag_matches_linear_operator_mbcg():
@@ -510,8 +527,8 @@ def test_tridiag_matches_linear_operator_mbcg():
             dense_matvec(a), b, n_tridiag=3, tolerance=1e-14, eps=1e-300, max_iter=m, max_tridiag_iter=m
         )
     x, info = cg(dense_matvec(a), b, rtol=0.0, max_iters=m, return_tridiag=True)
-    torch.testing.assert_close(tridiag_dense(*info.tridiag), t_lo, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(x, x_lo, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tridiag_dense(*info.tridiag), t_lo, **F64["exact"])
+    torch.testing.assert_close(x, x_lo, **F64["exact"])
 
 
 def test_return_type_does_not_change_with_flags():
@@ -547,9 +564,9 @@ def test_converged_columns_satisfy_stopping_rule(method, n, k, log_cond, rtol, a
     bound = torch.clamp(rtol * bnorm, min=atol)
     reported = info.residual_norm * bnorm
     ok = info.converged
-    assert (reported[ok] <= bound[ok] * (1 + 1e-12)).all()  # up to rounding of the internal ‖b‖ normalisation
+    assert (reported[ok] <= bound[ok] * (1 + F64["roundoff"])).all()  # up to rounding of the internal ‖b‖ normalisation
     assert (~ok).sum() == 0 or info.iterations == default_max_iters(n)
     # the true residual differs from the recursive one only by rounding drift
     true = torch.linalg.vector_norm(b - a @ x, dim=0)
-    drift = 1e-10 * (torch.linalg.matrix_norm(a, ord=2) * torch.linalg.vector_norm(x, dim=0) + bnorm)
+    drift = F64["drift"] * (torch.linalg.matrix_norm(a, ord=2) * torch.linalg.vector_norm(x, dim=0) + bnorm)
     assert (true[ok] <= bound[ok] + drift[ok] * 10.0**log_cond).all()

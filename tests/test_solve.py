@@ -189,3 +189,17 @@ def test_inputs_not_modified():
     x0_copy = x0.clone()
     gpsparse.solve(coo, B, x0=x0, preconditioner="ic0")
     assert torch.equal(coo.values(), values) and torch.equal(B, B_copy) and torch.equal(x0, x0_copy)
+
+
+def test_ic0_retries_with_a_shift_when_pivots_break_down():
+    """IC(0) breaks down on this SPD non-M-matrix; the solver retries with a diagonal shift and converges."""
+    from matrices import lattice_precision_13pt, scipy_to_torch
+
+    from gpsparse.preconditioners import IncompleteCholeskyPreconditioner
+
+    A = scipy_to_torch(lattice_precision_13pt(24, kappa=0.05, noise=100.0))
+    with pytest.raises(NotPositiveDefiniteError):
+        IncompleteCholeskyPreconditioner.from_matrix(A.to_sparse_csr())
+    B = torch.randn(A.shape[0], 2, dtype=torch.float64)
+    x = gpsparse.solve(A, B, preconditioner="ic0", rtol=1e-10, strict=True)
+    torch.testing.assert_close(A @ x, B, rtol=1e-7, atol=1e-8)
