@@ -29,8 +29,8 @@ from gpsparse.errors import DenseSizeError
 from gpsparse.functions import SparseInvQuad, SparseMatmul
 from gpsparse.pattern import SparsityPattern
 from gpsparse.solve import check_operand, solve_parts
-from gpsparse.solver_config import SolverConfig, build_preconditioner, report_convergence
-from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
+from gpsparse.solver_config import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
+from gpsparse.sparse_ops import sampled_product, symmetrize_values_grad
 
 __all__ = ["SparseLinearOperator"]
 
@@ -328,11 +328,8 @@ class SparseLinearOperator(LinearOperator):
         solver = getattr(krylov, config.method) if not num_tridiag else krylov.cg
         kwargs = dict(return_tridiag=True) if num_tridiag else {}
 
-        def matvec(x: Tensor) -> Tensor:
-            return spmm(values2d, self.pattern, x)
-
         solution, info = solver(
-            matvec, rhs3d, preconditioner=preconditioner, rtol=config.rtol, atol=config.atol, max_iters=config.max_iters, **kwargs
+            buffered_matvec(values2d, self.pattern), rhs3d, preconditioner=preconditioner, rtol=config.rtol, atol=config.atol, max_iters=config.max_iters, **kwargs
         )
         report_convergence(info, config, "solve")
         solution = solution.reshape(*batch, *rhs.shape[-2:])

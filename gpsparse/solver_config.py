@@ -146,9 +146,7 @@ def run_solver(
     if preconditioner is None:
         preconditioner = build_preconditioner(config.preconditioner, values, pattern)
 
-    def matvec(x: Tensor) -> Tensor:
-        return spmm(values, pattern, x)
-
+    matvec = buffered_matvec(values, pattern)
     solver = getattr(krylov, config.method)
     solution, info = solver(
         matvec,
@@ -161,6 +159,20 @@ def run_solver(
     )
     report_convergence(info, config, what)
     return solution
+
+
+def buffered_matvec(values: Tensor, pattern: SparsityPattern) -> Callable[[Tensor], Tensor]:
+    """``x ↦ A x`` writing into one reused output buffer (allowed by the Krylov cores' matvec contract)."""
+    buffers: dict[tuple, Tensor] = {}
+
+    def matvec(x: Tensor) -> Tensor:
+        key = (tuple(x.shape), x.dtype)
+        out = buffers.get(key)
+        if out is None:
+            out = buffers[key] = torch.empty(x.shape[0], pattern.size[0], x.shape[-1], dtype=x.dtype, device=x.device)
+        return spmm(values, pattern, x, out=out)
+
+    return matvec
 
 
 def report_convergence(info: "krylov.SolverInfo", config: SolverConfig, what: str) -> None:

@@ -1,0 +1,832 @@
+#!/usr/bin/env python
+"""Benchmark of ``gpsparse.solve`` (forward and forward+backward) on 2-D lattice precision matrices.
+
+For every (matrix, n, k) it measures, in one run and in a fresh subprocess per case
+(so that peak memory can be read per case and a case can be killed at a timeout):
+
+* the floor: one bare torch CSR SpMM ``A @ X`` with int32 indices (as gpsparse stores
+  them) and the same number of columns k, median of several calls;
+* ``gpsparse.solve(A, B, method=m, preconditioner=p, rtol=1e-6)`` for m in cg, minres,
+  bicgstab and p in None, "jacobi", "ic0": forward time, forward+backward time
+  (backward: ``(X * G).sum().backward()``, gradients for the values and for B),
+  iterations of the forward and of the backward (transpose) solve, time per iteration
+  split into SpMM / preconditioner / the rest (the core's dense vector work and
+  Python overhead), its ratio to the bare SpMM, and peak memory;
+* the baseline ``torchsparsegradutils.sparse_generic_solve`` with its ``linear_cg``
+  and ``minres`` (tolerance 1e-6, the same solver as transpose solve, which is
+  correct because every matrix here is symmetric): forward and forward+backward times;
+* on ill-conditioned variants, CG with each preconditioner (iteration reductions).
+
+How things are measured
+-----------------------
+* Times: ``time.perf_counter`` around the call (CPU, synchronous); forward and
+  forward+backward come from the same call (the forward time is read when
+  ``solve`` returns); median over ``--repeats`` calls.
+* Iterations and the per-iteration split: the benchmark process replaces
+  ``gpsparse.krylov.cg`` / ``minres`` / ``bicgstab`` (the cores that
+  ``gpsparse.solver_config.run_solver`` looks up at call time) by thin wrappers that
+  time the matvec and preconditioner callables they are given and read
+  ``SolverInfo.iterations``; ``build_preconditioner`` is wrapped the same way.
+  Nothing in the library is modified. ``dense`` = core time − SpMM − preconditioner.
+* Peak memory: peak resident set size of the case's subprocess (Linux ``VmHWM``,
+  reset through ``/proc/self/clear_refs`` after ``malloc_trim``) minus the resident
+  size just before the first timed forward+backward call; the matrix, B and G are
+  allocated before the reset and not counted. Everything the solve allocates (its
+  vectors, X, the gradients, torch temporaries) is counted.
+* gpsparse is called on a ``SparseLinearOperator`` whose pattern is built once
+  (``path=op``; what a training loop does) and, for CG without preconditioner, also on
+  a torch COO tensor (``path=tensor``), which pays the conversion (sorting the indices
+  and detecting symmetry) at every call.
+* The baseline gets its fastest input: a CSR leaf tensor with int32 indices and
+  ``requires_grad=True`` (its gradient is a CSR tensor at the nonzeros).
+
+Usage::
+
+    python benchmarks/solve_benchmark.py --quick
+    python benchmarks/solve_benchmark.py --threads 1 --out benchmarks/results/solve_cpu_1thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import numpy as np
+
+RTOL = 1e-6
+MAX_ITERS = 10_000
+ICO_SHIFT = 1e-2
+
+# name -> (stencil, kappa, tau, noise precision σ⁻²)
+MATRICES = {
+    "A5": dict(stencil=5, kappa=0.5),
+    "A13": dict(stencil=13, kappa=0.5, tau=1.0, noise_prec=1.0),
+    "A5-ill": dict(stencil=5, kappa=0.05),
+    "A13-ill": dict(stencil=13, kappa=0.05, tau=1.0, noise_prec=1e-2),
+}
+
+
+def describe_matrix(name: str) -> str:
+    p = MATRICES[name]
+    if p["stencil"] == 5:
+        return f"κ²I + L, κ = {p['kappa']}"
+    return f"τ(κ²I + L)² + σ⁻²I, τ = {p['tau']}, κ = {p['kappa']}, σ⁻² = {p['noise_prec']}"
+
+
+# --------------------------------------------------------------------------------------------------
+# matrices
+# --------------------------------------------------------------------------------------------------
+
+
+def lattice_matrix(name: str, m: int):
+    """scipy CSR matrix (sorted indices, exactly symmetric) of the named lattice precision."""
+    import scipy.sparse as sp
+
+    p = MATRICES[name]
+    d = np.full(m, 2.0)
+    d[[0, -1]] = 1.0
+    one = sp.diags([-np.ones(m - 1), d, -np.ones(m - 1)], [-1, 0, 1], format="csr")
+    eye = sp.identity(m, format="csr")
+    lap = (sp.kron(one, eye) + sp.kron(eye, one)).tocsr()
+    a5 = (p["kappa"] ** 2 * sp.identity(m * m) + lap).tocsr()
+    if p["stencil"] == 5:
+        a = a5
+    else:
+        a = (p["tau"] * (a5 @ a5) + p["noise_prec"] * sp.identity(m * m)).tocsr()
+    a = ((a + a.T) * 0.5).tocsr()  # remove rounding-level asymmetry of the product
+    a.sum_duplicates()
+    a.sort_indices()
+    return a
+
+
+def cached_matrix(cache: str, name: str, m: int):
+    """(crow int32, col int32, values float64) of the matrix, cached as .npy files in ``cache``."""
+    stem = os.path.join(cache, f"{name}_{m}")
+    if not os.path.exists(stem + "_data.npy"):
+        a = lattice_matrix(name, m)
+        np.save(stem + "_crow.npy", a.indptr.astype(np.int32))
+        np.save(stem + "_col.npy", a.indices.astype(np.int32))
+        np.save(stem + "_data.npy", a.data.astype(np.float64))
+    return np.load(stem + "_crow.npy"), np.load(stem + "_col.npy"), np.load(stem + "_data.npy")
+
+
+# --------------------------------------------------------------------------------------------------
+# worker-side helpers
+# --------------------------------------------------------------------------------------------------
+
+_STATUS = "/proc/self/status"
+
+
+def _status_kib(field: str) -> int:
+    with open(_STATUS) as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+class PeakMemory:
+    """Peak RSS growth (MiB) over a region: VmHWM reset via /proc/self/clear_refs."""
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.method = "VmHWM"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.method = "VmHWM (not resettable: upper bound)"
+        self.start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.peak_mib = (_status_kib("VmHWM") - self.start) / 1024.0
+        return False
+
+
+def spmm_floor(A, n: int, k: int, seconds: float = 1.0) -> dict:
+    """Median time (s) of one bare CSR SpMM A @ X, X (n, k) contiguous float64."""
+    import torch
+
+    X = torch.randn(n, k, dtype=torch.float64)
+    for _ in range(3):
+        A @ X
+    times = []
+    t_end = time.perf_counter() + seconds
+    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 200):
+        t0 = time.perf_counter()
+        A @ X
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "calls": len(times)}
+
+
+def csr(crow, col, values, n):
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+
+
+def _setup(spec):
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    crow, col, data = cached_matrix(spec["cache"], spec["matrix"], spec["m"])
+    n = spec["m"] ** 2
+    crow_t, col_t = torch.from_numpy(crow), torch.from_numpy(col)
+    values = torch.from_numpy(data)
+    gen = torch.Generator().manual_seed(spec.get("seed", 0))
+    B = torch.randn(n, spec["k"], dtype=torch.float64, generator=gen)
+    G = torch.randn(n, spec["k"], dtype=torch.float64, generator=gen)
+    return torch, crow_t, col_t, values, n, B, G
+
+
+def _relres(A_plain, X, B) -> float:
+    import torch
+
+    with torch.no_grad():
+        X = X.detach().reshape(B.shape)
+        R = B - A_plain @ X
+        return float((torch.linalg.vector_norm(R, dim=0) / torch.linalg.vector_norm(B, dim=0)).max())
+
+
+def worker_gpsparse(spec: dict) -> dict:
+    torch, crow_t, col_t, values0, n, B0, G = _setup(spec)
+    import gpsparse
+    import gpsparse.krylov as krylov
+    import gpsparse.solver_config as solver_config
+    from gpsparse import IncompleteCholeskyPreconditioner, SparseLinearOperator, SparsityPattern
+    from gpsparse.solve import matrix_parts
+
+    k, method, precond, path = spec["k"], spec["method"], spec["precond"], spec["path"]
+    A_plain = csr(crow_t, col_t, values0, n)
+    floor = spmm_floor(A_plain, n, k)
+
+    # --- instrumentation: time matvec / preconditioner inside the cores, read SolverInfo
+    records: list[dict] = []
+    builds: list[float] = []
+    originals = {name: getattr(krylov, name) for name in ("cg", "minres", "bicgstab")}
+
+    def instrument(name):
+        core = originals[name]
+
+        def wrapped(matvec, rhs, /, **kw):
+            rec = {"matvec_s": 0.0, "precond_s": 0.0, "matvecs": 0, "preconds": 0}
+
+            def mv(v):
+                t0 = time.perf_counter()
+                out = matvec(v)
+                rec["matvec_s"] += time.perf_counter() - t0
+                rec["matvecs"] += 1
+                return out
+
+            P = kw.get("preconditioner")
+            if P is not None:
+
+                def pc(r):
+                    t0 = time.perf_counter()
+                    out = P(r)
+                    rec["precond_s"] += time.perf_counter() - t0
+                    rec["preconds"] += 1
+                    return out
+
+                kw["preconditioner"] = pc
+            t0 = time.perf_counter()
+            x, info = core(mv, rhs, **kw)
+            rec["core_s"] = time.perf_counter() - t0
+            rec["iterations"] = int(info.iterations)
+            rec["converged"] = bool(info.converged.all())
+            rec["residual"] = float(info.residual_norm.max())
+            records.append(rec)
+            return x, info
+
+        return wrapped
+
+    for name in originals:
+        setattr(krylov, name, instrument(name))
+    original_build = solver_config.build_preconditioner
+
+    def timed_build(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return original_build(*a, **kw)
+        finally:
+            builds.append(time.perf_counter() - t0)
+
+    solver_config.build_preconditioner = timed_build
+
+    pattern = SparsityPattern(crow_t, col_t, (n, n), symmetric=True)
+    coo_index = None
+    if path == "tensor":
+        coo_index = torch.stack([pattern.row, pattern.col_long])
+
+    def make_matrix(values):
+        if path == "op":
+            return SparseLinearOperator(values, pattern=pattern)
+        return torch.sparse_coo_tensor(coo_index, values, (n, n), is_coalesced=True)
+
+    def make_precond(values):
+        if precond == "ic0+shift":
+            return IncompleteCholeskyPreconditioner.from_matrix(csr(crow_t, col_t, values.detach(), n), shift=ICO_SHIFT)
+        return precond
+
+    # --- warm-up on a tiny lattice of the same kind (loads numba kernels, torch paths)
+    crow_w, col_w, data_w = (torch.from_numpy(a) for a in lattice_arrays(spec["matrix"], 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            vw = data_w.clone().requires_grad_()
+            pw = SparsityPattern(crow_w, col_w, (64, 64), symmetric=True)
+            P = precond
+            if precond == "ic0+shift":
+                P = IncompleteCholeskyPreconditioner.from_matrix(csr(crow_w, col_w, data_w, 64), shift=ICO_SHIFT)
+            Xw = gpsparse.solve(SparseLinearOperator(vw, pattern=pw), torch.ones(64, k, dtype=torch.float64), method=method, preconditioner=P)
+            Xw.sum().backward()
+        except Exception:
+            pass
+
+    result = {"spmm_floor": floor, "runs": []}
+    caught = []
+    for rep in range(spec["repeats"]):
+        records.clear()
+        builds.clear()
+        values = values0.clone().requires_grad_()
+        B = B0.clone().requires_grad_()
+        run: dict = {}
+        with warnings.catch_warnings(record=True) as wlist:
+            warnings.simplefilter("always")
+            try:
+                mem = PeakMemory() if rep == 0 else None
+                if mem:
+                    mem.__enter__()
+                t0 = time.perf_counter()
+                A = make_matrix(values)
+                X = gpsparse.solve(A, B, method=method, preconditioner=make_precond(values), rtol=RTOL)
+                t1 = time.perf_counter()
+                (X * G).sum().backward()
+                t2 = time.perf_counter()
+                if mem:
+                    mem.__exit__(None, None, None)
+                    run["peak_mib"] = mem.peak_mib
+                    result["memory_method"] = mem.method
+                run.update(fwd_s=t1 - t0, fwdbwd_s=t2 - t0, bwd_s=t2 - t1)
+                assert values.grad is not None and values.grad.shape == values.shape
+                assert B.grad is not None and B.grad.shape == B.shape
+                if rep == 0:
+                    result["true_relres"] = _relres(A_plain, X, B0)
+            except Exception as err:  # report, e.g. IC(0) breakdown
+                run["error"] = f"{type(err).__name__}: {err}"
+            caught.extend(str(w.message) for w in wlist if "did not converge" in str(w.message))
+        run["solves"] = [dict(r) for r in records]
+        run["precond_build_s"] = list(builds)
+        result["runs"].append(run)
+        if "error" in run:
+            break
+        del X, A, values, B
+    result["warnings"] = sorted(set(caught))
+
+    if path == "tensor":
+        values = values0.clone().requires_grad_()
+        A = make_matrix(values)
+        t0 = time.perf_counter()
+        matrix_parts(A)
+        result["convert_s"] = time.perf_counter() - t0
+    return result
+
+
+def lattice_arrays(name, m):
+    a = lattice_matrix(name, m)
+    return a.indptr.astype(np.int32), a.indices.astype(np.int32), a.data.astype(np.float64)
+
+
+def worker_baseline(spec: dict) -> dict:
+    torch, crow_t, col_t, values0, n, B0, G = _setup(spec)
+    from torchsparsegradutils import sparse_generic_solve
+    from torchsparsegradutils.utils import MINRESSettings, linear_cg, minres
+
+    k, method = spec["k"], spec["method"]
+    A_plain = csr(crow_t, col_t, values0, n)
+    floor = spmm_floor(A_plain, n, k)
+    records: list[dict] = []
+
+    def counted(A):
+        rec = {"matvec_s": 0.0, "matvecs": 0}
+        records.append(rec)
+
+        def mm(v):
+            t0 = time.perf_counter()
+            out = A.matmul(v)
+            rec["matvec_s"] += time.perf_counter() - t0
+            rec["matvecs"] += 1
+            return out
+
+        return mm, rec
+
+    def cg_solve(A, B, **kw):
+        mm, rec = counted(A)
+        t0 = time.perf_counter()
+        out = linear_cg(mm, B, **kw)
+        rec["core_s"] = time.perf_counter() - t0
+        return out
+
+    def minres_solve(A, B, **kw):
+        mm, rec = counted(A)
+        t0 = time.perf_counter()
+        out = minres(mm, B, **kw)
+        rec["core_s"] = time.perf_counter() - t0
+        return out
+
+    if method == "cg":
+        solver, kwargs = cg_solve, dict(tolerance=RTOL, max_iter=MAX_ITERS)
+    else:
+        solver = minres_solve
+        kwargs = dict(max_iter=MAX_ITERS, settings=MINRESSettings(max_cg_iterations=MAX_ITERS, minres_tolerance=RTOL))
+
+    # warm-up on a tiny lattice
+    crow_w, col_w, data_w = (torch.from_numpy(a) for a in lattice_arrays(spec["matrix"], 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Aw = csr(crow_w, col_w, data_w.clone(), 64).requires_grad_()
+        sparse_generic_solve(Aw, torch.ones(64, k, dtype=torch.float64), solve=solver, transpose_solve=solver, **kwargs).sum().backward()
+
+    result = {"spmm_floor": floor, "runs": []}
+    caught = []
+    for rep in range(spec["repeats"]):
+        records.clear()
+        B = B0.clone().requires_grad_()
+        run: dict = {}
+        with warnings.catch_warnings(record=True) as wlist:
+            warnings.simplefilter("always")
+            try:
+                A = csr(crow_t, col_t, values0.clone(), n).requires_grad_()
+                mem = PeakMemory() if rep == 0 else None
+                if mem:
+                    mem.__enter__()
+                t0 = time.perf_counter()
+                # symmetric A: Aᵀ = A, so the transpose solve is the same solver on A
+                X = sparse_generic_solve(A, B, solve=solver, transpose_solve=solver, **kwargs)
+                t1 = time.perf_counter()
+                (X * G).sum().backward()
+                t2 = time.perf_counter()
+                if mem:
+                    mem.__exit__(None, None, None)
+                    run["peak_mib"] = mem.peak_mib
+                    result["memory_method"] = mem.method
+                run.update(fwd_s=t1 - t0, fwdbwd_s=t2 - t0, bwd_s=t2 - t1)
+                assert A.grad is not None and A.grad.values().shape == values0.shape
+                assert B.grad is not None
+                if rep == 0:
+                    result["true_relres"] = _relres(A_plain, X, B0)
+            except Exception as err:
+                run["error"] = f"{type(err).__name__}: {err}"
+            caught.extend(str(w.message)[:200] for w in wlist if "converge" in str(w.message))
+        run["solves"] = [dict(r) for r in records]
+        result["runs"].append(run)
+        if "error" in run:
+            break
+    result["warnings"] = sorted(set(caught))
+    return result
+
+
+def worker_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    try:
+        out = worker_gpsparse(spec) if spec["kind"] == "gpsparse" else worker_baseline(spec)
+    except Exception as err:
+        out = {"runs": [{"error": f"{type(err).__name__}: {err}"}], "traceback": traceback.format_exc()}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------------
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.*)", f.read())
+            model = m.group(1).strip() if m else model
+    except OSError:
+        pass
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("gpsparse", "torchsparsegradutils", "numba", "scipy"):
+        try:
+            module = __import__(mod)
+            versions[mod] = getattr(module, "__version__", "?")
+        except ImportError:
+            versions[mod] = "not installed"
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "versions": versions,
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def median_of(runs, key):
+    vals = [r[key] for r in runs if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def summarise(case: dict, raw: dict) -> dict:
+    """Flat summary row of one case (medians, iterations, per-iteration split)."""
+    runs = [r for r in raw.get("runs", []) if "error" not in r]
+    errors = [r["error"] for r in raw.get("runs", []) if "error" in r]
+    row = {k: case[k] for k in ("kind", "matrix", "n", "k", "method", "precond", "path")}
+    row["spmm_ms"] = raw["spmm_floor"]["median_s"] * 1e3 if "spmm_floor" in raw else None
+    row["error"] = errors[0] if errors else (raw.get("timeout") or None)
+    row["warnings"] = raw.get("warnings", [])
+    row["true_relres"] = raw.get("true_relres")
+    row["fwd_s"] = median_of(runs, "fwd_s")
+    row["fwdbwd_s"] = median_of(runs, "fwdbwd_s")
+    row["peak_mib"] = runs[0].get("peak_mib") if runs else None
+    row["repeats"] = len(runs)
+    if "convert_s" in raw:
+        row["convert_s"] = raw["convert_s"]
+    if runs and runs[0].get("solves"):
+        fwd = [r["solves"][0] for r in runs if r.get("solves")]
+        bwd = [r["solves"][1] for r in runs if len(r.get("solves", [])) > 1]
+        if case["kind"] == "gpsparse":
+            its = fwd[0]["iterations"]
+            row["its_fwd"] = its
+            row["its_bwd"] = bwd[0]["iterations"] if bwd else None
+            row["matvecs_fwd"] = fwd[0]["matvecs"]
+            if its:
+                core = statistics.median(s["core_s"] for s in fwd)
+                mv = statistics.median(s["matvec_s"] for s in fwd)
+                pc = statistics.median(s["precond_s"] for s in fwd)
+                row["core_fwd_s"] = core
+                row["per_it_ms"] = core / its * 1e3
+                row["per_it_spmm_ms"] = mv / its * 1e3
+                row["per_it_precond_ms"] = pc / its * 1e3
+                row["per_it_dense_ms"] = (core - mv - pc) / its * 1e3
+                if row["spmm_ms"]:
+                    row["per_it_over_spmm"] = row["per_it_ms"] / row["spmm_ms"]
+                    row["matvec_over_spmm"] = (mv / fwd[0]["matvecs"] * 1e3) / row["spmm_ms"]
+            row["precond_build_s"] = statistics.median(sum(r.get("precond_build_s", [])) for r in runs)
+        else:
+            row["matvecs_fwd"] = fwd[0]["matvecs"]
+            row["matvecs_bwd"] = bwd[0]["matvecs"] if bwd else None
+            if fwd[0]["matvecs"]:
+                core = statistics.median(s["core_s"] for s in fwd)
+                row["per_it_ms"] = core / fwd[0]["matvecs"] * 1e3
+                if row["spmm_ms"]:
+                    row["per_it_over_spmm"] = row["per_it_ms"] / row["spmm_ms"]
+    return row
+
+
+def run_case(script: str, case: dict, timeout: float, threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, script, "--worker", json.dumps(case)], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {"runs": [], "timeout": f"timeout after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        tail = (proc.stderr or proc.stdout)[-600:]
+        return {"runs": [{"error": f"worker exited {proc.returncode}: {tail}"}], "wall_s": time.perf_counter() - t0}
+    raw = json.loads(lines[-1][len("RESULT "):])
+    raw["wall_s"] = time.perf_counter() - t0
+    return raw
+
+
+def build_cases(args) -> list[dict]:
+    cases = []
+    sizes = [int(float(s)) for s in args.sizes]
+    for n_req in sizes:
+        m = int(round(n_req**0.5))
+        n = m * m
+        reps = args.repeats or (5 if n <= 20_000 else 3 if n <= 200_000 else 1)
+        for k in args.columns:
+            base = dict(m=m, n=n, k=k, repeats=reps, threads=args.threads)
+            for mat in ("A5", "A13"):
+                grid = []
+                full = n <= args.full_grid_max_n
+                for method in ("cg", "minres", "bicgstab"):
+                    for pc in (None, "jacobi", "ic0"):
+                        if full or method == "cg" or pc is None:
+                            grid.append((method, pc))
+                for method, pc in grid:
+                    cases.append(dict(base, kind="gpsparse", matrix=mat, method=method, precond=pc, path="op"))
+                cases.append(dict(base, kind="gpsparse", matrix=mat, method="cg", precond=None, path="tensor"))
+                if not args.no_baseline and n <= args.skip_baseline_above:
+                    for method in ("cg", "minres"):
+                        cases.append(dict(base, kind="baseline", matrix=mat, method=method, precond=None, path="tsgu"))
+            if n <= args.ill_max_n and (k == 1 or n <= args.ill_max_n_wide):
+                for mat in ("A5-ill", "A13-ill"):
+                    pcs = [None, "jacobi", "ic0"] + (["ic0+shift"] if mat.startswith("A13") else [])
+                    for pc in pcs:
+                        cases.append(dict(base, kind="gpsparse", matrix=mat, method="cg", precond=pc, path="op"))
+    return cases
+
+
+def fmt(x, spec=".3g", none="–"):
+    if x is None:
+        return none
+    return format(x, spec)
+
+
+def fmt_s(x):
+    if x is None:
+        return "–"
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def markdown(info: dict, rows: list[dict], args) -> str:
+    out = []
+    out.append("# gpsparse solve benchmark\n")
+    la0, la1 = info["loadavg_start"], info.get("loadavg_end", (None,) * 3)
+    v = info["versions"]
+    out.append(
+        f"* machine: {info['cpu']}, {info['cores']} cores; torch {v['torch']} (CPU), Python {v['python']}, "
+        f"gpsparse {v['gpsparse']} (git {info['git_commit']}), torchsparsegradutils {v['torchsparsegradutils']}, numba {v['numba']}\n"
+        f"* torch threads: **{info['threads']}** (`torch.set_num_threads`, OMP/MKL_NUM_THREADS); one subprocess per case\n"
+        f"* date: {info['date']}; load average at start {la0[0]:.2f} / {la0[1]:.2f} / {la0[2]:.2f}, "
+        f"at end {fmt(la1[0], '.2f')} / {fmt(la1[1], '.2f')} / {fmt(la1[2], '.2f')}; wall time {info.get('wall_s', 0):.0f} s\n"
+        f"* float64, rtol = {RTOL:g} (relative residual per column), B and G ~ N(0, 1), values and B require grad; "
+        f"fwd+bwd = `X = solve(A, B)` then `(X * G).sum().backward()`\n"
+        f"* matrices on an m×m lattice (n = m²), L the Neumann 5-point Laplacian: "
+        + "; ".join(f"**{k}** = {describe_matrix(k)}" for k in MATRICES)
+        + "\n"
+        "* SpMM = median time of one bare torch CSR SpMM (int32 indices) with k columns, measured in the case's own process; "
+        "per-it = forward core time / iterations (BiCGSTAB: 2 SpMMs per iteration), split into SpMM / preconditioner / dense "
+        "(the rest of the core: vector updates, dot products, convergence checks); its = forward/backward iterations\n"
+        "* peak = growth of the process's peak RSS (VmHWM reset through /proc/self/clear_refs) over the first fwd+bwd call; "
+        "times are medians over the repeats (n = 10⁴: 5, 10⁵: 3, 10⁶: 1 unless `--repeats`)\n"
+    )
+
+    # ---- table 1: gpsparse, well conditioned
+    out.append("\n## gpsparse.solve (operator path, pattern built once)\n")
+    out.append(
+        "| matrix | n | k | method | precond | its fwd/bwd | SpMM ms | per-it ms | per-it / SpMM | SpMM / precond / dense ms per it | fwd s | fwd+bwd s | peak MiB |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["kind"] != "gpsparse" or r["path"] != "op" or r["matrix"].endswith("-ill"):
+            continue
+        out.append(row_gp(r))
+
+    # ---- table 2: baseline comparison
+    base_rows = [r for r in rows if r["kind"] == "baseline"]
+    if base_rows:
+        out.append("\n## vs torchsparsegradutils.sparse_generic_solve (no preconditioner)\n")
+        out.append(
+            "Speed-up = time(torchsparsegradutils) / time(gpsparse). gpsparse `op`: SparseLinearOperator with a prebuilt "
+            "pattern; `tensor`: a torch COO tensor passed to `gpsparse.solve`, converted at every call (CG only). "
+            "tsgu matvecs = SpMMs in its forward solve (linear_cg: iterations + 2; minres: iterations + 1, stops on a "
+            "relative-update test checked every 10 iterations).\n"
+        )
+        out.append(
+            "| matrix | n | k | solver | tsgu fwd s | tsgu fwd+bwd s | tsgu matvecs | tsgu peak MiB | tsgu rel. res. | gpsparse fwd+bwd s (op) | speed-up fwd (op) | speed-up fwd+bwd (op) | speed-up fwd+bwd (tensor) |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for b in base_rows:
+            gp = find(rows, "gpsparse", b["matrix"], b["n"], b["k"], b["method"], None, "op")
+            gt = find(rows, "gpsparse", b["matrix"], b["n"], b["k"], b["method"], None, "tensor") if b["method"] == "cg" else None
+            err = f" ({short(b['error'])})" if b["error"] else ""
+            out.append(
+                f"| {b['matrix']} | {b['n']:.0e} | {b['k']} | {'linear_cg' if b['method'] == 'cg' else 'minres'} | "
+                f"{fmt_s(b['fwd_s'])}{err} | {fmt_s(b['fwdbwd_s'])} | {fmt(b.get('matvecs_fwd'), 'd')} | {fmt(b['peak_mib'], '.0f')} | "
+                f"{fmt(b['true_relres'], '.1e')} | {fmt_s(gp and gp['fwdbwd_s'])} | {ratio(b['fwd_s'], gp and gp['fwd_s'])} | "
+                f"{ratio(b['fwdbwd_s'], gp and gp['fwdbwd_s'])} | {ratio(b['fwdbwd_s'], gt and gt['fwdbwd_s'])} |"
+            )
+
+    # ---- table 3: conversion overhead
+    tens = [r for r in rows if r["kind"] == "gpsparse" and r["path"] == "tensor"]
+    if tens:
+        out.append("\n## Torch tensor input: per-call conversion (CG, no preconditioner)\n")
+        out.append(
+            "`gpsparse.solve(A_coo, B)` converts the tensor at every call (`gpsparse.solve.matrix_parts`: sorting the "
+            "indices, the transpose permutation, symmetry detection); `convert s` is that call alone.\n"
+        )
+        out.append("| matrix | n | k | convert s | fwd s (tensor) | fwd s (op) | fwd+bwd s (tensor) | fwd+bwd s (op) | peak MiB (tensor) | peak MiB (op) |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for t in tens:
+            gp = find(rows, "gpsparse", t["matrix"], t["n"], t["k"], "cg", None, "op")
+            out.append(
+                f"| {t['matrix']} | {t['n']:.0e} | {t['k']} | {fmt(t.get('convert_s'), '.3g')} | {fmt_s(t['fwd_s'])} | {fmt_s(gp and gp['fwd_s'])} | "
+                f"{fmt_s(t['fwdbwd_s'])} | {fmt_s(gp and gp['fwdbwd_s'])} | {fmt(t['peak_mib'], '.0f')} | {fmt(gp and gp['peak_mib'], '.0f')} |"
+            )
+
+    # ---- table 4: preconditioning on ill-conditioned matrices
+    ill = [r for r in rows if r["matrix"].endswith("-ill")]
+    if ill:
+        out.append("\n## Preconditioning on the ill-conditioned variants (CG)\n")
+        out.append(
+            f"`ic0+shift` = `IncompleteCholeskyPreconditioner.from_matrix(A, shift={ICO_SHIFT:g})` built by the caller "
+            "inside the timed region (gpsparse's `preconditioner=\"ic0\"` does not retry with a shift). "
+            "build s = preconditioner construction per fwd+bwd (forward and backward each build one for a string spec).\n"
+        )
+        out.append("| matrix | n | k | precond | its fwd/bwd | its vs none | per-it ms (precond part) | build s | fwd s | fwd+bwd s | fwd+bwd vs none | peak MiB | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in ill:
+            none = find(rows, "gpsparse", r["matrix"], r["n"], r["k"], "cg", None, "op")
+            red = ratio(none and none.get("its_fwd"), r.get("its_fwd"), suffix="× fewer") if r.get("its_fwd") else "–"
+            note = short(r["error"], 160) if r["error"] else "; ".join(short(w, 90) for w in r["warnings"])
+            out.append(
+                f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['precond'] or 'none'} | {its(r)} | {red} | "
+                f"{fmt(r.get('per_it_ms'), '.3g')} ({fmt(r.get('per_it_precond_ms'), '.2g')}) | {fmt(r.get('precond_build_s'), '.2g')} | "
+                f"{fmt_s(r['fwd_s'])} | {fmt_s(r['fwdbwd_s'])} | {ratio(none and none['fwdbwd_s'], r['fwdbwd_s'], suffix='× faster')} | "
+                f"{fmt(r['peak_mib'], '.0f')} | {note} |"
+            )
+    problems = [r for r in rows if (r["error"] or r["warnings"]) and not r["matrix"].endswith("-ill")]
+    if problems:
+        out.append("\n## Errors and warnings\n")
+        for r in problems:
+            msg = r["error"] or "; ".join(r["warnings"])
+            out.append(f"* {r['kind']} {r['matrix']} n={r['n']} k={r['k']} {r['method']} {r['precond']} {r['path']}: {short(msg, 300)}")
+    return "\n".join(out) + "\n"
+
+
+def its(r):
+    if r.get("its_fwd") is None:
+        return "–"
+    return f"{r['its_fwd']}/{fmt(r.get('its_bwd'), 'd')}"
+
+
+def row_gp(r):
+    if r["error"]:
+        return (
+            f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['method']} | {r['precond'] or 'none'} | – | {fmt(r['spmm_ms'], '.3g')} | "
+            f"– | – | – | – | – | {short(r['error'])} |"
+        )
+    split = f"{fmt(r.get('per_it_spmm_ms'), '.3g')} / {fmt(r.get('per_it_precond_ms'), '.2g')} / {fmt(r.get('per_it_dense_ms'), '.3g')}"
+    flag = "" if not r["warnings"] else " ⚠"
+    return (
+        f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['method']} | {r['precond'] or 'none'} | {its(r)}{flag} | "
+        f"{fmt(r['spmm_ms'], '.3g')} | {fmt(r.get('per_it_ms'), '.3g')} | {fmt(r.get('per_it_over_spmm'), '.2f')} | {split} | "
+        f"{fmt_s(r['fwd_s'])} | {fmt_s(r['fwdbwd_s'])} | {fmt(r['peak_mib'], '.0f')} |"
+    )
+
+
+def short(msg, n=120):
+    if not msg:
+        return ""
+    msg = str(msg).replace("|", "/").replace("\n", " ")
+    return msg if len(msg) <= n else msg[: n - 1] + "…"
+
+
+def ratio(a, b, suffix="×"):
+    if not a or not b:
+        return "–"
+    return f"{a / b:.2f}{suffix}"
+
+
+def find(rows, kind, matrix, n, k, method, precond, path):
+    for r in rows:
+        if (r["kind"], r["matrix"], r["n"], r["k"], r["method"], r["precond"], r["path"]) == (kind, matrix, n, k, method, precond, path):
+            return r
+    return None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["1e4", "1e5", "1e6"], help="n (rounded to a square m²)")
+    parser.add_argument("--columns", nargs="+", type=int, default=[1, 16], help="right-hand side columns k")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed fwd+bwd calls per case (default 5/3/1 by size)")
+    parser.add_argument("--quick", action="store_true", help="n = 10⁴ only")
+    parser.add_argument("--out", default="benchmarks/results/solve", help="output stem: <out>.md and <out>.json")
+    parser.add_argument("--skip-baseline-above", type=float, default=1e6, help="run torchsparsegradutils only for n ≤ this")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds per case subprocess")
+    parser.add_argument("--full-grid-max-n", type=float, default=1e5, help="above this n only CG gets jacobi/ic0")
+    parser.add_argument("--ill-max-n", type=float, default=1e6, help="largest n of the ill-conditioned cases")
+    parser.add_argument("--ill-max-n-wide", type=float, default=1e5, help="largest n of ill-conditioned cases with k > 1")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return
+    if args.quick:
+        args.sizes = ["1e4"]
+
+    info = machine_info(args.threads)
+    print(
+        f"# {info['cpu']} ({info['cores']} cores), torch {info['versions']['torch']}, threads={args.threads}, "
+        f"load average {info['loadavg_start'][0]:.2f}, {info['date']}",
+        flush=True,
+    )
+    cache = tempfile.mkdtemp(prefix="gpsparse_solve_bench_")
+    script = os.path.abspath(__file__)
+    t_start = time.perf_counter()
+    rows, raws = [], []
+    try:
+        cases = build_cases(args)
+        for case in cases:
+            cached_matrix(cache, case["matrix"], case["m"])
+        print(f"# {len(cases)} cases", flush=True)
+        header = f"{'kind':8} {'matrix':8} {'n':>8} {'k':>3} {'method':9} {'precond':10} {'path':6} {'its':>11} {'SpMM ms':>8} {'it/SpMM':>7} {'fwd s':>8} {'f+b s':>8} {'MiB':>7}"
+        print(header, flush=True)
+        for case in cases:
+            case = dict(case, cache=cache)
+            raw = run_case(script, case, args.case_timeout, args.threads)
+            row = summarise(case, raw)
+            row["wall_s"] = raw.get("wall_s")
+            rows.append(row)
+            raws.append({"case": {k: v for k, v in case.items() if k != "cache"}, "raw": raw})
+            its_str = its(row) if row["kind"] == "gpsparse" else f"{fmt(row.get('matvecs_fwd'), 'd')}/{fmt(row.get('matvecs_bwd'), 'd')}mv"
+            line = (
+                f"{row['kind']:8} {row['matrix']:8} {row['n']:8d} {row['k']:3d} {row['method']:9} {str(row['precond']):10} {row['path']:6} "
+                f"{its_str:>11} {fmt(row['spmm_ms'], '8.3f'):>8} {fmt(row.get('per_it_over_spmm'), '7.2f'):>7} "
+                f"{fmt(row['fwd_s'], '8.3f'):>8} {fmt(row['fwdbwd_s'], '8.3f'):>8} {fmt(row['peak_mib'], '7.0f'):>7}"
+            )
+            if row["error"]:
+                line += "  ERROR " + short(row["error"], 150)
+            elif row["warnings"]:
+                line += "  WARN " + short(row["warnings"][0], 100)
+            print(line, flush=True)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    info["wall_s"] = time.perf_counter() - t_start
+    info["loadavg_end"] = os.getloadavg()
+    info["args"] = {k: v for k, v in vars(args).items() if k != "worker"}
+    out_dir = os.path.dirname(args.out)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    md = markdown(info, rows, args)
+    with open(args.out + ".md", "w") as f:
+        f.write(md)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"info": info, "rows": rows, "raw": raws}, f, indent=1)
+    print()
+    print(md)
+    print(f"wrote {args.out}.md and {args.out}.json", flush=True)
+
+
+if __name__ == "__main__":
+    main()

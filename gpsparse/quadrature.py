@@ -1,0 +1,97 @@
+"""Gauss quadrature on Lanczos tridiagonals: ``e₁ᵀ f(T) e₁`` and its gradient (core layer).
+
+For a symmetric tridiagonal ``T = V diag(θ) Vᵀ`` (diagonal ``alpha``,
+off-diagonal ``beta``) and ``u = Vᵀe₁``,
+
+    q(T) = e₁ᵀ f(T) e₁ = Σ_j u_j² f(θ_j)
+
+is the Gauss quadrature rule behind stochastic Lanczos quadrature
+(``vᵀ f(A) v ≈ ‖v‖² q(T)``). Its derivative with respect to ``T`` is the
+Daleckii–Krein formula
+
+    ∂q/∂T = V (F ∘ u uᵀ) Vᵀ,   F_ij = (f(θ_i) − f(θ_j)) / (θ_i − θ_j)  (i ≠ j),  F_ii = f'(θ_i),
+
+where ``F`` (the Loewner matrix) uses ``f'`` wherever two eigenvalues
+coincide. Unlike autograd through ``torch.linalg.eigh`` it stays finite for
+repeated eigenvalues — which the padding of broken-down Lanczos runs creates
+on purpose (identity blocks that carry zero weight). The gradient with
+respect to the tridiagonal entries is ``∂q/∂α_k = G_kk`` and
+``∂q/∂β_k = 2 G_k,k+1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["MatrixFunction", "FUNCTIONS", "tridiagonal", "quadrature", "quadrature_with_grad", "rademacher"]
+
+
+@dataclass(frozen=True)
+class MatrixFunction:
+    """A scalar function with its derivative, applied to eigenvalues."""
+
+    name: str
+    value: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor], Tensor]
+    positive: bool = False  # defined only for positive eigenvalues
+
+
+FUNCTIONS = {
+    "log": MatrixFunction("log", torch.log, torch.reciprocal, positive=True),
+    "sqrt": MatrixFunction("sqrt", torch.sqrt, lambda x: 0.5 * torch.rsqrt(x), positive=True),
+    "inv_sqrt": MatrixFunction("inv_sqrt", torch.rsqrt, lambda x: -0.5 * x.pow(-1.5), positive=True),
+    "exp": MatrixFunction("exp", torch.exp, torch.exp),
+    "inv": MatrixFunction("inv", torch.reciprocal, lambda x: -x.pow(-2), positive=True),
+}
+
+
+def tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
+    """Dense ``(..., K, K)`` symmetric tridiagonal from ``alpha (..., K)`` and ``beta (..., K-1)``."""
+    return torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+
+
+def _eig(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> tuple[Tensor, Tensor]:
+    theta, vectors = torch.linalg.eigh(tridiagonal(alpha, beta))
+    if f.positive and bool((theta <= 0).any()):
+        from gpsparse.errors import NotPositiveDefiniteError
+
+        raise NotPositiveDefiniteError(
+            f"Lanczos found a Ritz value {float(theta.min()):.3e} ≤ 0: the matrix is not positive definite, "
+            f"so f = {f.name} is undefined"
+        )
+    return theta, vectors
+
+
+def quadrature(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> Tensor:
+    """``e₁ᵀ f(T) e₁`` for a batch of tridiagonals: shape ``alpha.shape[:-1]``."""
+    theta, vectors = _eig(alpha, beta, f)
+    weights = vectors[..., 0, :].pow(2)
+    return (weights * f.value(theta)).sum(-1)
+
+
+def quadrature_with_grad(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> tuple[Tensor, Tensor, Tensor]:
+    """``q = e₁ᵀ f(T) e₁`` and its gradients ``(∂q/∂alpha, ∂q/∂beta)`` (Daleckii–Krein, see module doc)."""
+    theta, vectors = _eig(alpha, beta, f)
+    u = vectors[..., 0, :]
+    fvals, fprime = f.value(theta), f.derivative(theta)
+    value = (u.pow(2) * fvals).sum(-1)
+    diff = theta.unsqueeze(-1) - theta.unsqueeze(-2)
+    close = diff.abs() <= 1e3 * torch.finfo(theta.dtype).eps * theta.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1.0)
+    divided = (fvals.unsqueeze(-1) - fvals.unsqueeze(-2)) / torch.where(close, torch.ones_like(diff), diff)
+    mean_prime = 0.5 * (fprime.unsqueeze(-1) + fprime.unsqueeze(-2))
+    loewner = torch.where(close, mean_prime, divided)
+    grad_t = vectors @ (loewner * (u.unsqueeze(-1) * u.unsqueeze(-2))) @ vectors.mT
+    grad_alpha = torch.diagonal(grad_t, dim1=-2, dim2=-1)
+    grad_beta = 2.0 * torch.diagonal(grad_t, offset=1, dim1=-2, dim2=-1)
+    return value, grad_alpha, grad_beta
+
+
+def rademacher(shape: tuple[int, ...], *, generator: torch.Generator | None, dtype: torch.dtype, device) -> Tensor:
+    """Rademacher probes (entries ±1, ``‖z‖² = n``) drawn from ``generator`` (on its device)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    bits = torch.randint(0, 2, shape, generator=generator, device=gen_device, dtype=torch.int8)
+    return bits.to(device=device, dtype=dtype).mul_(2).sub_(1)
