@@ -159,20 +159,33 @@ class PeakMemory:
         return False
 
 
-def spmm_floor(A, n: int, k: int, seconds: float = 1.0) -> dict:
-    """Median time (s) of one bare CSR SpMM A @ X, X (n, k) contiguous float64."""
+def spmm_floor(A, n: int, k: int, seconds: float = 0.6) -> dict:
+    """Median time (s) of one bare CSR SpMM with X (n, k) contiguous float64.
+
+    Two forms: ``A @ X`` (fresh output) and ``torch.addmm(Y, A, X, beta=0, out=Y)`` into a
+    reused buffer (gpsparse's form since commit e79c396); the floor is the faster median.
+    """
     import torch
 
     X = torch.randn(n, k, dtype=torch.float64)
-    for _ in range(3):
-        A @ X
-    times = []
-    t_end = time.perf_counter() + seconds
-    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 200):
-        t0 = time.perf_counter()
-        A @ X
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "calls": len(times)}
+    Y = torch.empty(n, k, dtype=torch.float64)
+    forms = {
+        "matmul": lambda: A @ X,
+        "addmm_out": lambda: torch.addmm(Y, A, X, beta=0.0, out=Y),
+    }
+    out = {}
+    for name, call in forms.items():
+        for _ in range(2):
+            call()
+        times = []
+        t_end = time.perf_counter() + seconds
+        while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 200):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        out[name] = {"median_s": statistics.median(times), "min_s": min(times), "calls": len(times)}
+    out["median_s"] = min(out["matmul"]["median_s"], out["addmm_out"]["median_s"])
+    return out
 
 
 def csr(crow, col, values, n):
@@ -183,18 +196,9 @@ def csr(crow, col, values, n):
         return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
 
 
-def _setup(spec):
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    crow, col, data = cached_matrix(spec["cache"], spec["matrix"], spec["m"])
-    n = spec["m"] ** 2
-    crow_t, col_t = torch.from_numpy(crow), torch.from_numpy(col)
-    values = torch.from_numpy(data)
-    gen = torch.Generator().manual_seed(spec.get("seed", 0))
-    B = torch.randn(n, spec["k"], dtype=torch.float64, generator=gen)
-    G = torch.randn(n, spec["k"], dtype=torch.float64, generator=gen)
-    return torch, crow_t, col_t, values, n, B, G
+def lattice_arrays(name, m):
+    a = lattice_matrix(name, m)
+    return a.indptr.astype(np.int32), a.indices.astype(np.int32), a.data.astype(np.float64)
 
 
 def _relres(A_plain, X, B) -> float:
@@ -206,25 +210,66 @@ def _relres(A_plain, X, B) -> float:
         return float((torch.linalg.vector_norm(R, dim=0) / torch.linalg.vector_norm(B, dim=0)).max())
 
 
-def worker_gpsparse(spec: dict) -> dict:
-    torch, crow_t, col_t, values0, n, B0, G = _setup(spec)
-    import gpsparse
-    import gpsparse.krylov as krylov
-    import gpsparse.solver_config as solver_config
-    from gpsparse import IncompleteCholeskyPreconditioner, SparseLinearOperator, SparsityPattern
-    from gpsparse.solve import matrix_parts
+class CaseTimeout(Exception):
+    pass
 
-    k, method, precond, path = spec["k"], spec["method"], spec["precond"], spec["path"]
-    A_plain = csr(crow_t, col_t, values0, n)
-    floor = spmm_floor(A_plain, n, k)
 
-    # --- instrumentation: time matvec / preconditioner inside the cores, read SolverInfo
-    records: list[dict] = []
-    builds: list[float] = []
-    originals = {name: getattr(krylov, name) for name in ("cg", "minres", "bicgstab")}
+def _alarm(signum, frame):
+    raise CaseTimeout("per-case timeout")
 
-    def instrument(name):
-        core = originals[name]
+
+class Instrumentation:
+    """Wraps gpsparse's Krylov cores and preconditioner construction (in this process only)."""
+
+    def __init__(self):
+        import gpsparse.functions as functions
+        import gpsparse.krylov as krylov
+        import gpsparse.solver_config as solver_config
+        from gpsparse.preconditioners import IncompleteCholeskyPreconditioner
+
+        self.records: list[dict] = []
+        self.builds: list[float] = []
+        self.ic0_attempts: list[tuple[float, bool]] = []
+        for name in ("cg", "minres", "bicgstab"):
+            setattr(krylov, name, self._core(getattr(krylov, name)))
+        # build_preconditioner is looked up in solver_config (run_solver) and, since commit 159238f,
+        # imported by name into functions (SparseSolve.forward builds one for forward and backward)
+        build = solver_config.build_preconditioner
+        timed = self._timed_build(build)
+        solver_config.build_preconditioner = timed
+        if getattr(functions, "build_preconditioner", None) is build:
+            functions.build_preconditioner = timed
+        original = IncompleteCholeskyPreconditioner.from_matrix.__func__
+        attempts = self.ic0_attempts
+
+        def from_matrix(cls, A, *, shift=0.0):
+            try:
+                out = original(cls, A, shift=shift)
+            except Exception:
+                attempts.append((shift, False))
+                raise
+            attempts.append((shift, True))
+            return out
+
+        IncompleteCholeskyPreconditioner.from_matrix = classmethod(from_matrix)
+
+    def reset(self):
+        self.records.clear()
+        self.builds.clear()
+        self.ic0_attempts.clear()
+
+    def _timed_build(self, build):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return build(*a, **kw)
+            finally:
+                self.builds.append(time.perf_counter() - t0)
+
+        return timed
+
+    def _core(self, core):
+        records = self.records
 
         def wrapped(matvec, rhs, /, **kw):
             rec = {"matvec_s": 0.0, "precond_s": 0.0, "matvecs": 0, "preconds": 0}
@@ -258,116 +303,37 @@ def worker_gpsparse(spec: dict) -> dict:
 
         return wrapped
 
-    for name in originals:
-        setattr(krylov, name, instrument(name))
-    original_build = solver_config.build_preconditioner
 
-    def timed_build(*a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return original_build(*a, **kw)
-        finally:
-            builds.append(time.perf_counter() - t0)
+def worker_group(spec: dict) -> None:
+    """Run every case of one (matrix, n, k) in this process; print one RESULT line per case."""
+    import signal
 
-    solver_config.build_preconditioner = timed_build
+    import torch
 
-    pattern = SparsityPattern(crow_t, col_t, (n, n), symmetric=True)
-    coo_index = None
-    if path == "tensor":
-        coo_index = torch.stack([pattern.row, pattern.col_long])
-
-    def make_matrix(values):
-        if path == "op":
-            return SparseLinearOperator(values, pattern=pattern)
-        return torch.sparse_coo_tensor(coo_index, values, (n, n), is_coalesced=True)
-
-    def make_precond(values):
-        if precond == "ic0+shift":
-            return IncompleteCholeskyPreconditioner.from_matrix(csr(crow_t, col_t, values.detach(), n), shift=ICO_SHIFT)
-        return precond
-
-    # --- warm-up on a tiny lattice of the same kind (loads numba kernels, torch paths)
-    crow_w, col_w, data_w = (torch.from_numpy(a) for a in lattice_arrays(spec["matrix"], 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            vw = data_w.clone().requires_grad_()
-            pw = SparsityPattern(crow_w, col_w, (64, 64), symmetric=True)
-            P = precond
-            if precond == "ic0+shift":
-                P = IncompleteCholeskyPreconditioner.from_matrix(csr(crow_w, col_w, data_w, 64), shift=ICO_SHIFT)
-            Xw = gpsparse.solve(SparseLinearOperator(vw, pattern=pw), torch.ones(64, k, dtype=torch.float64), method=method, preconditioner=P)
-            Xw.sum().backward()
-        except Exception:
-            pass
-
-    result = {"spmm_floor": floor, "runs": []}
-    caught = []
-    for rep in range(spec["repeats"]):
-        records.clear()
-        builds.clear()
-        values = values0.clone().requires_grad_()
-        B = B0.clone().requires_grad_()
-        run: dict = {}
-        with warnings.catch_warnings(record=True) as wlist:
-            warnings.simplefilter("always")
-            try:
-                mem = PeakMemory() if rep == 0 else None
-                if mem:
-                    mem.__enter__()
-                t0 = time.perf_counter()
-                A = make_matrix(values)
-                X = gpsparse.solve(A, B, method=method, preconditioner=make_precond(values), rtol=RTOL)
-                t1 = time.perf_counter()
-                (X * G).sum().backward()
-                t2 = time.perf_counter()
-                if mem:
-                    mem.__exit__(None, None, None)
-                    run["peak_mib"] = mem.peak_mib
-                    result["memory_method"] = mem.method
-                run.update(fwd_s=t1 - t0, fwdbwd_s=t2 - t0, bwd_s=t2 - t1)
-                assert values.grad is not None and values.grad.shape == values.shape
-                assert B.grad is not None and B.grad.shape == B.shape
-                if rep == 0:
-                    result["true_relres"] = _relres(A_plain, X, B0)
-            except Exception as err:  # report, e.g. IC(0) breakdown
-                run["error"] = f"{type(err).__name__}: {err}"
-            caught.extend(str(w.message) for w in wlist if "did not converge" in str(w.message))
-        run["solves"] = [dict(r) for r in records]
-        run["precond_build_s"] = list(builds)
-        result["runs"].append(run)
-        if "error" in run:
-            break
-        del X, A, values, B
-    result["warnings"] = sorted(set(caught))
-
-    if path == "tensor":
-        values = values0.clone().requires_grad_()
-        A = make_matrix(values)
-        t0 = time.perf_counter()
-        matrix_parts(A)
-        result["convert_s"] = time.perf_counter() - t0
-    return result
-
-
-def lattice_arrays(name, m):
-    a = lattice_matrix(name, m)
-    return a.indptr.astype(np.int32), a.indices.astype(np.int32), a.data.astype(np.float64)
-
-
-def worker_baseline(spec: dict) -> dict:
-    torch, crow_t, col_t, values0, n, B0, G = _setup(spec)
+    torch.set_num_threads(spec["threads"])
+    import gpsparse
+    from gpsparse import SparseLinearOperator, SparsityPattern
+    from gpsparse.solve import matrix_parts
     from torchsparsegradutils import sparse_generic_solve
     from torchsparsegradutils.utils import MINRESSettings, linear_cg, minres
 
-    k, method = spec["k"], spec["method"]
+    inst = Instrumentation()
+    m, k = spec["m"], spec["k"]
+    n = m * m
+    crow, col, data = cached_matrix(spec["cache"], spec["matrix"], m)
+    crow_t, col_t, values0 = torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(data)
+    gen = torch.Generator().manual_seed(0)
+    B0 = torch.randn(n, k, dtype=torch.float64, generator=gen)
+    G = torch.randn(n, k, dtype=torch.float64, generator=gen)
     A_plain = csr(crow_t, col_t, values0, n)
-    floor = spmm_floor(A_plain, n, k)
-    records: list[dict] = []
+    pattern = SparsityPattern(crow_t, col_t, (n, n), symmetric=True)
+
+    # ---- baseline solvers: the matvec is counted and timed, tolerance as for gpsparse
+    base_records: list[dict] = []
 
     def counted(A):
         rec = {"matvec_s": 0.0, "matvecs": 0}
-        records.append(rec)
+        base_records.append(rec)
 
         def mm(v):
             t0 = time.perf_counter()
@@ -378,79 +344,120 @@ def worker_baseline(spec: dict) -> dict:
 
         return mm, rec
 
-    def cg_solve(A, B, **kw):
-        mm, rec = counted(A)
-        t0 = time.perf_counter()
-        out = linear_cg(mm, B, **kw)
-        rec["core_s"] = time.perf_counter() - t0
-        return out
+    def tsgu_solver(name):
+        core = linear_cg if name == "cg" else minres
 
-    def minres_solve(A, B, **kw):
-        mm, rec = counted(A)
-        t0 = time.perf_counter()
-        out = minres(mm, B, **kw)
-        rec["core_s"] = time.perf_counter() - t0
-        return out
+        def solve(A, B, **kw):
+            mm, rec = counted(A)
+            t0 = time.perf_counter()
+            out = core(mm, B, **kw)
+            rec["core_s"] = time.perf_counter() - t0
+            return out
 
-    if method == "cg":
-        solver, kwargs = cg_solve, dict(tolerance=RTOL, max_iter=MAX_ITERS)
-    else:
-        solver = minres_solve
-        kwargs = dict(max_iter=MAX_ITERS, settings=MINRESSettings(max_cg_iterations=MAX_ITERS, minres_tolerance=RTOL))
+        return solve
 
-    # warm-up on a tiny lattice
-    crow_w, col_w, data_w = (torch.from_numpy(a) for a in lattice_arrays(spec["matrix"], 8))
+    tsgu_kwargs = {
+        "cg": dict(tolerance=RTOL, max_iter=MAX_ITERS),
+        "minres": dict(max_iter=MAX_ITERS, settings=MINRESSettings(max_cg_iterations=MAX_ITERS, minres_tolerance=RTOL)),
+    }
+
+    # ---- warm-up on a tiny lattice of the same kind (numba kernels, torch and MKL paths)
+    cw, colw, dw = (torch.from_numpy(a) for a in lattice_arrays(spec["matrix"], 8))
+    pw = SparsityPattern(cw, colw, (64, 64), symmetric=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        Aw = csr(crow_w, col_w, data_w.clone(), 64).requires_grad_()
-        sparse_generic_solve(Aw, torch.ones(64, k, dtype=torch.float64), solve=solver, transpose_solve=solver, **kwargs).sum().backward()
-
-    result = {"spmm_floor": floor, "runs": []}
-    caught = []
-    for rep in range(spec["repeats"]):
-        records.clear()
-        B = B0.clone().requires_grad_()
-        run: dict = {}
-        with warnings.catch_warnings(record=True) as wlist:
-            warnings.simplefilter("always")
+        for case in spec["cases"]:
             try:
-                A = csr(crow_t, col_t, values0.clone(), n).requires_grad_()
-                mem = PeakMemory() if rep == 0 else None
-                if mem:
-                    mem.__enter__()
+                if case["kind"] == "gpsparse":
+                    vw = dw.clone().requires_grad_()
+                    X = gpsparse.solve(SparseLinearOperator(vw, pattern=pw), torch.ones(64, k, dtype=torch.float64), method=case["method"], preconditioner=case["precond"], rtol=RTOL)
+                else:
+                    Aw = csr(cw, colw, dw.clone(), 64).requires_grad_()
+                    solver = tsgu_solver(case["method"])
+                    X = sparse_generic_solve(Aw, torch.ones(64, k, dtype=torch.float64), solve=solver, transpose_solve=solver, **tsgu_kwargs[case["method"]])
+                X.sum().backward()
+            except Exception:
+                pass
+    coo_index = None
+    signal.signal(signal.SIGALRM, _alarm)
+
+    for index, case in enumerate(spec["cases"]):
+        result = {"spmm_floor": spmm_floor(A_plain, n, k), "runs": [], "loadavg": os.getloadavg()}
+        caught: list[str] = []
+        kind, method, precond, path = case["kind"], case["method"], case["precond"], case["path"]
+        if path == "tensor" and coo_index is None:
+            coo_index = torch.stack([pattern.row, pattern.col_long])
+        signal.alarm(int(spec["case_timeout"]))
+        try:
+            for rep in range(spec["repeats"]):
+                inst.reset()
+                base_records.clear()
+                B = B0.clone().requires_grad_()
+                values = values0.clone().requires_grad_()
+                A_base = csr(crow_t, col_t, values0.clone(), n).requires_grad_() if kind == "baseline" else None
+                run: dict = {}
+                with warnings.catch_warnings(record=True) as wlist:
+                    warnings.simplefilter("always")
+                    try:
+                        mem = PeakMemory() if rep == 0 else None
+                        if mem:
+                            mem.__enter__()
+                        t0 = time.perf_counter()
+                        if kind == "gpsparse":
+                            if path == "op":
+                                A = SparseLinearOperator(values, pattern=pattern)
+                            else:
+                                A = torch.sparse_coo_tensor(coo_index, values, (n, n), is_coalesced=True)
+                            X = gpsparse.solve(A, B, method=method, preconditioner=precond, rtol=RTOL)
+                        else:
+                            solver = tsgu_solver(method)  # Aᵀ = A here: the transpose solve is the same solver
+                            X = sparse_generic_solve(A_base, B, solve=solver, transpose_solve=solver, **tsgu_kwargs[method])
+                        t1 = time.perf_counter()
+                        (X * G).sum().backward()
+                        t2 = time.perf_counter()
+                        if mem:
+                            mem.__exit__(None, None, None)
+                            run["peak_mib"] = mem.peak_mib
+                            result["memory_method"] = mem.method
+                        run.update(fwd_s=t1 - t0, fwdbwd_s=t2 - t0, bwd_s=t2 - t1)
+                        grad = values.grad if kind == "gpsparse" else A_base.grad.values()
+                        assert grad is not None and grad.shape == values0.shape, "no value gradient"
+                        assert B.grad is not None and B.grad.shape == B.shape, "no gradient for B"
+                        if rep == 0:
+                            result["true_relres"] = _relres(A_plain, X, B0)
+                    except CaseTimeout:
+                        raise
+                    except Exception as err:
+                        run["error"] = f"{type(err).__name__}: {err}"
+                    caught.extend(str(w.message)[:300] for w in wlist if "converge" in str(w.message))
+                run["solves"] = [dict(r) for r in (inst.records if kind == "gpsparse" else base_records)]
+                run["precond_build_s"] = list(inst.builds)
+                run["ic0_attempts"] = list(inst.ic0_attempts)
+                result["runs"].append(run)
+                X = A = A_base = values = B = None
+                if "error" in run:
+                    break
+            if path == "tensor":
+                A = torch.sparse_coo_tensor(coo_index, values0.clone().requires_grad_(), (n, n), is_coalesced=True)
                 t0 = time.perf_counter()
-                # symmetric A: Aᵀ = A, so the transpose solve is the same solver on A
-                X = sparse_generic_solve(A, B, solve=solver, transpose_solve=solver, **kwargs)
-                t1 = time.perf_counter()
-                (X * G).sum().backward()
-                t2 = time.perf_counter()
-                if mem:
-                    mem.__exit__(None, None, None)
-                    run["peak_mib"] = mem.peak_mib
-                    result["memory_method"] = mem.method
-                run.update(fwd_s=t1 - t0, fwdbwd_s=t2 - t0, bwd_s=t2 - t1)
-                assert A.grad is not None and A.grad.values().shape == values0.shape
-                assert B.grad is not None
-                if rep == 0:
-                    result["true_relres"] = _relres(A_plain, X, B0)
-            except Exception as err:
-                run["error"] = f"{type(err).__name__}: {err}"
-            caught.extend(str(w.message)[:200] for w in wlist if "converge" in str(w.message))
-        run["solves"] = [dict(r) for r in records]
-        result["runs"].append(run)
-        if "error" in run:
-            break
-    result["warnings"] = sorted(set(caught))
-    return result
+                matrix_parts(A)
+                result["convert_s"] = time.perf_counter() - t0
+                A = None
+        except CaseTimeout:
+            result["timeout"] = f"timeout after {spec['case_timeout']:.0f} s ({len(result['runs'])} runs done)"
+        finally:
+            signal.alarm(0)
+        result["warnings"] = sorted(set(caught))
+        print(f"RESULT {index} " + json.dumps(result), flush=True)
 
 
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     try:
-        out = worker_gpsparse(spec) if spec["kind"] == "gpsparse" else worker_baseline(spec)
-    except Exception as err:
-        out = {"runs": [{"error": f"{type(err).__name__}: {err}"}], "traceback": traceback.format_exc()}
-    print("RESULT " + json.dumps(out), flush=True)
+        worker_group(spec)
+    except Exception:
+        print("WORKER-ERROR " + json.dumps(traceback.format_exc()), flush=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,29 +508,39 @@ def summarise(case: dict, raw: dict) -> dict:
     runs = [r for r in raw.get("runs", []) if "error" not in r]
     errors = [r["error"] for r in raw.get("runs", []) if "error" in r]
     row = {k: case[k] for k in ("kind", "matrix", "n", "k", "method", "precond", "path")}
-    row["spmm_ms"] = raw["spmm_floor"]["median_s"] * 1e3 if "spmm_floor" in raw else None
-    row["error"] = errors[0] if errors else (raw.get("timeout") or None)
+    floor = raw.get("spmm_floor", {})
+    row["spmm_ms"] = floor["median_s"] * 1e3 if floor else None
+    row["spmm_matmul_ms"] = floor["matmul"]["median_s"] * 1e3 if floor else None
+    row["spmm_addmm_ms"] = floor["addmm_out"]["median_s"] * 1e3 if floor else None
+    row["error"] = errors[0] if errors else (raw.get("timeout") or raw.get("worker_error") or None)
     row["warnings"] = raw.get("warnings", [])
     row["true_relres"] = raw.get("true_relres")
     row["fwd_s"] = median_of(runs, "fwd_s")
     row["fwdbwd_s"] = median_of(runs, "fwdbwd_s")
     row["peak_mib"] = runs[0].get("peak_mib") if runs else None
     row["repeats"] = len(runs)
+    row["loadavg"] = raw.get("loadavg")
     if "convert_s" in raw:
         row["convert_s"] = raw["convert_s"]
+    all_runs = raw.get("runs", [])
+    if all_runs and all_runs[0].get("ic0_attempts"):
+        row["ic0_attempts"] = all_runs[0]["ic0_attempts"]
+        ok = [s for s, good in all_runs[0]["ic0_attempts"] if good]
+        row["ic0_shift"] = ok[0] if ok else None
     if runs and runs[0].get("solves"):
         fwd = [r["solves"][0] for r in runs if r.get("solves")]
         bwd = [r["solves"][1] for r in runs if len(r.get("solves", [])) > 1]
+        row["matvecs_fwd"] = fwd[0]["matvecs"]
+        row["matvecs_bwd"] = bwd[0]["matvecs"] if bwd else None
+        core = statistics.median(s["core_s"] for s in fwd)
+        mv = statistics.median(s["matvec_s"] for s in fwd)
+        row["core_fwd_s"] = core
         if case["kind"] == "gpsparse":
             its = fwd[0]["iterations"]
             row["its_fwd"] = its
             row["its_bwd"] = bwd[0]["iterations"] if bwd else None
-            row["matvecs_fwd"] = fwd[0]["matvecs"]
             if its:
-                core = statistics.median(s["core_s"] for s in fwd)
-                mv = statistics.median(s["matvec_s"] for s in fwd)
                 pc = statistics.median(s["precond_s"] for s in fwd)
-                row["core_fwd_s"] = core
                 row["per_it_ms"] = core / its * 1e3
                 row["per_it_spmm_ms"] = mv / its * 1e3
                 row["per_it_precond_ms"] = pc / its * 1e3
@@ -532,66 +549,78 @@ def summarise(case: dict, raw: dict) -> dict:
                     row["per_it_over_spmm"] = row["per_it_ms"] / row["spmm_ms"]
                     row["matvec_over_spmm"] = (mv / fwd[0]["matvecs"] * 1e3) / row["spmm_ms"]
             row["precond_build_s"] = statistics.median(sum(r.get("precond_build_s", [])) for r in runs)
-        else:
-            row["matvecs_fwd"] = fwd[0]["matvecs"]
-            row["matvecs_bwd"] = bwd[0]["matvecs"] if bwd else None
-            if fwd[0]["matvecs"]:
-                core = statistics.median(s["core_s"] for s in fwd)
-                row["per_it_ms"] = core / fwd[0]["matvecs"] * 1e3
-                if row["spmm_ms"]:
-                    row["per_it_over_spmm"] = row["per_it_ms"] / row["spmm_ms"]
+        elif fwd[0]["matvecs"]:
+            row["per_it_ms"] = core / fwd[0]["matvecs"] * 1e3
+            if row["spmm_ms"]:
+                row["per_it_over_spmm"] = row["per_it_ms"] / row["spmm_ms"]
+                row["matvec_over_spmm"] = (mv / fwd[0]["matvecs"] * 1e3) / row["spmm_ms"]
     return row
 
 
-def run_case(script: str, case: dict, timeout: float, threads: int) -> dict:
+def run_group(script: str, group: dict, threads: int, on_result) -> None:
+    """Run one worker process for a group of cases; ``on_result(index, raw)`` for every case."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
-    env.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [sys.executable, script, "--worker", json.dumps(case)], capture_output=True, text=True, timeout=timeout, env=env
-        )
-    except subprocess.TimeoutExpired:
-        return {"runs": [], "timeout": f"timeout after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        tail = (proc.stderr or proc.stdout)[-600:]
-        return {"runs": [{"error": f"worker exited {proc.returncode}: {tail}"}], "wall_s": time.perf_counter() - t0}
-    raw = json.loads(lines[-1][len("RESULT "):])
-    raw["wall_s"] = time.perf_counter() - t0
-    return raw
+    env["PYTHONWARNINGS"] = "ignore::UserWarning"
+    # hard limit: every case's own timeout plus start-up, matrix loading and warm-up
+    limit = group["case_timeout"] * len(group["cases"]) + 300
+    done = set()
+    t_case = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen([sys.executable, script, "--worker", json.dumps(group)], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        t_start = time.perf_counter()
+        try:
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    _, index, payload = line.split(" ", 2)
+                    raw = json.loads(payload)
+                    raw["wall_s"] = time.perf_counter() - t_case
+                    t_case = time.perf_counter()
+                    done.add(int(index))
+                    on_result(int(index), raw)
+                if time.perf_counter() - t_start > limit:
+                    proc.kill()
+                    break
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        err.seek(0)
+        tail = err.read()[-800:]
+    for index in range(len(group["cases"])):
+        if index not in done:
+            why = f"worker exited with code {proc.returncode} before this case finished: {tail.strip()[-400:]}"
+            on_result(index, {"runs": [], "worker_error": why})
 
 
-def build_cases(args) -> list[dict]:
-    cases = []
+def build_groups(args, cache: str) -> list[dict]:
+    """One group (one worker process) per (matrix, n, k)."""
+    groups = []
     sizes = [int(float(s)) for s in args.sizes]
     for n_req in sizes:
         m = int(round(n_req**0.5))
         n = m * m
         reps = args.repeats or (5 if n <= 20_000 else 3 if n <= 200_000 else 1)
         for k in args.columns:
-            base = dict(m=m, n=n, k=k, repeats=reps, threads=args.threads)
+            base = dict(m=m, n=n, k=k, repeats=reps, threads=args.threads, cache=cache, case_timeout=args.case_timeout)
             for mat in ("A5", "A13"):
-                grid = []
+                cases = []
                 full = n <= args.full_grid_max_n
                 for method in ("cg", "minres", "bicgstab"):
                     for pc in (None, "jacobi", "ic0"):
                         if full or method == "cg" or pc is None:
-                            grid.append((method, pc))
-                for method, pc in grid:
-                    cases.append(dict(base, kind="gpsparse", matrix=mat, method=method, precond=pc, path="op"))
-                cases.append(dict(base, kind="gpsparse", matrix=mat, method="cg", precond=None, path="tensor"))
+                            cases.append(dict(kind="gpsparse", method=method, precond=pc, path="op"))
+                cases.append(dict(kind="gpsparse", method="cg", precond=None, path="tensor"))
                 if not args.no_baseline and n <= args.skip_baseline_above:
                     for method in ("cg", "minres"):
-                        cases.append(dict(base, kind="baseline", matrix=mat, method=method, precond=None, path="tsgu"))
+                        cases.append(dict(kind="baseline", method=method, precond=None, path="tsgu"))
+                groups.append(dict(base, matrix=mat, cases=cases))
             if n <= args.ill_max_n and (k == 1 or n <= args.ill_max_n_wide):
                 for mat in ("A5-ill", "A13-ill"):
-                    pcs = [None, "jacobi", "ic0"] + (["ic0+shift"] if mat.startswith("A13") else [])
-                    for pc in pcs:
-                        cases.append(dict(base, kind="gpsparse", matrix=mat, method="cg", precond=pc, path="op"))
-    return cases
+                    cases = [dict(kind="gpsparse", method="cg", precond=pc, path="op") for pc in (None, "jacobi", "ic0")]
+                    groups.append(dict(base, matrix=mat, cases=cases))
+    return groups
 
 
 def fmt(x, spec=".3g", none="–"):
@@ -614,64 +643,63 @@ def markdown(info: dict, rows: list[dict], args) -> str:
     out.append(
         f"* machine: {info['cpu']}, {info['cores']} cores; torch {v['torch']} (CPU), Python {v['python']}, "
         f"gpsparse {v['gpsparse']} (git {info['git_commit']}), torchsparsegradutils {v['torchsparsegradutils']}, numba {v['numba']}\n"
-        f"* torch threads: **{info['threads']}** (`torch.set_num_threads`, OMP/MKL_NUM_THREADS); one subprocess per case\n"
+        f"* torch threads: **{info['threads']}** (`torch.set_num_threads`, OMP/MKL_NUM_THREADS); one worker process per (matrix, n, k)\n"
         f"* date: {info['date']}; load average at start {la0[0]:.2f} / {la0[1]:.2f} / {la0[2]:.2f}, "
-        f"at end {fmt(la1[0], '.2f')} / {fmt(la1[1], '.2f')} / {fmt(la1[2], '.2f')}; wall time {info.get('wall_s', 0):.0f} s\n"
+        f"at end {fmt(la1[0], '.2f')} / {fmt(la1[1], '.2f')} / {fmt(la1[2], '.2f')} (other jobs shared the 2 cores); wall time {info.get('wall_s', 0):.0f} s\n"
+        f"* command: `{info.get('command', '')}`\n"
         f"* float64, rtol = {RTOL:g} (relative residual per column), B and G ~ N(0, 1), values and B require grad; "
         f"fwd+bwd = `X = solve(A, B)` then `(X * G).sum().backward()`\n"
         f"* matrices on an m×m lattice (n = m²), L the Neumann 5-point Laplacian: "
         + "; ".join(f"**{k}** = {describe_matrix(k)}" for k in MATRICES)
         + "\n"
-        "* SpMM = median time of one bare torch CSR SpMM (int32 indices) with k columns, measured in the case's own process; "
-        "per-it = forward core time / iterations (BiCGSTAB: 2 SpMMs per iteration), split into SpMM / preconditioner / dense "
-        "(the rest of the core: vector updates, dot products, convergence checks); its = forward/backward iterations\n"
-        "* peak = growth of the process's peak RSS (VmHWM reset through /proc/self/clear_refs) over the first fwd+bwd call; "
-        "times are medians over the repeats (n = 10⁴: 5, 10⁵: 3, 10⁶: 1 unless `--repeats`)\n"
+        "* SpMM = median time of one bare torch CSR SpMM (int32 indices) with k columns, the faster of `A @ X` and "
+        "`torch.addmm(Y, A, X, beta=0, out=Y)`, measured in the same process just before the case; "
+        "per-it = forward core time / iterations (BiCGSTAB makes 2 SpMMs per iteration), split into SpMM / preconditioner / "
+        "dense (the rest of the core: vector updates, dot products, convergence checks, Python); its = forward/backward iterations\n"
+        "* peak = growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim) during the first "
+        "fwd+bwd call; the matrix, B and G exist before and are not counted. Times are medians over the repeats "
+        "(n = 10⁴: 5, 10⁵: 3, 10⁶: 1 unless `--repeats`)\n"
     )
 
-    # ---- table 1: gpsparse, well conditioned
-    out.append("\n## gpsparse.solve (operator path, pattern built once)\n")
+    out.append("\n## gpsparse.solve (SparseLinearOperator with a prebuilt pattern)\n")
     out.append(
         "| matrix | n | k | method | precond | its fwd/bwd | SpMM ms | per-it ms | per-it / SpMM | SpMM / precond / dense ms per it | fwd s | fwd+bwd s | peak MiB |"
     )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r["kind"] != "gpsparse" or r["path"] != "op" or r["matrix"].endswith("-ill"):
-            continue
-        out.append(row_gp(r))
+        if r["kind"] == "gpsparse" and r["path"] == "op" and not r["matrix"].endswith("-ill"):
+            out.append(row_gp(r))
 
-    # ---- table 2: baseline comparison
     base_rows = [r for r in rows if r["kind"] == "baseline"]
     if base_rows:
         out.append("\n## vs torchsparsegradutils.sparse_generic_solve (no preconditioner)\n")
         out.append(
             "Speed-up = time(torchsparsegradutils) / time(gpsparse). gpsparse `op`: SparseLinearOperator with a prebuilt "
-            "pattern; `tensor`: a torch COO tensor passed to `gpsparse.solve`, converted at every call (CG only). "
-            "tsgu matvecs = SpMMs in its forward solve (linear_cg: iterations + 2; minres: iterations + 1, stops on a "
-            "relative-update test checked every 10 iterations).\n"
+            "pattern; `tensor`: a torch COO tensor passed to `gpsparse.solve` and converted at every call (CG only). "
+            "tsgu gets an int32 CSR leaf tensor; `mv` = its SpMMs in the forward solve (linear_cg: iterations + 2; minres: "
+            "iterations + 1, stopping on a relative-update test checked every 10 iterations, hence the residual column).\n"
         )
         out.append(
-            "| matrix | n | k | solver | tsgu fwd s | tsgu fwd+bwd s | tsgu matvecs | tsgu peak MiB | tsgu rel. res. | gpsparse fwd+bwd s (op) | speed-up fwd (op) | speed-up fwd+bwd (op) | speed-up fwd+bwd (tensor) |"
+            "| matrix | n | k | solver | tsgu mv | tsgu fwd s | tsgu fwd+bwd s | tsgu peak MiB | tsgu rel. res. | gpsparse its | gpsparse fwd+bwd s (op) | speed-up fwd (op) | speed-up fwd+bwd (op) | speed-up fwd+bwd (tensor) |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for b in base_rows:
             gp = find(rows, "gpsparse", b["matrix"], b["n"], b["k"], b["method"], None, "op")
             gt = find(rows, "gpsparse", b["matrix"], b["n"], b["k"], b["method"], None, "tensor") if b["method"] == "cg" else None
-            err = f" ({short(b['error'])})" if b["error"] else ""
+            err = f" ({short(b['error'], 60)})" if b["error"] else ""
             out.append(
-                f"| {b['matrix']} | {b['n']:.0e} | {b['k']} | {'linear_cg' if b['method'] == 'cg' else 'minres'} | "
-                f"{fmt_s(b['fwd_s'])}{err} | {fmt_s(b['fwdbwd_s'])} | {fmt(b.get('matvecs_fwd'), 'd')} | {fmt(b['peak_mib'], '.0f')} | "
-                f"{fmt(b['true_relres'], '.1e')} | {fmt_s(gp and gp['fwdbwd_s'])} | {ratio(b['fwd_s'], gp and gp['fwd_s'])} | "
+                f"| {b['matrix']} | {b['n']:.0e} | {b['k']} | {'linear_cg' if b['method'] == 'cg' else 'minres'} | {fmt(b.get('matvecs_fwd'), 'd')} | "
+                f"{fmt_s(b['fwd_s'])}{err} | {fmt_s(b['fwdbwd_s'])} | {fmt(b['peak_mib'], '.0f')} | "
+                f"{fmt(b['true_relres'], '.1e')} | {its(gp) if gp else '–'} | {fmt_s(gp and gp['fwdbwd_s'])} | {ratio(b['fwd_s'], gp and gp['fwd_s'])} | "
                 f"{ratio(b['fwdbwd_s'], gp and gp['fwdbwd_s'])} | {ratio(b['fwdbwd_s'], gt and gt['fwdbwd_s'])} |"
             )
 
-    # ---- table 3: conversion overhead
     tens = [r for r in rows if r["kind"] == "gpsparse" and r["path"] == "tensor"]
     if tens:
         out.append("\n## Torch tensor input: per-call conversion (CG, no preconditioner)\n")
         out.append(
             "`gpsparse.solve(A_coo, B)` converts the tensor at every call (`gpsparse.solve.matrix_parts`: sorting the "
-            "indices, the transpose permutation, symmetry detection); `convert s` is that call alone.\n"
+            "indices, the transpose permutation, symmetry detection); `convert s` times that call alone.\n"
         )
         out.append("| matrix | n | k | convert s | fwd s (tensor) | fwd s (op) | fwd+bwd s (tensor) | fwd+bwd s (op) | peak MiB (tensor) | peak MiB (op) |")
         out.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -682,23 +710,26 @@ def markdown(info: dict, rows: list[dict], args) -> str:
                 f"{fmt_s(t['fwdbwd_s'])} | {fmt_s(gp and gp['fwdbwd_s'])} | {fmt(t['peak_mib'], '.0f')} | {fmt(gp and gp['peak_mib'], '.0f')} |"
             )
 
-    # ---- table 4: preconditioning on ill-conditioned matrices
     ill = [r for r in rows if r["matrix"].endswith("-ill")]
     if ill:
         out.append("\n## Preconditioning on the ill-conditioned variants (CG)\n")
         out.append(
-            f"`ic0+shift` = `IncompleteCholeskyPreconditioner.from_matrix(A, shift={ICO_SHIFT:g})` built by the caller "
-            "inside the timed region (gpsparse's `preconditioner=\"ic0\"` does not retry with a shift). "
-            "build s = preconditioner construction per fwd+bwd (forward and backward each build one for a string spec).\n"
+            "`ic0`: gpsparse's `preconditioner=\"ic0\"`, which factorises A + s·diag(A) for the first s in "
+            "(0, 1e-3, 1e-2, 0.1, 1) without a breakdown (`shift` column; `tried` lists failed shifts). "
+            "build s = preconditioner construction per fwd+bwd call (one factorisation serves forward and backward).\n"
         )
-        out.append("| matrix | n | k | precond | its fwd/bwd | its vs none | per-it ms (precond part) | build s | fwd s | fwd+bwd s | fwd+bwd vs none | peak MiB | note |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| matrix | n | k | precond | shift (tried) | its fwd/bwd | its vs none | per-it ms (precond part) | build s | fwd s | fwd+bwd s | fwd+bwd vs none | peak MiB | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in ill:
             none = find(rows, "gpsparse", r["matrix"], r["n"], r["k"], "cg", None, "op")
             red = ratio(none and none.get("its_fwd"), r.get("its_fwd"), suffix="× fewer") if r.get("its_fwd") else "–"
             note = short(r["error"], 160) if r["error"] else "; ".join(short(w, 90) for w in r["warnings"])
+            shift = "–"
+            if r.get("ic0_attempts"):
+                failed = [f"{s:g}" for s, good in r["ic0_attempts"] if not good]
+                shift = f"{fmt(r.get('ic0_shift'), 'g')}" + (f" ({', '.join(failed)} broke down)" if failed else "")
             out.append(
-                f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['precond'] or 'none'} | {its(r)} | {red} | "
+                f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['precond'] or 'none'} | {shift} | {its(r)} | {red} | "
                 f"{fmt(r.get('per_it_ms'), '.3g')} ({fmt(r.get('per_it_precond_ms'), '.2g')}) | {fmt(r.get('precond_build_s'), '.2g')} | "
                 f"{fmt_s(r['fwd_s'])} | {fmt_s(r['fwdbwd_s'])} | {ratio(none and none['fwdbwd_s'], r['fwdbwd_s'], suffix='× faster')} | "
                 f"{fmt(r['peak_mib'], '.0f')} | {note} |"
@@ -763,7 +794,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/results/solve", help="output stem: <out>.md and <out>.json")
     parser.add_argument("--skip-baseline-above", type=float, default=1e6, help="run torchsparsegradutils only for n ≤ this")
     parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds per case subprocess")
+    parser.add_argument("--case-timeout", type=float, default=240.0, help="seconds per case (all its repeats)")
     parser.add_argument("--full-grid-max-n", type=float, default=1e5, help="above this n only CG gets jacobi/ic0")
     parser.add_argument("--ill-max-n", type=float, default=1e6, help="largest n of the ill-conditioned cases")
     parser.add_argument("--ill-max-n-wide", type=float, default=1e5, help="largest n of ill-conditioned cases with k > 1")
@@ -776,6 +807,7 @@ def main(argv=None) -> None:
         args.sizes = ["1e4"]
 
     info = machine_info(args.threads)
+    info["command"] = "python benchmarks/solve_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(
         f"# {info['cpu']} ({info['cores']} cores), torch {info['versions']['torch']}, threads={args.threads}, "
         f"load average {info['loadavg_start'][0]:.2f}, {info['date']}",
@@ -786,30 +818,43 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     rows, raws = [], []
     try:
-        cases = build_cases(args)
-        for case in cases:
-            cached_matrix(cache, case["matrix"], case["m"])
-        print(f"# {len(cases)} cases", flush=True)
-        header = f"{'kind':8} {'matrix':8} {'n':>8} {'k':>3} {'method':9} {'precond':10} {'path':6} {'its':>11} {'SpMM ms':>8} {'it/SpMM':>7} {'fwd s':>8} {'f+b s':>8} {'MiB':>7}"
-        print(header, flush=True)
-        for case in cases:
-            case = dict(case, cache=cache)
-            raw = run_case(script, case, args.case_timeout, args.threads)
-            row = summarise(case, raw)
-            row["wall_s"] = raw.get("wall_s")
-            rows.append(row)
-            raws.append({"case": {k: v for k, v in case.items() if k != "cache"}, "raw": raw})
-            its_str = its(row) if row["kind"] == "gpsparse" else f"{fmt(row.get('matvecs_fwd'), 'd')}/{fmt(row.get('matvecs_bwd'), 'd')}mv"
-            line = (
-                f"{row['kind']:8} {row['matrix']:8} {row['n']:8d} {row['k']:3d} {row['method']:9} {str(row['precond']):10} {row['path']:6} "
-                f"{its_str:>11} {fmt(row['spmm_ms'], '8.3f'):>8} {fmt(row.get('per_it_over_spmm'), '7.2f'):>7} "
-                f"{fmt(row['fwd_s'], '8.3f'):>8} {fmt(row['fwdbwd_s'], '8.3f'):>8} {fmt(row['peak_mib'], '7.0f'):>7}"
-            )
-            if row["error"]:
-                line += "  ERROR " + short(row["error"], 150)
-            elif row["warnings"]:
-                line += "  WARN " + short(row["warnings"][0], 100)
-            print(line, flush=True)
+        groups = build_groups(args, cache)
+        for group in groups:
+            cached_matrix(cache, group["matrix"], group["m"])
+        print(f"# {sum(len(g['cases']) for g in groups)} cases in {len(groups)} worker processes", flush=True)
+        print(
+            f"{'kind':8} {'matrix':8} {'n':>8} {'k':>3} {'method':9} {'precond':8} {'path':6} {'its/mv':>11} "
+            f"{'SpMM ms':>8} {'it/SpMM':>7} {'fwd s':>8} {'f+b s':>8} {'MiB':>7} {'wall s':>7}",
+            flush=True,
+        )
+        for group in groups:
+            common = {key: group[key] for key in ("matrix", "n", "k")}
+
+            def on_result(index, raw, group=group, common=common):
+                case = dict(group["cases"][index], **common)
+                row = summarise(case, raw)
+                row["wall_s"] = raw.get("wall_s")
+                rows.append(row)
+                raws.append({"case": case, "raw": raw})
+                if row["kind"] == "gpsparse":
+                    its_str = its(row)
+                else:
+                    its_str = f"{fmt(row.get('matvecs_fwd'), 'd')}/{fmt(row.get('matvecs_bwd'), 'd')}mv"
+                line = (
+                    f"{row['kind']:8} {row['matrix']:8} {row['n']:8d} {row['k']:3d} {row['method']:9} {str(row['precond']):8} "
+                    f"{row['path']:6} {its_str:>11} {fmt(row['spmm_ms'], '8.3f'):>8} {fmt(row.get('per_it_over_spmm'), '7.2f'):>7} "
+                    f"{fmt(row['fwd_s'], '8.3f'):>8} {fmt(row['fwdbwd_s'], '8.3f'):>8} {fmt(row['peak_mib'], '7.0f'):>7} "
+                    f"{fmt(row['wall_s'], '7.1f'):>7}"
+                )
+                if row["error"]:
+                    line += "  ERROR " + short(row["error"], 150)
+                elif row["warnings"]:
+                    line += "  WARN " + short(row["warnings"][0], 100)
+                if row.get("ic0_attempts") and len(row["ic0_attempts"]) > 1:
+                    line += f"  ic0 shift {row.get('ic0_shift')}"
+                print(line, flush=True)
+
+            run_group(script, group, args.threads, on_result)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     info["wall_s"] = time.perf_counter() - t_start

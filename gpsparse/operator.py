@@ -27,6 +27,8 @@ from gpsparse.batching import flatten_operands
 from gpsparse.convert import check_finite, sparse_parts, symmetrized
 from gpsparse.errors import DenseSizeError
 from gpsparse.functions import SparseInvQuad, SparseMatmul
+from gpsparse.logdet import LogdetConfig, slq_apply
+from gpsparse.quadrature import rademacher
 from gpsparse.pattern import SparsityPattern
 from gpsparse.solve import check_operand, solve_parts
 from gpsparse.solver_config import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
@@ -300,14 +302,19 @@ class SparseLinearOperator(LinearOperator):
         return term.sum(-1) if reduce_inv_quad else term
 
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
-        """Inverse quadratic form and log-determinant.
+        r"""Inverse quadratic form ``diag(Rᵀ A⁻¹ R)`` and ``log det A`` with sparse gradients.
 
-        Without ``logdet`` the inverse quadratic form always uses gpsparse's
-        solver. With ``logdet``, linear_operator's estimator is used for now
-        (dense Cholesky below ``max_cholesky_size`` within
-        :func:`gpsparse.settings.max_dense_size`, otherwise its stochastic
-        Lanczos quadrature on top of gpsparse's CG, with sparse gradients
-        through :meth:`_bilinear_derivative`).
+        * Without ``logdet``: gpsparse's CG (:meth:`inv_quad`), at every size.
+        * With ``logdet``, for ``n ≤`` linear_operator's ``max_cholesky_size``
+          (and within :func:`gpsparse.settings.max_dense_size`): an exact
+          dense Cholesky, as linear_operator does.
+        * Otherwise stochastic Lanczos quadrature (:mod:`gpsparse.logdet`),
+          configured by :func:`gpsparse.settings.logdet_defaults`: with
+          ``gradient="hutchinson"`` one batched CG run serves the probes and
+          the quadratic term; with ``"adjoint"`` (default) the log-determinant
+          gets the exact gradient of its estimate through Lanczos adjoints and
+          the quadratic term its own CG solve. Probes are Rademacher vectors
+          from torch's global generator (seed it for reproducible estimates).
         """
         if not logdet:
             if inv_quad_rhs is None:
@@ -315,7 +322,36 @@ class SparseLinearOperator(LinearOperator):
             return self.inv_quad(inv_quad_rhs, reduce_inv_quad=reduce_inv_quad), torch.zeros(
                 [], dtype=self.dtype, device=self.device
             )
-        return super().inv_quad_logdet(inv_quad_rhs=inv_quad_rhs, logdet=logdet, reduce_inv_quad=reduce_inv_quad)
+        if not self.pattern.symmetric:
+            raise RuntimeError("inv_quad_logdet needs a symmetric positive definite operator")
+        n = self.pattern.size[0]
+        dense_ok = math.prod(self.shape) <= gs_settings.current().max_dense_size
+        if n <= lo_settings.max_cholesky_size.value() and dense_ok:
+            return super().inv_quad_logdet(inv_quad_rhs=inv_quad_rhs, logdet=True, reduce_inv_quad=reduce_inv_quad)
+        return self._slq_inv_quad_logdet(inv_quad_rhs, reduce_inv_quad)
+
+    def _slq_inv_quad_logdet(self, inv_quad_rhs: Tensor | None, reduce_inv_quad: bool):
+        config = _logdet_config()
+        n, nnz = self.pattern.size[0], self.pattern.nnz
+        rhs = None
+        if inv_quad_rhs is not None:
+            check_operand(inv_quad_rhs, self.values, "inv_quad_rhs")
+            rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
+        batch = _broadcast_batch(self.values, rhs) if rhs is not None else self.values.shape[:-1]
+        num = int(torch.Size(batch).numel())
+        values2d = self.values.expand(*batch, nnz).reshape(num, nnz)
+        probes = rademacher((num, n, config.num_probes), generator=None, dtype=self.dtype, device=self.device)
+        if rhs is None:
+            logdet_term = slq_apply(values2d, self.pattern, probes, config).reshape(batch)
+            return torch.zeros([], dtype=self.dtype, device=self.device), logdet_term
+        rhs3d = rhs.expand(*batch, n, rhs.shape[-1]).reshape(num, n, rhs.shape[-1])
+        if config.gradient == "hutchinson":
+            quad, logdet_term = slq_apply(values2d, self.pattern, probes, config, rhs=rhs3d)
+        else:
+            logdet_term = slq_apply(values2d, self.pattern, probes, config)
+            quad = SparseInvQuad.apply(values2d, rhs3d, self.pattern, self._solver_config())
+        quad = quad.reshape(*batch, rhs.shape[-1])
+        return (quad.sum(-1) if reduce_inv_quad else quad), logdet_term.reshape(batch)
 
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int | None = 0):
         """linear_operator's internal solve hook, served by gpsparse's CG (with tridiagonals for SLQ)."""
@@ -336,6 +372,24 @@ class SparseLinearOperator(LinearOperator):
         if not num_tridiag:
             return solution
         return solution, _tridiag_matrices(info, num_tridiag, batch)
+
+
+def _logdet_config() -> LogdetConfig:
+    """gpsparse's log-determinant settings, with linear_operator's probe/step counts where a user changed them."""
+    s = gs_settings.current()
+    probes = lo_settings.num_trace_samples.value()
+    steps = lo_settings.max_lanczos_quadrature_iterations.value()
+    return LogdetConfig(
+        num_probes=probes if probes != _LO_DEFAULT_PROBES else s.num_probes,
+        num_lanczos=steps if steps != _LO_DEFAULT_STEPS else s.num_lanczos,
+        gradient=s.logdet_gradient,
+        preconditioner=s.logdet_preconditioner,
+        rtol=s.rtol,
+    )
+
+
+_LO_DEFAULT_PROBES = lo_settings.num_trace_samples._global_value
+_LO_DEFAULT_STEPS = lo_settings.max_lanczos_quadrature_iterations._global_value
 
 
 def _tridiag_matrices(info: "krylov.SolverInfo", num_tridiag: int, batch: torch.Size) -> Tensor:

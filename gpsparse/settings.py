@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-__all__ = ["max_dense_size", "solver_defaults", "current"]
+__all__ = ["max_dense_size", "solver_defaults", "logdet_defaults", "current"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,18 @@ class _Settings:
     max_iters: int | None = None
     #: Preconditioner of the operator's solves: None, "jacobi" or "ic0".
     preconditioner: str | None = None
+    #: Gradient of the log-determinant: "adjoint" (exact gradient of the SLQ
+    #: estimate, Lanczos adjoints) or "hutchinson" (probe reuse from one CG run).
+    logdet_gradient: str = "adjoint"
+    #: Probes of the SLQ log-determinant (linear_operator's
+    #: ``num_trace_samples`` is used instead when a user has changed it).
+    num_probes: int = 16
+    #: Lanczos steps per probe (linear_operator's
+    #: ``max_lanczos_quadrature_iterations`` is used when a user has changed it).
+    num_lanczos: int = 64
+    #: Fixed preconditioner of the log-determinant: "jacobi" (exact diagonal
+    #: scaling, free), "ic0" or None.
+    logdet_preconditioner: str | None = "jacobi"
 
 
 _state = threading.local()
@@ -69,4 +81,45 @@ def solver_defaults(*, rtol: float | None = None, atol: float | None = None, max
     (default 1e-6).
     """
     changes = {k: v for k, v in dict(rtol=rtol, atol=atol, max_iters=max_iters, preconditioner=preconditioner).items() if v is not None}
+    return _override(**changes)
+
+
+def logdet_defaults(
+    *,
+    gradient: str | None = None,
+    num_probes: int | None = None,
+    num_lanczos: int | None = None,
+    preconditioner: str | None | bool = False,
+):
+    """Override how :class:`~gpsparse.SparseLinearOperator` estimates log-determinants.
+
+    Parameters
+    ----------
+    gradient : {"adjoint", "hutchinson"}
+        ``"adjoint"``: exact gradient of the stochastic Lanczos quadrature
+        estimate (Lanczos adjoints; stores or recomputes the Krylov bases).
+        ``"hutchinson"``: probe reuse from one batched CG run that also solves
+        the inverse quadratic term (cheaper, O(n·p) memory; an unbiased
+        gradient of the true log-determinant rather than of the estimate).
+    num_probes, num_lanczos : int
+        Probes and Lanczos steps (defaults 16 and 64; linear_operator's
+        ``num_trace_samples`` / ``max_lanczos_quadrature_iterations`` take
+        precedence when a user has set them away from their defaults).
+    preconditioner : "jacobi", "ic0" or None
+        Fixed preconditioner with exact log-determinant (default "jacobi").
+
+    Examples
+    --------
+    >>> import gpsparse
+    >>> with gpsparse.settings.logdet_defaults(gradient="hutchinson", num_probes=32):
+    ...     pass  # mll(model(x), y).backward() here uses probe reuse with 32 probes
+    """
+    if gradient is not None and gradient not in ("adjoint", "hutchinson"):
+        raise ValueError(f"gradient must be 'adjoint' or 'hutchinson', got {gradient!r}")
+    for name, value in (("num_probes", num_probes), ("num_lanczos", num_lanczos)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    changes = {k: v for k, v in dict(logdet_gradient=gradient, num_probes=num_probes, num_lanczos=num_lanczos).items() if v is not None}
+    if preconditioner is not False:
+        changes["logdet_preconditioner"] = preconditioner
     return _override(**changes)
