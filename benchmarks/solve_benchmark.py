@@ -1,48 +1,49 @@
 #!/usr/bin/env python
 """Benchmark of ``gpsparse.solve`` (forward and forward+backward) on 2-D lattice precision matrices.
 
-For every (matrix, n, k) it measures, in one run and in a fresh subprocess per case
-(so that peak memory can be read per case and a case can be killed at a timeout):
+For every (matrix, n, k) one worker process (fresh imports, its own thread setting) measures:
 
-* the floor: one bare torch CSR SpMM ``A @ X`` with int32 indices (as gpsparse stores
-  them) and the same number of columns k, median of several calls;
+* the floor: one bare torch CSR SpMM with int32 indices (as gpsparse stores them) and the
+  same number of columns k, the faster of ``A @ X`` and ``torch.addmm(Y, A, X, beta=0,
+  out=Y)`` (gpsparse's form), median of several calls, just before every case;
 * ``gpsparse.solve(A, B, method=m, preconditioner=p, rtol=1e-6)`` for m in cg, minres,
   bicgstab and p in None, "jacobi", "ic0": forward time, forward+backward time
   (backward: ``(X * G).sum().backward()``, gradients for the values and for B),
   iterations of the forward and of the backward (transpose) solve, time per iteration
-  split into SpMM / preconditioner / the rest (the core's dense vector work and
-  Python overhead), its ratio to the bare SpMM, and peak memory;
+  split into SpMM / preconditioner / the rest (the core's dense vector work and Python
+  overhead), its ratio to the bare SpMM, and peak memory;
 * the baseline ``torchsparsegradutils.sparse_generic_solve`` with its ``linear_cg``
-  and ``minres`` (tolerance 1e-6, the same solver as transpose solve, which is
-  correct because every matrix here is symmetric): forward and forward+backward times;
-* on ill-conditioned variants, CG with each preconditioner (iteration reductions).
+  and ``minres`` (tolerance 1e-6, the same solver as transpose solve, which is correct
+  because every matrix here is symmetric): forward and forward+backward times;
+* on ill-conditioned variants, CG with each preconditioner (iteration reductions, and
+  the diagonal shift gpsparse's "ic0" needed).
 
 How things are measured
 -----------------------
 * Times: ``time.perf_counter`` around the call (CPU, synchronous); forward and
-  forward+backward come from the same call (the forward time is read when
-  ``solve`` returns); median over ``--repeats`` calls.
-* Iterations and the per-iteration split: the benchmark process replaces
-  ``gpsparse.krylov.cg`` / ``minres`` / ``bicgstab`` (the cores that
-  ``gpsparse.solver_config.run_solver`` looks up at call time) by thin wrappers that
-  time the matvec and preconditioner callables they are given and read
-  ``SolverInfo.iterations``; ``build_preconditioner`` is wrapped the same way.
-  Nothing in the library is modified. ``dense`` = core time − SpMM − preconditioner.
-* Peak memory: peak resident set size of the case's subprocess (Linux ``VmHWM``,
-  reset through ``/proc/self/clear_refs`` after ``malloc_trim``) minus the resident
-  size just before the first timed forward+backward call; the matrix, B and G are
-  allocated before the reset and not counted. Everything the solve allocates (its
-  vectors, X, the gradients, torch temporaries) is counted.
+  forward+backward come from the same call (the forward time is read when ``solve``
+  returns); median over the repeats. A case stops at ``--case-timeout`` (SIGALRM).
+* Iterations and the per-iteration split: the worker replaces ``gpsparse.krylov.cg`` /
+  ``minres`` / ``bicgstab`` (looked up at call time by ``gpsparse.solver_config.run_solver``)
+  by thin wrappers that time the matvec and preconditioner callables they are given and
+  read ``SolverInfo.iterations``; ``build_preconditioner`` and
+  ``IncompleteCholeskyPreconditioner.from_matrix`` are wrapped the same way (construction
+  time, shifts tried). Nothing in the library is modified.
+  ``dense`` = core time − SpMM − preconditioner.
+* Peak memory: growth of the worker's peak resident set size (Linux ``VmHWM``, reset
+  through ``/proc/self/clear_refs`` after ``malloc_trim``) over the first timed
+  forward+backward call of the case; the matrix, B and G exist before and are not counted;
+  everything the solve allocates (its vectors, X, the gradients, torch temporaries) is.
 * gpsparse is called on a ``SparseLinearOperator`` whose pattern is built once
-  (``path=op``; what a training loop does) and, for CG without preconditioner, also on
-  a torch COO tensor (``path=tensor``), which pays the conversion (sorting the indices
-  and detecting symmetry) at every call.
-* The baseline gets its fastest input: a CSR leaf tensor with int32 indices and
-  ``requires_grad=True`` (its gradient is a CSR tensor at the nonzeros).
+  (``path=op``; what a training loop does) and, for CG without preconditioner, also on a
+  torch COO tensor (``path=tensor``), which pays the conversion (sorting the indices,
+  detecting symmetry) at every call.
+* The baseline gets a CSR leaf tensor with int32 indices and ``requires_grad=True`` (its
+  gradient is a CSR tensor at the nonzeros); its matvec is ``A.matmul``.
 
 Usage::
 
-    python benchmarks/solve_benchmark.py --quick
+    python benchmarks/solve_benchmark.py --quick                      # n = 10⁴ only, ~4 min
     python benchmarks/solve_benchmark.py --threads 1 --out benchmarks/results/solve_cpu_1thread
 """
 
@@ -69,7 +70,6 @@ import numpy as np
 
 RTOL = 1e-6
 MAX_ITERS = 10_000
-ICO_SHIFT = 1e-2
 
 # name -> (stencil, kappa, tau, noise precision σ⁻²)
 MATRICES = {
@@ -476,11 +476,12 @@ def machine_info(threads: int) -> dict:
     except OSError:
         pass
     versions = {"torch": torch.__version__, "python": platform.python_version()}
+    from importlib import metadata
+
     for mod in ("gpsparse", "torchsparsegradutils", "numba", "scipy"):
         try:
-            module = __import__(mod)
-            versions[mod] = getattr(module, "__version__", "?")
-        except ImportError:
+            versions[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             versions[mod] = "not installed"
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -614,12 +615,14 @@ def build_groups(args, cache: str) -> list[dict]:
                 cases.append(dict(kind="gpsparse", method="cg", precond=None, path="tensor"))
                 if not args.no_baseline and n <= args.skip_baseline_above:
                     for method in ("cg", "minres"):
-                        cases.append(dict(kind="baseline", method=method, precond=None, path="tsgu"))
+                        if method == "cg" or n <= args.baseline_minres_max_n:
+                            cases.append(dict(kind="baseline", method=method, precond=None, path="tsgu"))
                 groups.append(dict(base, matrix=mat, cases=cases))
             if n <= args.ill_max_n and (k == 1 or n <= args.ill_max_n_wide):
+                ill_reps = args.repeats or (reps if n <= 20_000 else 1)
                 for mat in ("A5-ill", "A13-ill"):
                     cases = [dict(kind="gpsparse", method="cg", precond=pc, path="op") for pc in (None, "jacobi", "ic0")]
-                    groups.append(dict(base, matrix=mat, cases=cases))
+                    groups.append(dict(base, matrix=mat, cases=cases, repeats=ill_reps))
     return groups
 
 
@@ -627,6 +630,11 @@ def fmt(x, spec=".3g", none="–"):
     if x is None:
         return none
     return format(x, spec)
+
+
+def fmt_n(n: int) -> str:
+    """n of an m×m lattice as ``m²`` (10⁴ = 100², 10⁵ ≈ 316², 10⁶ = 1000²)."""
+    return f"{int(round(n ** 0.5))}²"
 
 
 def fmt_s(x):
@@ -658,8 +666,10 @@ def markdown(info: dict, rows: list[dict], args) -> str:
         "dense (the rest of the core: vector updates, dot products, convergence checks, Python); its = forward/backward iterations\n"
         "* peak = growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim) during the first "
         "fwd+bwd call; the matrix, B and G exist before and are not counted. Times are medians over the repeats "
-        "(n = 10⁴: 5, 10⁵: 3, 10⁶: 1 unless `--repeats`)\n"
+        "(n = 10⁴: 5, 10⁵: 3, 10⁶: 1; ill-conditioned n ≥ 10⁵: 1; unless `--repeats`)\n"
     )
+
+    out.extend(summary_table(rows))
 
     out.append("\n## gpsparse.solve (SparseLinearOperator with a prebuilt pattern)\n")
     out.append(
@@ -688,7 +698,7 @@ def markdown(info: dict, rows: list[dict], args) -> str:
             gt = find(rows, "gpsparse", b["matrix"], b["n"], b["k"], b["method"], None, "tensor") if b["method"] == "cg" else None
             err = f" ({short(b['error'], 60)})" if b["error"] else ""
             out.append(
-                f"| {b['matrix']} | {b['n']:.0e} | {b['k']} | {'linear_cg' if b['method'] == 'cg' else 'minres'} | {fmt(b.get('matvecs_fwd'), 'd')} | "
+                f"| {b['matrix']} | {fmt_n(b['n'])} | {b['k']} | {'linear_cg' if b['method'] == 'cg' else 'minres'} | {fmt(b.get('matvecs_fwd'), 'd')} | "
                 f"{fmt_s(b['fwd_s'])}{err} | {fmt_s(b['fwdbwd_s'])} | {fmt(b['peak_mib'], '.0f')} | "
                 f"{fmt(b['true_relres'], '.1e')} | {its(gp) if gp else '–'} | {fmt_s(gp and gp['fwdbwd_s'])} | {ratio(b['fwd_s'], gp and gp['fwd_s'])} | "
                 f"{ratio(b['fwdbwd_s'], gp and gp['fwdbwd_s'])} | {ratio(b['fwdbwd_s'], gt and gt['fwdbwd_s'])} |"
@@ -706,7 +716,7 @@ def markdown(info: dict, rows: list[dict], args) -> str:
         for t in tens:
             gp = find(rows, "gpsparse", t["matrix"], t["n"], t["k"], "cg", None, "op")
             out.append(
-                f"| {t['matrix']} | {t['n']:.0e} | {t['k']} | {fmt(t.get('convert_s'), '.3g')} | {fmt_s(t['fwd_s'])} | {fmt_s(gp and gp['fwd_s'])} | "
+                f"| {t['matrix']} | {fmt_n(t['n'])} | {t['k']} | {fmt(t.get('convert_s'), '.3g')} | {fmt_s(t['fwd_s'])} | {fmt_s(gp and gp['fwd_s'])} | "
                 f"{fmt_s(t['fwdbwd_s'])} | {fmt_s(gp and gp['fwdbwd_s'])} | {fmt(t['peak_mib'], '.0f')} | {fmt(gp and gp['peak_mib'], '.0f')} |"
             )
 
@@ -729,7 +739,7 @@ def markdown(info: dict, rows: list[dict], args) -> str:
                 failed = [f"{s:g}" for s, good in r["ic0_attempts"] if not good]
                 shift = f"{fmt(r.get('ic0_shift'), 'g')}" + (f" ({', '.join(failed)} broke down)" if failed else "")
             out.append(
-                f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['precond'] or 'none'} | {shift} | {its(r)} | {red} | "
+                f"| {r['matrix']} | {fmt_n(r['n'])} | {r['k']} | {r['precond'] or 'none'} | {shift} | {its(r)} | {red} | "
                 f"{fmt(r.get('per_it_ms'), '.3g')} ({fmt(r.get('per_it_precond_ms'), '.2g')}) | {fmt(r.get('precond_build_s'), '.2g')} | "
                 f"{fmt_s(r['fwd_s'])} | {fmt_s(r['fwdbwd_s'])} | {ratio(none and none['fwdbwd_s'], r['fwdbwd_s'], suffix='× faster')} | "
                 f"{fmt(r['peak_mib'], '.0f')} | {note} |"
@@ -743,6 +753,38 @@ def markdown(info: dict, rows: list[dict], args) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary_table(rows: list[dict]) -> list[str]:
+    """The key numbers: CG without preconditioner against the floor and against torchsparsegradutils."""
+    out = ["\n## Summary: CG without preconditioner\n"]
+    out.append(
+        "per-it / SpMM: forward CG time per iteration over one bare SpMM with the same columns (target ≤ 1.5 on A13); "
+        "speed-up: torchsparsegradutils `linear_cg` fwd+bwd time / gpsparse fwd+bwd time (target ≥ 3 with 16 columns, "
+        "≥ 1 with 1 column); gpsparse on a SparseLinearOperator (pattern built once), in brackets on a torch COO tensor "
+        "converted at every call.\n"
+    )
+    out.append(
+        "| matrix | n | k | its | SpMM ms | per-it ms (SpMM / dense) | per-it / SpMM | gpsparse fwd s | gpsparse fwd+bwd s | tsgu fwd+bwd s | speed-up fwd+bwd | peak MiB gpsparse / tsgu |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if (r["kind"], r["method"], r["precond"], r["path"]) != ("gpsparse", "cg", None, "op") or r["matrix"].endswith("-ill"):
+            continue
+        b = find(rows, "baseline", r["matrix"], r["n"], r["k"], "cg", None, "tsgu")
+        t = find(rows, "gpsparse", r["matrix"], r["n"], r["k"], "cg", None, "tensor")
+        speed = ratio(b and b["fwdbwd_s"], r["fwdbwd_s"])
+        if t and b:
+            speed += f" ({ratio(b['fwdbwd_s'], t['fwdbwd_s'])})"
+        if b and b["error"]:
+            speed = short(b["error"], 40)
+        out.append(
+            f"| {r['matrix']} | {fmt_n(r['n'])} | {r['k']} | {its(r)} | {fmt(r['spmm_ms'], '.3g')} | "
+            f"{fmt(r.get('per_it_ms'), '.3g')} ({fmt(r.get('per_it_spmm_ms'), '.3g')} / {fmt(r.get('per_it_dense_ms'), '.3g')}) | "
+            f"{fmt(r.get('per_it_over_spmm'), '.2f')} | {fmt_s(r['fwd_s'])} | {fmt_s(r['fwdbwd_s'])} | {fmt_s(b and b['fwdbwd_s'])} | "
+            f"{speed} | {fmt(r['peak_mib'], '.0f')} / {fmt(b and b['peak_mib'], '.0f')} |"
+        )
+    return out
+
+
 def its(r):
     if r.get("its_fwd") is None:
         return "–"
@@ -752,13 +794,13 @@ def its(r):
 def row_gp(r):
     if r["error"]:
         return (
-            f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['method']} | {r['precond'] or 'none'} | – | {fmt(r['spmm_ms'], '.3g')} | "
+            f"| {r['matrix']} | {fmt_n(r['n'])} | {r['k']} | {r['method']} | {r['precond'] or 'none'} | – | {fmt(r['spmm_ms'], '.3g')} | "
             f"– | – | – | – | – | {short(r['error'])} |"
         )
     split = f"{fmt(r.get('per_it_spmm_ms'), '.3g')} / {fmt(r.get('per_it_precond_ms'), '.2g')} / {fmt(r.get('per_it_dense_ms'), '.3g')}"
     flag = "" if not r["warnings"] else " ⚠"
     return (
-        f"| {r['matrix']} | {r['n']:.0e} | {r['k']} | {r['method']} | {r['precond'] or 'none'} | {its(r)}{flag} | "
+        f"| {r['matrix']} | {fmt_n(r['n'])} | {r['k']} | {r['method']} | {r['precond'] or 'none'} | {its(r)}{flag} | "
         f"{fmt(r['spmm_ms'], '.3g')} | {fmt(r.get('per_it_ms'), '.3g')} | {fmt(r.get('per_it_over_spmm'), '.2f')} | {split} | "
         f"{fmt_s(r['fwd_s'])} | {fmt_s(r['fwdbwd_s'])} | {fmt(r['peak_mib'], '.0f')} |"
     )
@@ -793,15 +835,25 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="n = 10⁴ only")
     parser.add_argument("--out", default="benchmarks/results/solve", help="output stem: <out>.md and <out>.json")
     parser.add_argument("--skip-baseline-above", type=float, default=1e6, help="run torchsparsegradutils only for n ≤ this")
+    parser.add_argument("--baseline-minres-max-n", type=float, default=1e5, help="run the baseline's minres only for n ≤ this")
     parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--case-timeout", type=float, default=240.0, help="seconds per case (all its repeats)")
+    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds per case (all its repeats)")
     parser.add_argument("--full-grid-max-n", type=float, default=1e5, help="above this n only CG gets jacobi/ic0")
     parser.add_argument("--ill-max-n", type=float, default=1e6, help="largest n of the ill-conditioned cases")
-    parser.add_argument("--ill-max-n-wide", type=float, default=1e5, help="largest n of ill-conditioned cases with k > 1")
+    parser.add_argument("--ill-max-n-wide", type=float, default=1e4, help="largest n of ill-conditioned cases with k > 1")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an earlier run from its .json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker)
+        return
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        md = markdown(saved["info"], saved["rows"], args)
+        with open(os.path.splitext(args.render)[0] + ".md", "w") as f:
+            f.write(md)
+        print(md)
         return
     if args.quick:
         args.sizes = ["1e4"]

@@ -70,32 +70,36 @@ agree along symmetric perturbations only. A caller whose values
 parameterise a symmetric matrix must symmetrise (``½(left rightᵀ + right
 leftᵀ)``, or ``(g[e] + g[eᵀ])/2`` on the pattern).
 
-**Re-orthogonalisation and stability.** The plain adjoint recursion is a
-three-term recurrence driven by ``A``, run backwards, and it is unstable in
-floating point for the same reason as the plain forward recursion: once Ritz
-values converge, rounding errors along the converged Ritz vectors are
-amplified by about ``|θ − α_k|/β_k`` per step, although the exact derivatives
-stay moderate (measured: relative error 1e47 at ``K = n = 40`` on the spectrum
-``[1, 2] ∪ {50, 80, 100, 120}``, where finite differences give derivatives of
-order 1). So with ``reorthogonalize=True`` the adjoint also reverses the
-re-orthogonalisation ``r_k ← (I − Q_k Q_kᵀ) r_k`` (``Q_k = [q₁ … q_k]``). In
-exact arithmetic ``Q_kᵀ r_k = 0`` and ``r_k = β_k q_{k+1}``, so its reverse is ::
+**Re-orthogonalisation and stability: reverse the loop that ran.** In
+exact arithmetic re-orthogonalisation changes nothing, but in floating point
+the adjoint must reverse the computation that actually ran. The adjoint
+recursion is a three-term recurrence driven by ``A``, run backwards; reversing
+a re-orthogonalised forward pass with the plain adjoint amplifies rounding
+errors along converged Ritz vectors by about ``|θ − α_k|/β_k`` per step, and
+so does the opposite mismatch, although the exact derivatives stay moderate.
+Measured on ``∇ Σ vᵀlog(A)v`` by quadrature, spectrum ``[1, 2] ∪ {50, 80,
+100, 120}``, ``n = 40`` (relative error against dense ``eigh``)::
+
+    K                 20        30        40
+    plain → plain     2e-14     1e-14     4e-14   (forward has lost orthogonality: ghost Ritz values)
+    reorth → reorth   1e-14     4e-14     2e-14
+    reorth → plain    1e-9      1e19      1e47
+    plain → reorth    8e-9      3e10      1e34
+
+So with re-orthogonalisation the adjoint also reverses
+``r_k ← (I − Q_k Q_kᵀ) r_k`` (``Q_k = [q₁ … q_k]``). Then ``Q_kᵀ r_k ≈ 0``
+and ``r_k = β_k q_{k+1}``, so its reverse is ::
 
     r̄_k ← (I − Q_k Q_kᵀ) r̄_k        (classical Gram–Schmidt twice, as in the forward pass)
     q̄_j −= (q_jᵀ r̄_k) β_k q_{k+1}   for j ≤ k        (coefficients summed over both passes)
 
 applied to ``r̄_k`` before it is used above (then ``q_kᵀ r̄_k = q_{k−1}ᵀ r̄_k
-= 0``). The projection removes the growing components at every step. The
-``q̄_j`` terms are kept as a ``K × K`` matrix ``C[j, m] = β_m q_jᵀ r̄_m`` per
-column and added when step ``j`` is reversed
+= 0``). The ``q̄_j`` terms are kept as a ``K × (K − 1)`` matrix
+``C[j, m] = β_m q_jᵀ r̄_m`` per column and added when step ``j`` is reversed
 (``q̄_j −= Σ_{m≥j} C[j, m] q_{m+1}``), so no ``n × K`` buffer besides the
-output is needed. This is the derivative of the same map ``(A, v) ↦ (Q, T)``
-(re-orthogonalisation changes nothing in exact arithmetic) computed stably;
-it matches autograd through the re-orthogonalised loop to ~1e-14 and dense
-``eigh`` references to ~1e-14 at ``K = n`` in float64
-(``tests/test_lanczos.py``). With ``reorthogonalize=False`` the adjoint is the
-exact reverse of the plain loop (it matches autograd through it to ~1e-15),
-accurate only while no Ritz value has converged to working precision.
+output is needed. :class:`LanczosDecomposition` records which forward pass
+ran and :func:`lanczos_adjoint` follows it. Both pairs match autograd through
+the same loop to ~1e-15 (``tests/test_lanczos.py``).
 
 Breakdown
 ---------
@@ -150,6 +154,10 @@ class LanczosDecomposition:
     basis : Tensor
         ``(*batch, n, p, K)``: ``basis[..., c, k]`` is ``q_{k+1}`` of column
         ``c`` (orthonormal Krylov vectors); 0 for ``k ≥ steps[..., c]``.
+        From :func:`lanczos` it is a view of a contiguous ``(*batch, p, K,
+        n)`` storage (each column's basis one contiguous ``K × n`` block:
+        ``basis.movedim(-3, -1)`` is contiguous, and
+        ``basis.reshape(*batch, n, p·K)`` is a view with column ``c·K + k``).
     alpha : Tensor
         ``(*batch, p, K)``: diagonal of ``T``; 1 for ``k ≥ steps``.
     beta : Tensor
@@ -160,6 +168,10 @@ class LanczosDecomposition:
     steps : Tensor
         ``(*batch, p)`` int64: valid steps per column, ``1 ≤ steps ≤
         min(K, n)``; below ``K`` after a breakdown.
+    reorthogonalized : bool
+        Whether the forward pass re-orthogonalised (default True).
+        :func:`lanczos_adjoint` reverses the same computation: a mismatched
+        adjoint is unstable (module docstring).
     """
 
     basis: Tensor
@@ -167,6 +179,7 @@ class LanczosDecomposition:
     beta: Tensor
     norm: Tensor
     steps: Tensor
+    reorthogonalized: bool = True
 
     @property
     def num_lanczos(self) -> int:
@@ -287,7 +300,9 @@ def _validate_forward(matvec, v, num_lanczos, breakdown_tol) -> float:
         try:
             tol = float(breakdown_tol)
         except (TypeError, ValueError):
-            raise TypeError(f"breakdown_tol must be None or a real number, got {type(breakdown_tol).__name__}") from None
+            raise TypeError(
+                f"breakdown_tol must be None or a real number, got {type(breakdown_tol).__name__}"
+            ) from None
         if not 0.0 <= tol < 1.0:
             raise ValueError(f"breakdown_tol must be in [0, 1), got {breakdown_tol!r}")
     with torch.no_grad():
@@ -390,7 +405,9 @@ def _lanczos(
     beta_t = torch.stack(betas, dim=-1) if betas else torch.zeros(*columns, 0, dtype=dtype, device=device)
     if differentiable:
         basis = torch.stack(stored, dim=-1)
-    return LanczosDecomposition(basis=basis, alpha=alpha_t, beta=beta_t, norm=norm, steps=steps)
+    return LanczosDecomposition(
+        basis=basis, alpha=alpha_t, beta=beta_t, norm=norm, steps=steps, reorthogonalized=reorthogonalize
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,7 +423,7 @@ def lanczos_adjoint(
     grad_beta: Tensor | None,
     *,
     grad_norm: Tensor | None = None,
-    reorthogonalize: bool = True,
+    reorthogonalize: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Reverse mode of :func:`lanczos`: gradients w.r.t. the start vectors and ``A``.
 
@@ -434,12 +451,12 @@ def lanczos_adjoint(
         padding after a breakdown are ignored (the padding is constant).
     grad_norm : Tensor, optional
         ``∂L/∂norm (*batch, p)``; None means zero.
-    reorthogonalize : bool
-        Also reverse the re-orthogonalisation (module docstring): projects
-        every adjoint vector against the basis, ``O(n·p·k)`` per step, and
-        keeps the recursion stable once Ritz values converge. Pass the value
-        used in the forward pass; ``False`` gives the exact reverse of the
-        plain loop, cheaper but unstable for deep runs.
+    reorthogonalize : bool, optional
+        Whether to reverse the re-orthogonalisation too (module docstring:
+        projects every adjoint vector against the basis, ``O(n·p·k)`` per
+        step). Default: ``decomposition.reorthogonalized``, i.e. reverse the
+        computation that actually ran. Overriding it is for experiments only:
+        a mismatched pair is unstable once Ritz values converge.
 
     Returns
     -------
@@ -448,8 +465,11 @@ def lanczos_adjoint(
     left, right : Tensor
         ``(*batch, n, m)`` with ``m = p·K``: ``∂L/∂A = left @ rightᵀ``,
         ``left[..., c·K + k] = λ_{k+1}`` of column ``c`` and ``right`` the
-        basis reshaped (a view when the basis is contiguous). Sample it at the
-        nonzeros, ``g[e] = Σ_c left[i_e, c]·right[j_e, c]``; never form it.
+        basis reshaped (a view of it, no copy, for a basis from
+        :func:`lanczos`). Both are column-major (``stride(-2) == 1``: each of
+        the ``m`` columns is contiguous, so a sampler can loop over column
+        chunks). Sample the product at the nonzeros,
+        ``g[e] = Σ_c left[i_e, c]·right[j_e, c]``; never form it.
         Only its symmetric part is meaningful (module docstring): for values
         that parameterise a symmetric ``A`` use ``(g[e] + g[eᵀ])/2``.
 
@@ -467,9 +487,11 @@ def lanczos_adjoint(
     K ``matvec`` calls and about 10 passes over ``(n, p)`` blocks per step,
     plus about 6 passes over the ``k`` stored vectors with
     ``reorthogonalize=True`` (``O(n·p·K²)`` in all, as in the forward pass).
-    Memory: ``left`` (``n·p·K``), 4 ``(n, p)`` blocks and ``p·K²`` numbers. A column whose
-    ``β_k`` are tiny but above the breakdown threshold gives large (correct)
-    gradients: the map ``(A, v) ↦ Q`` is then ill-conditioned.
+    Memory: ``left`` (``n·p·K``), 4 ``(n, p)`` blocks and ``p·K²`` numbers
+    (plus one copy of the basis if it does not have :func:`lanczos`' layout).
+    A column whose ``β_k`` are tiny but above the breakdown threshold gives
+    large (correct) gradients: the map ``(A, v) ↦ Q`` is then
+    ill-conditioned.
 
     Examples
     --------
@@ -497,6 +519,8 @@ def lanczos_adjoint(
     grad_beta = _cotangent(grad_beta, "grad_beta", decomposition.beta.shape, ref)
     grad_norm = _cotangent(grad_norm, "grad_norm", decomposition.norm.shape, ref)
     with torch.no_grad():
+        if reorthogonalize is None:
+            reorthogonalize = decomposition.reorthogonalized
         return _adjoint(
             _checked(matvec), decomposition, grad_basis, grad_alpha, grad_beta, grad_norm, bool(reorthogonalize)
         )
@@ -592,7 +616,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 def _coefficients(Qs: Tensor, x: Tensor) -> Tensor:
     """``Q_cᵀ x_c`` for every column ``c``: ``Qs`` ``(*batch, p, k, n)`` (stored basis), ``x`` ``(*batch, n, p)``
     → ``(*batch, p, k)``. A batched GEMV over the contiguous ``k × n`` blocks."""
-    return torch.matmul(Qs, x.mT.unsqueeze(-1)).squeeze(-1)
+    return torch.matmul(Qs, x.mT.contiguous().unsqueeze(-1)).squeeze(-1)
 
 
 def _combine(Qs: Tensor, c: Tensor) -> Tensor:

@@ -353,6 +353,79 @@ class SparseLinearOperator(LinearOperator):
         quad = quad.reshape(*batch, rhs.shape[-1])
         return (quad.sum(-1) if reduce_inv_quad else quad), logdet_term.reshape(batch)
 
+    # ------------------------------------------------------------- Lanczos
+    def _root_decomposition(self) -> Tensor:
+        """Rank-K Lanczos root ``R = Q V Θ^{1/2}`` (``R Rᵀ ≈ A``) from gpsparse's differentiable Lanczos."""
+        return self._lanczos_roots(None)[0][0]
+
+    def _root_inv_decomposition(self, initial_vectors: Tensor | None = None, test_vectors: Tensor | None = None):
+        """Rank-K Lanczos inverse root ``Q V Θ^{-1/2}``; one Lanczos run per initial vector (leading dim) if several."""
+        roots, inv_roots = self._lanczos_roots(initial_vectors)
+        several = initial_vectors is not None and initial_vectors.size(-1) > 1
+        from linear_operator.operators import RootLinearOperator
+        from linear_operator.utils.memoize import add_to_cache
+
+        add_to_cache(self, "root_decomposition", RootLinearOperator(roots if several else roots[0]))
+        return inv_roots if several else inv_roots[0]
+
+    def _lanczos_roots(self, initial_vectors: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Roots and inverse roots ``(p, *batch, n, K)`` from ``K = max_root_decomposition_size`` Lanczos steps."""
+        from gpsparse.funm import lanczos as differentiable_lanczos
+
+        self._require_symmetric("a Lanczos root decomposition")
+        n = self.pattern.size[0]
+        if initial_vectors is None:
+            initial_vectors = torch.randn(*self.batch_shape, n, 1, dtype=self.dtype, device=self.device)
+        elif initial_vectors.dim() == 1:
+            initial_vectors = initial_vectors.unsqueeze(-1)
+        steps = min(self._root_decomposition_size(), n)
+        dec = differentiable_lanczos(
+            self, initial_vectors.expand(*self.batch_shape, n, initial_vectors.shape[-1]), steps, breakdown_tol=_FULL_RANK_TOL
+        )
+        theta, vectors = torch.linalg.eigh(_tridiagonal(dec.alpha, dec.beta))  # (B, p, K), (B, p, K, K)
+        ritz = dec.basis.movedim(-2, -3) @ vectors  # (B, p, n, K)
+        theta = theta.clamp_min(torch.finfo(theta.dtype).tiny)
+        roots, inv_roots = ritz * theta.sqrt().unsqueeze(-2), ritz * theta.rsqrt().unsqueeze(-2)
+        shape = (*self.batch_shape, initial_vectors.shape[-1], n, steps)
+        return tuple(r.reshape(shape).movedim(-3, 0) for r in (roots, inv_roots))
+
+    def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
+        """Samples of ``N(0, A)``: ``A^{1/2} z`` by Lanczos ``f(A)v`` (full rank, accurate to the Lanczos depth).
+
+        Below linear_operator's ``max_cholesky_size`` (within the dense limit)
+        a dense Cholesky root is used, as linear_operator does. Lanczos depth:
+        :func:`gpsparse.settings.logdet_defaults`' ``num_lanczos``.
+        """
+        from gpsparse.funm import funm
+
+        n = self.pattern.size[0]
+        if n <= lo_settings.max_cholesky_size.value() and math.prod(self.shape) <= gs_settings.current().max_dense_size:
+            return super().zero_mean_mvn_samples(num_samples)
+        self._require_symmetric("sampling")
+        base = torch.randn(*self.batch_shape, n, num_samples, dtype=self.dtype, device=self.device)
+        samples = funm(self, base, "sqrt", num_lanczos=gs_settings.current().num_lanczos, reorthogonalize=False)
+        return samples.movedim(-1, 0)
+
+    def sqrt_inv_matmul(self, rhs: Tensor, lhs: Tensor | None = None):
+        r"""``A^{-1/2} R`` (or ``(L A^{-1/2} R, diag(L A⁻¹ Lᵀ))``) by Lanczos ``f(A)v`` with adjoint gradients.
+
+        Replaces linear_operator's contour-integral quadrature. Depth:
+        ``min(n, num_lanczos)`` of :func:`gpsparse.settings.logdet_defaults`
+        (exact when it reaches the Krylov dimension).
+        """
+        from gpsparse.funm import funm
+
+        self._require_symmetric("sqrt_inv_matmul")
+        steps = min(self.pattern.size[0], gs_settings.current().num_lanczos)
+        result = funm(self, rhs, "inv_sqrt", num_lanczos=steps)
+        if lhs is None:
+            return result
+        return lhs @ result, self.inv_quad(lhs.mT, reduce_inv_quad=False)
+
+    def _require_symmetric(self, what: str) -> None:
+        if not self.pattern.symmetric:
+            raise RuntimeError(f"{what} needs a symmetric operator, but this SparseLinearOperator is not symmetric")
+
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int | None = 0):
         """linear_operator's internal solve hook, served by gpsparse's CG (with tridiagonals for SLQ)."""
         batch = _broadcast_batch(self.values, rhs)
@@ -411,6 +484,17 @@ def _tridiag_matrices(info: "krylov.SolverInfo", num_tridiag: int, batch: torch.
     t_mat = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
     t_mat = t_mat.reshape(*batch, num_tridiag, m, m)
     return t_mat.movedim(-3, 0)
+
+
+#: Breakdown tolerance of Lanczos root decompositions, which must span the whole space when
+#: K = n: rounding-level breakdowns (degenerate spectra) continue in a fresh direction.
+_FULL_RANK_TOL = 1e-12
+
+
+def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
+    from gpsparse.quadrature import tridiagonal
+
+    return tridiagonal(alpha, beta)
 
 
 def _broadcast_batch(values: Tensor, rhs: Tensor) -> torch.Size:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["MatrixFunction", "FUNCTIONS", "tridiagonal", "quadrature", "quadrature_with_grad", "rademacher"]
+__all__ = ["MatrixFunction", "FUNCTIONS", "tridiagonal", "quadrature", "quadrature_with_grad", "apply_with_grad", "rademacher"]
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,43 @@ def quadrature_with_grad(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> tupl
     """``q = e₁ᵀ f(T) e₁`` and its gradients ``(∂q/∂alpha, ∂q/∂beta)`` (Daleckii–Krein, see module doc)."""
     theta, vectors = _eig(alpha, beta, f)
     u = vectors[..., 0, :]
-    fvals, fprime = f.value(theta), f.derivative(theta)
+    fvals = f.value(theta)
     value = (u.pow(2) * fvals).sum(-1)
-    diff = theta.unsqueeze(-1) - theta.unsqueeze(-2)
-    close = diff.abs() <= 1e3 * torch.finfo(theta.dtype).eps * theta.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1.0)
-    divided = (fvals.unsqueeze(-1) - fvals.unsqueeze(-2)) / torch.where(close, torch.ones_like(diff), diff)
-    mean_prime = 0.5 * (fprime.unsqueeze(-1) + fprime.unsqueeze(-2))
-    loewner = torch.where(close, mean_prime, divided)
-    grad_t = vectors @ (loewner * (u.unsqueeze(-1) * u.unsqueeze(-2))) @ vectors.mT
+    grad_t = vectors @ (_loewner(theta, fvals, f) * (u.unsqueeze(-1) * u.unsqueeze(-2))) @ vectors.mT
     grad_alpha = torch.diagonal(grad_t, dim1=-2, dim2=-1)
     grad_beta = 2.0 * torch.diagonal(grad_t, offset=1, dim1=-2, dim2=-1)
     return value, grad_alpha, grad_beta
+
+
+def apply_with_grad(alpha: Tensor, beta: Tensor, f: MatrixFunction):
+    """``y = f(T) e₁`` and a closure giving the cotangents of ``(alpha, beta)`` for a cotangent ``w`` of ``y``.
+
+    ``wᵀ f(T) e₁ = tᵀ f(Θ) u`` with ``t = Vᵀw``, ``u = Vᵀe₁``; by
+    Daleckii–Krein its gradient with respect to symmetric ``T`` is
+    ``sym(V (F ∘ t uᵀ) Vᵀ)`` with the Loewner matrix ``F`` (module doc).
+    """
+    theta, vectors = _eig(alpha, beta, f)
+    u = vectors[..., 0, :]
+    fvals = f.value(theta)
+    y = (vectors * (fvals * u).unsqueeze(-2)).sum(-1)
+
+    def vjp(cotangent: Tensor) -> tuple[Tensor, Tensor]:
+        t = (vectors * cotangent.unsqueeze(-1)).sum(-2)
+        grad_t = vectors @ (_loewner(theta, fvals, f) * (t.unsqueeze(-1) * u.unsqueeze(-2))) @ vectors.mT
+        grad_t = 0.5 * (grad_t + grad_t.mT)
+        return torch.diagonal(grad_t, dim1=-2, dim2=-1), 2.0 * torch.diagonal(grad_t, offset=1, dim1=-2, dim2=-1)
+
+    return y, vjp
+
+
+def _loewner(theta: Tensor, fvals: Tensor, f: MatrixFunction) -> Tensor:
+    """Divided differences ``(f(θ_i) − f(θ_j))/(θ_i − θ_j)``, ``f'`` where eigenvalues (nearly) coincide."""
+    fprime = f.derivative(theta)
+    diff = theta.unsqueeze(-1) - theta.unsqueeze(-2)
+    scale = theta.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1.0)
+    close = diff.abs() <= 1e3 * torch.finfo(theta.dtype).eps * scale
+    divided = (fvals.unsqueeze(-1) - fvals.unsqueeze(-2)) / torch.where(close, torch.ones_like(diff), diff)
+    return torch.where(close, 0.5 * (fprime.unsqueeze(-1) + fprime.unsqueeze(-2)), divided)
 
 
 def rademacher(shape: tuple[int, ...], *, generator: torch.Generator | None, dtype: torch.dtype, device) -> Tensor:

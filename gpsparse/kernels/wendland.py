@@ -1,0 +1,381 @@
+r"""The compactly supported Wendland covariance φ₃,₁ as a sparse GPyTorch kernel.
+
+An adapter (DESIGN.md §1): the neighbour search is :mod:`gpsparse.neighbors`,
+the matrix is a :class:`~gpsparse.SparseLinearOperator`; this module only
+validates inputs, caches the sparsity pattern and computes the stored values.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from gpytorch.constraints import Interval, Positive
+from gpytorch.kernels import Kernel
+from gpytorch.priors import Prior
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from gpsparse.neighbors import radius_pairs
+from gpsparse.operator import SparseLinearOperator
+from gpsparse.pattern import SparsityPattern
+
+__all__ = ["WendlandKernel", "wendland_phi31"]
+
+#: φ₃,₁ is positive definite on ℝ^d for d ≤ 3 only (Wendland 1995).
+_MAX_DIMS = 3
+
+
+class _WendlandOfSquare(torch.autograd.Function):
+    r"""``ψ(q) = φ₃,₁(√q) = (1 − √q)₊⁴ (4√q + 1)`` with ``ψ'(q) = −10 (1 − √q)₊³``.
+
+    Written in the squared scaled distance ``q = r²/ρ²`` so that the
+    derivative is finite at ``q = 0`` (a plain ``sqrt`` would give ``0·∞``
+    there) and exactly zero for ``q ≥ 1``. Saves one ``(*, nnz)`` tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor) -> Tensor:
+        s = q.clamp_min(0).sqrt()
+        u = (1 - s).clamp_min(0)
+        ctx.save_for_backward(u)
+        u2 = u * u
+        return u2 * u2 * (4 * s + 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (u,) = ctx.saved_tensors
+        return grad * (-10 * u * u * u)
+
+
+def wendland_phi31(r: Tensor) -> Tensor:
+    r"""Wendland's φ₃,₁(r) = (1 − r)₊⁴ (4r + 1) for scaled distances ``r ≥ 0`` (differentiable).
+
+    Positive definite on ℝ^d for d ≤ 3, twice continuously differentiable,
+    ``φ(0) = 1`` and ``φ(r) = 0`` for ``r ≥ 1``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> wendland_phi31(torch.tensor([0.0, 0.5, 1.0, 2.0]))
+    tensor([1.0000, 0.1875, 0.0000, 0.0000])
+    """
+    return _WendlandOfSquare.apply(r * r)
+
+
+@dataclass
+class _PatternEntry:
+    """One cached pattern: the inputs it was built for, its search radius and the squared distances."""
+
+    x1: Tensor  # detached copies of the inputs (x2 is None when symmetric)
+    x2: Tensor | None
+    x1_ref: weakref.ref
+    x2_ref: weakref.ref | None
+    x1_version: int
+    x2_version: int
+    search_radius: Tensor  # (q,) per-dimension (q = 1: isotropic)
+    pattern: SparsityPattern
+    squared: Tensor  # (*xbatch, nnz) squared distances, or (*xbatch, nnz, d) squared differences (ARD)
+
+
+class WendlandKernel(Kernel):
+    r"""Compactly supported Wendland covariance φ₃,₁ returning a sparse operator.
+
+    .. math::
+        k(x, x') = (1 - r)_+^4 (4 r + 1), \qquad r = \lVert x - x' \rVert / \rho,
+
+    positive definite for inputs of dimension ``d ≤ 3`` (Wendland, 1995) and
+    exactly zero beyond the support radius ``ρ``. With ``ard_num_dims = d``
+    every dimension has its own radius, ``r² = Σ_k (x_k − x'_k)² / ρ_k²``
+    (an axis-aligned ellipsoidal support; still positive definite).
+
+    ``forward`` returns a :class:`~gpsparse.SparseLinearOperator` whose
+    pattern holds every pair within the current radius, found by a grid
+    neighbour search (:func:`gpsparse.neighbors.radius_pairs`, O(n · neighbours),
+    never an ``n × m`` distance matrix), and whose values are a differentiable
+    function of ``ρ`` (and of the inputs when they require grad). For
+    ``x1 is x2`` (or equal tensors) the pattern is declared symmetric and
+    stores the whole diagonal; otherwise it is rectangular.
+
+    Parameters
+    ----------
+    radius_prior : gpytorch.priors.Prior, optional
+        Prior on ``radius``.
+    radius_constraint : gpytorch.constraints.Interval, optional
+        Constraint on ``radius`` (default ``Positive()``).
+    ard_num_dims : int, optional
+        One radius per input dimension (1 to 3).
+    batch_shape : torch.Size, optional
+        Batch of independent radii ``(*batch_shape, 1, 1 or ard_num_dims)``;
+        the values carry the batch, all members share one pattern (built for
+        the largest radius).
+    search_margin : float
+        The pattern is searched with radius ``search_margin · ρ`` (default
+        1.1); entries with ``r ≥ 1`` are stored as explicit zeros (value and
+        gradient exactly 0), so the pattern stays valid while ``ρ`` moves.
+    max_search_ratio : float
+        Rebuild the pattern when ``ρ`` has shrunk so far that the search
+        radius exceeds ``max_search_ratio · ρ`` (default 1.5; bounds the
+        stored zeros).
+    max_nnz : int, optional
+        Raise ``RuntimeError`` instead of building a pattern with more stored
+        entries (a radius grown large makes the matrix nearly dense).
+    pattern_cache_size : int
+        Number of patterns kept (default 2: training inputs and one more,
+        e.g. the train+test inputs of a prediction).
+    **kwargs
+        ``active_dims`` etc., as for :class:`gpytorch.kernels.Kernel`.
+
+    Notes
+    -----
+    *Pattern cache.* A pattern is reused when the inputs are the same
+    (identity and in-place version, else ``torch.equal`` against a stored
+    copy: O(n·d)) and the current radius ``ρ`` (the largest over the batch,
+    per dimension) satisfies ``R / max_search_ratio ≤ ρ ≤ R`` for the cached
+    search radius ``R``; otherwise it is rebuilt with ``R = search_margin · ρ``.
+    The squared distances at the stored entries are cached with it, so a
+    cache hit costs O(nnz) elementwise work; ``num_pattern_builds`` counts
+    rebuilds. Inputs that require grad get their distances recomputed
+    differentiably at every call.
+
+    *Batches of inputs.* Inputs with batch dimensions that differ between
+    batch members get the union of the members' patterns.
+
+    ``diag=True`` returns the dense ``(*batch, n)`` tensor ``k(x1_i, x2_i)``.
+    ``last_dim_is_batch`` is not supported.
+
+    Raises
+    ------
+    ValueError
+        Inputs of dimension > 3, inputs with NaN or Inf, ``x1`` and ``x2``
+        with different dimensions, a dimension different from
+        ``ard_num_dims``.
+    NotImplementedError
+        ``last_dim_is_batch=True``.
+
+    Examples
+    --------
+    >>> import torch, gpytorch
+    >>> from gpsparse.kernels import WendlandKernel
+    >>> kernel = WendlandKernel()
+    >>> kernel.radius = 0.1
+    >>> x = torch.rand(1000, 2)
+    >>> K = kernel(x).evaluate_kernel()           # a SparseLinearOperator, ~30 entries per row
+    >>> K.shape
+    torch.Size([1000, 1000])
+    >>> covar = gpytorch.kernels.ScaleKernel(kernel)  # scaling keeps the sparse type
+    """
+
+    is_stationary = True
+
+    def __init__(
+        self,
+        radius_prior: Prior | None = None,
+        radius_constraint: Interval | None = None,
+        *,
+        ard_num_dims: int | None = None,
+        batch_shape: torch.Size | None = None,
+        search_margin: float = 1.1,
+        max_search_ratio: float = 1.5,
+        max_nnz: int | None = None,
+        pattern_cache_size: int = 2,
+        **kwargs,
+    ):
+        if ard_num_dims is not None and not 1 <= int(ard_num_dims) <= _MAX_DIMS:
+            raise ValueError(
+                f"WendlandKernel (φ₃,₁) is positive definite only for inputs of dimension ≤ {_MAX_DIMS}; "
+                f"got ard_num_dims={ard_num_dims}"
+            )
+        if not search_margin >= 1:
+            raise ValueError(f"search_margin must be ≥ 1, got {search_margin}")
+        if not max_search_ratio >= search_margin:
+            raise ValueError(f"max_search_ratio must be ≥ search_margin = {search_margin}, got {max_search_ratio}")
+        if int(pattern_cache_size) < 1:
+            raise ValueError(f"pattern_cache_size must be a positive integer, got {pattern_cache_size}")
+        super().__init__(ard_num_dims=ard_num_dims, batch_shape=batch_shape, **kwargs)
+        self.search_margin = float(search_margin)
+        self.max_search_ratio = float(max_search_ratio)
+        self.max_nnz = max_nnz
+        self.pattern_cache_size = int(pattern_cache_size)
+        num_radii = 1 if ard_num_dims is None else int(ard_num_dims)
+        self.register_parameter("raw_radius", torch.nn.Parameter(torch.zeros(*self.batch_shape, 1, num_radii)))
+        if radius_constraint is None:
+            radius_constraint = Positive()
+        self.register_constraint("raw_radius", radius_constraint)
+        if radius_prior is not None:
+            if not isinstance(radius_prior, Prior):
+                raise TypeError(f"Expected gpytorch.priors.Prior but got {type(radius_prior).__name__}")
+            self.register_prior("radius_prior", radius_prior, self._radius_param, self._radius_closure)
+        self._pattern_cache: list[_PatternEntry] = []
+        self.num_pattern_builds = 0
+
+    # ------------------------------------------------------------ radius
+    @property
+    def radius(self) -> Tensor:
+        """Support radius ``ρ``, shape ``(*batch_shape, 1, 1 or ard_num_dims)``."""
+        return self.raw_radius_constraint.transform(self.raw_radius)
+
+    @radius.setter
+    def radius(self, value) -> None:
+        self._set_radius(value)
+
+    def _set_radius(self, value) -> None:
+        if not torch.is_tensor(value):
+            value = torch.as_tensor(value).to(self.raw_radius)
+        self.initialize(raw_radius=self.raw_radius_constraint.inverse_transform(value))
+
+    def _radius_param(self, m: "WendlandKernel") -> Tensor:
+        return m.radius
+
+    def _radius_closure(self, m: "WendlandKernel", v: Tensor) -> None:
+        m._set_radius(v)
+
+    # ----------------------------------------------------------- forward
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
+        if last_dim_is_batch:
+            raise NotImplementedError(
+                "WendlandKernel does not support last_dim_is_batch (deprecated in GPyTorch): it would need one "
+                "sparsity pattern per input dimension; add one WendlandKernel(active_dims=[k]) per dimension instead"
+            )
+        symmetric = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
+        self._check_inputs(x1, x2)
+        radius = self.radius
+        if diag:
+            q = (((x1 - x2) / radius) ** 2).sum(-1)
+            return _WendlandOfSquare.apply(q)
+        entry = self._pattern_entry(x1, x2, symmetric, radius.detach())
+        values = _WendlandOfSquare.apply(self._scaled_squares(x1, x2, entry, radius))
+        return SparseLinearOperator(values, pattern=entry.pattern)
+
+    def _check_inputs(self, x1: Tensor, x2: Tensor) -> None:
+        for name, x in (("x1", x1), ("x2", x2)):
+            if x.dim() < 2:
+                raise ValueError(f"WendlandKernel expects inputs of shape (..., n, d), got {name} of shape {tuple(x.shape)}")
+        d = x1.shape[-1]
+        if x2.shape[-1] != d:
+            raise ValueError(f"x1 and x2 must have the same number of dimensions, got {d} and {x2.shape[-1]}")
+        if d > _MAX_DIMS:
+            raise ValueError(
+                f"WendlandKernel (φ₃,₁) is positive definite only for inputs of dimension ≤ {_MAX_DIMS}; got d={d}"
+            )
+        if self.ard_num_dims is not None and self.ard_num_dims != d:
+            raise ValueError(f"WendlandKernel was built with ard_num_dims={self.ard_num_dims} but got inputs of dimension {d}")
+        try:
+            torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"batch shapes of x1 {tuple(x1.shape[:-2])}, x2 {tuple(x2.shape[:-2])} and the kernel "
+                f"{tuple(self.batch_shape)} do not broadcast"
+            ) from None
+        for name, x in (("x1", x1), ("x2", x2)):
+            if x.numel() and not bool(torch.isfinite(x.detach()).all()):
+                bad = "NaN" if bool(torch.isnan(x.detach()).any()) else "Inf"
+                raise ValueError(f"WendlandKernel inputs contain {bad} ({name})")
+
+    def _scaled_squares(self, x1: Tensor, x2: Tensor, entry: _PatternEntry, radius: Tensor) -> Tensor:
+        """``q = r²/ρ²`` at the stored entries, ``(*batch, nnz)``; differentiable in ``ρ`` (and in x if needed)."""
+        if torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
+            row, col = entry.pattern.row, entry.pattern.col_long
+            diff = x1[..., row, :] - x2[..., col, :]
+            return ((diff / radius) ** 2).sum(-1)
+        dtype = torch.promote_types(entry.squared.dtype, radius.dtype)
+        squared, radius = entry.squared.to(dtype), radius.to(dtype)
+        if radius.shape[-1] == 1:
+            return squared / (radius[..., 0] ** 2)
+        return (squared @ radius.pow(-2).transpose(-1, -2)).squeeze(-1)
+
+    # ------------------------------------------------------ pattern cache
+    def _pattern_entry(self, x1: Tensor, x2: Tensor, symmetric: bool, radius: Tensor) -> _PatternEntry:
+        """The cached pattern for these inputs and radius, rebuilt when needed (see class notes)."""
+        needed = radius.reshape(-1, radius.shape[-1]).amax(0)  # (q,) largest radius over the batch
+        for k, entry in enumerate(self._pattern_cache):
+            if not _same_inputs(entry, x1, None if symmetric else x2):
+                continue
+            reach = entry.search_radius.to(needed)
+            if bool((needed <= reach).all()) and bool((reach <= self.max_search_ratio * needed).all()):
+                self._pattern_cache.insert(0, self._pattern_cache.pop(k))
+                return entry
+            del self._pattern_cache[k]
+            break
+        entry = self._build_entry(x1, x2, symmetric, self.search_margin * needed)
+        self._pattern_cache.insert(0, entry)
+        del self._pattern_cache[self.pattern_cache_size :]
+        return entry
+
+    def _build_entry(self, x1: Tensor, x2: Tensor, symmetric: bool, search_radius: Tensor) -> _PatternEntry:
+        self.num_pattern_builds += 1
+        x1d = x1.detach()
+        x2d = x1d if symmetric else x2.detach()
+        n1, n2 = x1d.shape[-2], x2d.shape[-2]
+        batch = torch.broadcast_shapes(x1d.shape[:-2], x2d.shape[:-2])
+        members1 = _distinct_members(x1d.expand(*batch, *x1d.shape[-2:]))
+        members2 = members1 if symmetric else _distinct_members(x2d.expand(*batch, *x2d.shape[-2:]))
+        if len(members1) > 1 and len(members2) == 1:
+            members2 = members2 * len(members1)
+        elif len(members2) > 1 and len(members1) == 1:
+            members1 = members1 * len(members2)
+        pairs = [
+            radius_pairs(a, None if symmetric else b, radius=search_radius, max_pairs=self.max_nnz)
+            for a, b in zip(members1, members2)
+        ]
+        if len(pairs) == 1:
+            row, col = pairs[0]
+        else:  # batch members differ: the union of their patterns
+            keys = torch.unique(torch.cat([r * n2 + c for r, c in pairs]))
+            row, col = keys // n2, keys % n2
+        if self.max_nnz is not None and row.numel() > self.max_nnz:
+            raise RuntimeError(f"the Wendland pattern would store {row.numel():,} entries, above max_nnz = {self.max_nnz:,}")
+        pattern, _ = SparsityPattern.from_indices(row, col, (n1, n2), symmetric=symmetric)
+        row, col = pattern.row, pattern.col_long
+        if search_radius.numel() == 1:
+            squared = sum((x1d[..., row, k] - x2d[..., col, k]) ** 2 for k in range(x1d.shape[-1]))
+        else:
+            squared = (x1d[..., row, :] - x2d[..., col, :]) ** 2
+        return _PatternEntry(
+            x1=x1d.clone(),
+            x2=None if symmetric else x2d.clone(),
+            x1_ref=weakref.ref(x1),
+            x2_ref=None if symmetric else weakref.ref(x2),
+            x1_version=_version(x1),
+            x2_version=_version(x2),
+            search_radius=search_radius.detach().clone(),
+            pattern=pattern,
+            squared=squared,
+        )
+
+    def clear_pattern_cache(self) -> None:
+        """Drop every cached pattern (the next call rebuilds)."""
+        self._pattern_cache.clear()
+
+
+def _same_inputs(entry: _PatternEntry, x1: Tensor, x2: Tensor | None) -> bool:
+    """Whether ``(x1, x2)`` (``x2 = None``: symmetric) are the inputs the entry was built for."""
+    if (x2 is None) != (entry.x2 is None):
+        return False
+    if not _same_tensor(entry.x1_ref, entry.x1_version, entry.x1, x1):
+        return False
+    return x2 is None or _same_tensor(entry.x2_ref, entry.x2_version, entry.x2, x2)
+
+
+def _version(x: Tensor) -> int:
+    """The in-place version counter of ``x`` (``-1`` for inference tensors, which have none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return -1
+
+
+def _same_tensor(ref: weakref.ref, version: int, copy: Tensor, x: Tensor) -> bool:
+    if version >= 0 and ref() is x and _version(x) == version:
+        return True
+    return x.shape == copy.shape and x.dtype == copy.dtype and x.device == copy.device and torch.equal(x.detach(), copy)
+
+
+def _distinct_members(x: Tensor) -> list[Tensor]:
+    """The ``(n, d)`` batch members of ``(*batch, n, d)``; one if they are all equal."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    if flat.shape[0] == 1 or torch.equal(flat, flat[:1].expand_as(flat)):
+        return [flat[0]]
+    return list(flat.unbind(0))
