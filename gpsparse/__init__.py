@@ -10,6 +10,10 @@ SparsityPattern
     The shared, non-differentiable CSR structure of sparse operators.
 cg, minres, bicgstab, SolverInfo
     Krylov cores on a matvec closure.
+logdet
+    Stochastic Lanczos quadrature log-determinant with adjoint or Hutchinson gradients.
+lanczos, funm
+    Differentiable Lanczos decomposition and f(A)v (sqrt, inv_sqrt, log, exp, inv) with adjoint gradients.
 JacobiPreconditioner, IncompleteCholeskyPreconditioner, Preconditioner
     Preconditioners with split factors and log-determinants.
 settings
@@ -25,7 +29,9 @@ from gpsparse.errors import (
     NotPositiveDefiniteError,
     SolverBreakdownError,
 )
+from gpsparse.funm import funm, lanczos
 from gpsparse.krylov import SolverInfo, bicgstab, cg, minres
+from gpsparse.logdet import logdet
 from gpsparse.operator import SparseLinearOperator
 from gpsparse.pattern import SparsityPattern
 from gpsparse.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
@@ -35,6 +41,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve",
+    "logdet",
+    "lanczos",
+    "funm",
     "SparseLinearOperator",
     "SparsityPattern",
     "cg",

@@ -28,8 +28,8 @@ from gpsparse.pattern import SparsityPattern
 from gpsparse.quadrature import FUNCTIONS, apply_with_grad
 from gpsparse.solver_config import buffered_matvec
 from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
-from gpsparse.lanczos import LanczosDecomposition, lanczos_adjoint
-from gpsparse.lanczos import lanczos as lanczos_core
+from gpsparse.tridiag import LanczosDecomposition, lanczos_adjoint
+from gpsparse.tridiag import lanczos as lanczos_core
 
 __all__ = ["lanczos", "funm", "LanczosFunction", "FunmFunction"]
 
@@ -142,7 +142,7 @@ def lanczos(
     --------
     >>> import torch, gpsparse
     >>> A = torch.sparse_coo_tensor(torch.tensor([[0, 1], [0, 1]]), torch.tensor([2.0, 3.0]), (2, 2))
-    >>> dec = gpsparse.lanczos(A, torch.ones(2), 2)
+    >>> dec = gpsparse.tridiag(A, torch.ones(2), 2)
     >>> dec.alpha.shape
     torch.Size([1, 1, 2])
     """

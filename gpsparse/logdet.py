@@ -14,7 +14,7 @@ Two gradients with respect to the stored values:
 
 * ``"adjoint"`` — the exact gradient of the estimate above: the quadrature
   gives cotangents on ``(α, β)`` (Daleckii–Krein, :mod:`gpsparse.quadrature`),
-  the Lanczos adjoint (:func:`gpsparse.lanczos.lanczos_adjoint`, Krämer et al.
+  the Lanczos adjoint (:func:`gpsparse.tridiag.lanczos_adjoint`, Krämer et al.
   2024) turns them into ``∂/∂Ã = Σ_k λ_k q_kᵀ``, and
   ``∂/∂a[e] = Σ_k (C⁻ᵀλ_k)[i_e] (C⁻ᵀq_k)[j_e]`` is a sampled product at the
   nonzeros. With fixed probes the estimate is a smooth deterministic
@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from gpsparse import krylov
-from gpsparse.lanczos import lanczos, lanczos_adjoint
+from gpsparse.tridiag import lanczos, lanczos_adjoint
 from gpsparse.pattern import SparsityPattern
 from gpsparse.preconditioners import Preconditioner
 from gpsparse.errors import NotPositiveDefiniteError

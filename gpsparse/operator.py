@@ -487,8 +487,9 @@ def _tridiag_matrices(info: "krylov.SolverInfo", num_tridiag: int, batch: torch.
 
 
 #: Breakdown tolerance of Lanczos root decompositions, which must span the whole space when
-#: K = n: rounding-level breakdowns (degenerate spectra) continue in a fresh direction.
-_FULL_RANK_TOL = 1e-12
+#: K = n: only an exactly zero β stops a run, so rounding-level breakdowns (degenerate spectra)
+#: continue in a fresh, re-orthogonalised direction.
+_FULL_RANK_TOL = 0.0
 
 
 def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:

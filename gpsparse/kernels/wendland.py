@@ -222,8 +222,7 @@ class WendlandKernel(Kernel):
         self._set_radius(value)
 
     def _set_radius(self, value) -> None:
-        if not torch.is_tensor(value):
-            value = torch.as_tensor(value).to(self.raw_radius)
+        value = torch.as_tensor(value, dtype=self.raw_radius.dtype, device=self.raw_radius.device)
         self.initialize(raw_radius=self.raw_radius_constraint.inverse_transform(value))
 
     def _radius_param(self, m: "WendlandKernel") -> Tensor:
