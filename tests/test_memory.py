@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import json, resource, torch, gpsparse
@@ -41,3 +43,39 @@ def test_solve_backward_at_quarter_million_under_2gb():
     assert report["grad_shape"] == [report["nnz"]]  # one number per stored nonzero
     assert report["bgrad"] == [250_000, 4]
     assert report["peak_mib"] < 2048, report
+
+
+LOGDET_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, time, torch, gpsparse
+    from gpsparse import SparseLinearOperator
+    from matrices import lattice_precision_13pt, scipy_to_torch
+
+    torch.manual_seed(0)
+    A = scipy_to_torch(lattice_precision_13pt(500, kappa=0.5, noise=1.0))   # n = 250 000, 13 nnz/row
+    values = A.values().clone().requires_grad_(True)
+    op = SparseLinearOperator.from_tensor(torch.sparse_coo_tensor(A.indices(), values, A.shape))
+    y = torch.randn(A.shape[0], 1, dtype=torch.float64)
+    start = time.perf_counter()
+    with gpsparse.settings.logdet_defaults(gradient=sys.argv[1], num_probes=8, num_lanczos=32):
+        quad, logdet = op.inv_quad_logdet(inv_quad_rhs=y, logdet=True)
+    (quad + logdet).backward()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"grad_shape": list(values.grad.shape), "nnz": values.numel(), "peak_mib": peak_kib / 1024,
+                      "seconds": time.perf_counter() - start, "finite": bool(torch.isfinite(values.grad).all())}))
+    """
+)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "hutchinson"])
+def test_inv_quad_logdet_backward_at_quarter_million_under_3gb(gradient):
+    out = subprocess.run(
+        [sys.executable, "-c", LOGDET_SCRIPT, gradient],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=__file__.rsplit("/", 1)[0],
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["grad_shape"] == [report["nnz"]] and report["finite"]
+    assert report["peak_mib"] < 3072, report
