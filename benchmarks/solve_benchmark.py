@@ -382,7 +382,7 @@ def worker_group(spec: dict) -> None:
     signal.signal(signal.SIGALRM, _alarm)
 
     for index, case in enumerate(spec["cases"]):
-        result = {"spmm_floor": spmm_floor(A_plain, n, k), "runs": [], "loadavg": os.getloadavg()}
+        result = {"spmm_floor": spmm_floor(A_plain, n, k), "runs": [], "loadavg": os.getloadavg(), "gpsparse_file": gpsparse.__file__}
         caught: list[str] = []
         kind, method, precond, path = case["kind"], case["method"], case["precond"], case["path"]
         if path == "tensor" and coo_index is None:
@@ -484,9 +484,11 @@ def machine_info(threads: int) -> dict:
         except metadata.PackageNotFoundError:
             versions[mod] = "not installed"
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
+        import importlib.util
+
+        repo = os.path.dirname(importlib.util.find_spec("gpsparse").submodule_search_locations[0])
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except (OSError, AttributeError):
         commit = "?"
     return {
         "cpu": model,
@@ -558,9 +560,40 @@ def summarise(case: dict, raw: dict) -> dict:
     return row
 
 
-def run_group(script: str, group: dict, threads: int, on_result) -> None:
+def snapshot_library(cache: str) -> dict:
+    """Copy the gpsparse package into ``cache`` so that every worker of this run imports the same code.
+
+    The repository is edited while benchmarks run; without a snapshot, workers started later
+    would import whatever state the files are in then (or fail mid-edit).
+    """
+    import hashlib
+    import importlib.util
+
+    source = importlib.util.find_spec("gpsparse").submodule_search_locations[0]
+    target = os.path.join(cache, "snapshot")
+    shutil.copytree(source, os.path.join(target, "gpsparse"), ignore=shutil.ignore_patterns("__pycache__"))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(os.path.join(target, "gpsparse"))):
+        path = os.path.join(target, "gpsparse", name)
+        if name.endswith(".py"):
+            with open(path, "rb") as f:
+                digest.update(name.encode() + f.read())
+    repo = os.path.dirname(source)
+    try:
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "--", "gpsparse"], capture_output=True, text=True
+        ).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except OSError:
+        dirty = []
+    return {"path": target, "source": source, "sha256": digest.hexdigest()[:12], "uncommitted": dirty}
+
+
+def run_group(script: str, group: dict, threads: int, on_result, pythonpath: str | None = None) -> None:
     """Run one worker process for a group of cases; ``on_result(index, raw)`` for every case."""
     env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     env["PYTHONWARNINGS"] = "ignore::UserWarning"
@@ -651,7 +684,8 @@ def markdown(info: dict, rows: list[dict], args) -> str:
     out.append(
         f"* machine: {info['cpu']}, {info['cores']} cores; torch {v['torch']} (CPU), Python {v['python']}, "
         f"gpsparse {v['gpsparse']} (git {info['git_commit']}), torchsparsegradutils {v['torchsparsegradutils']}, numba {v['numba']}\n"
-        f"* torch threads: **{info['threads']}** (`torch.set_num_threads`, OMP/MKL_NUM_THREADS); one worker process per (matrix, n, k)\n"
+        + snapshot_line(info)
+        + f"* torch threads: **{info['threads']}** (`torch.set_num_threads`, OMP/MKL_NUM_THREADS); one worker process per (matrix, n, k)\n"
         f"* date: {info['date']}; load average at start {la0[0]:.2f} / {la0[1]:.2f} / {la0[2]:.2f}, "
         f"at end {fmt(la1[0], '.2f')} / {fmt(la1[1], '.2f')} / {fmt(la1[2], '.2f')} (other jobs shared the 2 cores); wall time {info.get('wall_s', 0):.0f} s\n"
         f"* command: `{info.get('command', '')}`\n"
@@ -751,6 +785,14 @@ def markdown(info: dict, rows: list[dict], args) -> str:
             msg = r["error"] or "; ".join(r["warnings"])
             out.append(f"* {r['kind']} {r['matrix']} n={r['n']} k={r['k']} {r['method']} {r['precond']} {r['path']}: {short(msg, 300)}")
     return "\n".join(out) + "\n"
+
+
+def snapshot_line(info: dict) -> str:
+    snap = info.get("library_snapshot")
+    if not snap:
+        return ""
+    dirty = f"; uncommitted changes in {', '.join(snap['uncommitted'])}" if snap["uncommitted"] else ""
+    return f"* gpsparse code: snapshot {snap['sha256']} (sha256 of its .py files) taken at the start of the run from git {info['git_commit']}{dirty}\n"
 
 
 def summary_table(rows: list[dict]) -> list[str]:
@@ -870,6 +912,14 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     rows, raws = [], []
     try:
+        snapshot = snapshot_library(cache)
+        info["library_snapshot"] = {k: v for k, v in snapshot.items() if k != "path"}
+        print(
+            f"# gpsparse snapshot {snapshot['sha256']} of {snapshot['source']} (git {info['git_commit']}"
+            + (f", uncommitted: {', '.join(snapshot['uncommitted'])}" if snapshot["uncommitted"] else "")
+            + ")",
+            flush=True,
+        )
         groups = build_groups(args, cache)
         for group in groups:
             cached_matrix(cache, group["matrix"], group["m"])
@@ -906,7 +956,7 @@ def main(argv=None) -> None:
                     line += f"  ic0 shift {row.get('ic0_shift')}"
                 print(line, flush=True)
 
-            run_group(script, group, args.threads, on_result)
+            run_group(script, group, args.threads, on_result, pythonpath=snapshot["path"])
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     info["wall_s"] = time.perf_counter() - t_start

@@ -143,7 +143,9 @@ def save_figure(folder: Path, truth, observed, restored) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     cmap = plt.get_cmap("gray").copy()
     cmap.set_bad("tab:red")
-    for ax, img, title in zip(axes, (observed, restored, truth), ("observed (red: hidden)", "GMRF posterior mean", "truth")):
+    for ax, img, title in zip(
+        axes, (observed, restored, truth), ("observed (red: hidden)", "GMRF posterior mean", "truth")
+    ):
         ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
         ax.set_title(title)
         ax.axis("off")

@@ -14,7 +14,7 @@ gradient of broadcast values is summed back by autograd.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -43,7 +43,9 @@ def flatten_operands(values: Tensor, rhs: Tensor, n: int) -> tuple[Tensor, Tenso
     try:
         batch = torch.broadcast_shapes(vbatch, rbatch)
     except RuntimeError as err:
-        raise ValueError(f"batch shapes {tuple(vbatch)} (matrix) and {tuple(rbatch)} (right-hand side) do not broadcast") from err
+        raise ValueError(
+            f"batch shapes {tuple(vbatch)} (matrix) and {tuple(rbatch)} (right-hand side) do not broadcast"
+        ) from err
     k = rhs.shape[-1]
     if values.dim() == 1 or vbatch.numel() == 1:
         return _fold_columns(values.reshape(1, -1), rhs, batch, k, vector)

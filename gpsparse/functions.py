@@ -116,4 +116,3 @@ class SparseInvQuad(Function):
         grad_values = _values_grad(ctx.pattern, weighted, solution, -1.0) if ctx.needs_input_grad[0] else None
         grad_rhs = 2.0 * weighted if ctx.needs_input_grad[1] else None
         return grad_values, grad_rhs, None, None
-

@@ -26,7 +26,6 @@ from torch.autograd import Function
 
 from gpsparse.pattern import SparsityPattern
 from gpsparse.quadrature import FUNCTIONS, apply_with_grad
-from gpsparse.solver_config import buffered_matvec
 from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
 from gpsparse.tridiag import LanczosDecomposition, lanczos_adjoint
 from gpsparse.tridiag import lanczos as lanczos_core
@@ -47,7 +46,9 @@ class LanczosFunction(Function):
     """``(basis, alpha, beta)`` of the Lanczos decomposition, differentiable in ``values`` and ``v``."""
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, v: Tensor, pattern: SparsityPattern, num_lanczos: int, reorthogonalize: bool, tol):
+    def forward(
+        ctx: Any, values: Tensor, v: Tensor, pattern: SparsityPattern, num_lanczos: int, reorthogonalize: bool, tol
+    ):
         dec = lanczos_core(_matvec(values, pattern), v, num_lanczos, reorthogonalize=reorthogonalize, breakdown_tol=tol)
         ctx.pattern, ctx.dec = pattern, dec
         ctx.save_for_backward(values)
@@ -69,7 +70,14 @@ class FunmFunction(Function):
 
     @staticmethod
     def forward(
-        ctx: Any, values: Tensor, v: Tensor, pattern: SparsityPattern, num_lanczos: int, name: str, reorthogonalize: bool, tol
+        ctx: Any,
+        values: Tensor,
+        v: Tensor,
+        pattern: SparsityPattern,
+        num_lanczos: int,
+        name: str,
+        reorthogonalize: bool,
+        tol,
     ):
         f = FUNCTIONS[name]
         dec = lanczos_core(_matvec(values, pattern), v, num_lanczos, reorthogonalize=reorthogonalize, breakdown_tol=tol)
@@ -142,7 +150,7 @@ def lanczos(
     --------
     >>> import torch, gpsparse
     >>> A = torch.sparse_coo_tensor(torch.tensor([[0, 1], [0, 1]]), torch.tensor([2.0, 3.0]), (2, 2))
-    >>> dec = gpsparse.tridiag(A, torch.ones(2), 2)
+    >>> dec = gpsparse.lanczos(A, torch.ones(2), 2)
     >>> dec.alpha.shape
     torch.Size([1, 1, 2])
     """

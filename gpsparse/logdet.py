@@ -39,13 +39,13 @@ from torch import Tensor
 from torch.autograd import Function
 
 from gpsparse import krylov
-from gpsparse.tridiag import lanczos, lanczos_adjoint
+from gpsparse.errors import NotPositiveDefiniteError
 from gpsparse.pattern import SparsityPattern
 from gpsparse.preconditioners import Preconditioner
-from gpsparse.errors import NotPositiveDefiniteError
 from gpsparse.quadrature import FUNCTIONS, quadrature, quadrature_with_grad, rademacher
 from gpsparse.solver_config import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
 from gpsparse.sparse_ops import sampled_product, symmetrize_values_grad
+from gpsparse.tridiag import lanczos, lanczos_adjoint
 
 __all__ = ["logdet", "LogdetConfig", "slq_logdet", "slq_apply", "diagonal_scaling", "SLQLogdet", "SLQInvQuadLogdet"]
 
@@ -183,7 +183,9 @@ class SLQInvQuadLogdet(Function):
         report_convergence(info, SolverConfig(rtol=config.rtol), "inv_quad_logdet solve")
         diag, off = info.tridiag
         value = quadrature(diag[..., :p, :], off[..., :p, :], _LOG)
-        estimate = (probes.pow(2).sum(-2) / p * value).sum(-1) + split.logdet(values.shape[0], values.dtype, values.device)
+        estimate = (probes.pow(2).sum(-2) / p * value).sum(-1) + split.logdet(
+            values.shape[0], values.dtype, values.device
+        )
         x = split.to_original(solution)
         x_probe, x_rhs = x[..., :p], x[..., p:]
         ctx.save_for_backward(x_probe, x_rhs, split.to_original(probes))
@@ -206,7 +208,7 @@ class SLQInvQuadLogdet(Function):
 
 
 def diagonal_scaling(values: Tensor, pattern: SparsityPattern, rhs: Tensor | None = None):
-    """Exact symmetric diagonal scaling, differentiable: ``Ã = D^{-1/2} A D^{-1/2}``, ``logdet A = Σ log a_ii + logdet Ã``.
+    """Exact, differentiable diagonal scaling: ``Ã = D^{-1/2} A D^{-1/2}``, ``logdet A = Σ log a_ii + logdet Ã``.
 
     Returns the scaled ``(B, nnz)`` values ``a_e / √(a_{i_e i_e} a_{j_e j_e})``,
     ``Σ_i log a_ii`` per batch entry ``(B,)`` and, if given, the scaled
@@ -222,11 +224,15 @@ def diagonal_scaling(values: Tensor, pattern: SparsityPattern, rhs: Tensor | Non
     pos = pattern.diagonal_positions
     if bool((pos < 0).any()):
         missing = int((pos < 0).nonzero()[0])
-        raise NotPositiveDefiniteError(f"diagonal entry {missing} is not stored, so the matrix is not positive definite")
+        raise NotPositiveDefiniteError(
+            f"diagonal entry {missing} is not stored, so the matrix is not positive definite"
+        )
     diag = values[..., pos]
     if bool((diag.detach() <= 0).any()):
         first = int((diag.detach() <= 0).nonzero()[0, -1])
-        raise NotPositiveDefiniteError(f"diagonal entry {first} is not positive, so the matrix is not positive definite")
+        raise NotPositiveDefiniteError(
+            f"diagonal entry {first} is not positive, so the matrix is not positive definite"
+        )
     inv_sqrt = diag.rsqrt()
     scaled = values * inv_sqrt[..., pattern.row] * inv_sqrt[..., pattern.col_long]
     scaled_rhs = None if rhs is None else rhs * inv_sqrt.unsqueeze(-1)
@@ -254,7 +260,9 @@ def _adjoint_forward(split: _Split, probes: Tensor, norms2: Tensor, config: Logd
     chunks = []
     for start in range(0, p, size):
         block = slice(start, min(p, start + size))
-        dec = lanczos(split.matvec, probes[..., block], min(config.num_lanczos, n), reorthogonalize=config.reorthogonalize)
+        dec = lanczos(
+            split.matvec, probes[..., block], min(config.num_lanczos, n), reorthogonalize=config.reorthogonalize
+        )
         value, grad_alpha, grad_beta = quadrature_with_grad(dec.alpha, dec.beta, _LOG)
         weight = norms2[..., block] / p  # (B, c)
         estimate += (weight * value).sum(-1)
@@ -268,7 +276,9 @@ def _adjoint_backward(split: _Split, probes: Tensor, chunks, config: LogdetConfi
     n = probes.shape[-2]
     for block, (grad_alpha, grad_beta), dec in chunks:
         if dec is None:  # recompute this chunk's Lanczos (bounded memory)
-            dec = lanczos(split.matvec, probes[..., block], min(config.num_lanczos, n), reorthogonalize=config.reorthogonalize)
+            dec = lanczos(
+                split.matvec, probes[..., block], min(config.num_lanczos, n), reorthogonalize=config.reorthogonalize
+            )
         _, left, right = lanczos_adjoint(split.matvec, dec, None, grad_alpha, grad_beta)
         part = sampled_product(pattern, split.to_original(left), split.to_original(right))
         grad = part if grad is None else grad + part
@@ -287,7 +297,9 @@ def _hutchinson_forward(split: _Split, probes: Tensor, norms2: Tensor, config: L
     return estimate, left, right
 
 
-def slq_logdet(values: Tensor, pattern: SparsityPattern, config: LogdetConfig, *, generator=None, probes=None) -> Tensor:
+def slq_logdet(
+    values: Tensor, pattern: SparsityPattern, config: LogdetConfig, *, generator=None, probes=None
+) -> Tensor:
     """SLQ log-determinant of ``(values, pattern)`` (values ``(*batch, nnz)``) → ``(*batch,)``."""
     if not pattern.symmetric:
         raise ValueError("the log-determinant needs a symmetric positive definite matrix (pattern declared symmetric)")
@@ -302,7 +314,9 @@ def slq_logdet(values: Tensor, pattern: SparsityPattern, config: LogdetConfig, *
     return slq_apply(values2d, pattern, probes, config).reshape(batch)
 
 
-def slq_apply(values2d: Tensor, pattern: SparsityPattern, probes: Tensor, config: LogdetConfig, rhs: Tensor | None = None):
+def slq_apply(
+    values2d: Tensor, pattern: SparsityPattern, probes: Tensor, config: LogdetConfig, rhs: Tensor | None = None
+):
     """Run the estimator on ``(B, nnz)`` values; ``"jacobi"`` becomes the differentiable exact scaling.
 
     Returns ``logdet (B,)`` when ``rhs`` is None, else ``(inv_quad (B, k), logdet (B,))`` from one
@@ -323,7 +337,9 @@ def _check_probes(probes: Tensor, n: int, num: int, values: Tensor) -> Tensor:
         raise ValueError(f"probes must have shape (*batch, n={n}, p), got {tuple(probes.shape)}")
     if probes.dtype != values.dtype or probes.device != values.device:
         raise ValueError(f"probes must match the matrix dtype {values.dtype} and device {values.device}")
-    return probes.detach().expand(num, n, probes.shape[-1]) if probes.dim() == 2 else probes.detach().reshape(num, n, -1)
+    return (
+        probes.detach().expand(num, n, probes.shape[-1]) if probes.dim() == 2 else probes.detach().reshape(num, n, -1)
+    )
 
 
 def logdet(
@@ -392,7 +408,8 @@ def logdet(
     Examples
     --------
     >>> import torch, gpsparse
-    >>> A = torch.sparse_coo_tensor(torch.tensor([[0, 1], [0, 1]]), torch.tensor([2.0, 3.0], dtype=torch.float64), (2, 2))
+    >>> i = torch.tensor([[0, 1], [0, 1]])
+    >>> A = torch.sparse_coo_tensor(i, torch.tensor([2.0, 3.0], dtype=torch.float64), (2, 2))
     >>> est = gpsparse.logdet(A, num_lanczos=2, probes=torch.eye(2, dtype=torch.float64) * 2**0.5)
     >>> torch.allclose(est, torch.tensor(6.0, dtype=torch.float64).log())
     True

@@ -24,12 +24,12 @@ from torch import Tensor
 from gpsparse import krylov
 from gpsparse import settings as gs_settings
 from gpsparse.batching import flatten_operands
-from gpsparse.convert import check_finite, sparse_parts, symmetrized
+from gpsparse.convert import sparse_parts, symmetrized
 from gpsparse.errors import DenseSizeError
 from gpsparse.functions import SparseInvQuad, SparseMatmul
 from gpsparse.logdet import LogdetConfig, slq_apply
-from gpsparse.quadrature import rademacher
 from gpsparse.pattern import SparsityPattern
+from gpsparse.quadrature import rademacher
 from gpsparse.solve import check_operand, solve_parts
 from gpsparse.solver_config import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
 from gpsparse.sparse_ops import sampled_product, symmetrize_values_grad
@@ -90,7 +90,7 @@ class SparseLinearOperator(LinearOperator):
 
     # ---------------------------------------------------------------- build
     @classmethod
-    def from_tensor(cls, matrix: Tensor, *, symmetric: bool | None = None) -> "SparseLinearOperator":
+    def from_tensor(cls, matrix: Tensor, *, symmetric: bool | None = None) -> SparseLinearOperator:
         """Wrap a 2-D torch sparse COO or CSR tensor; gradients flow back to ``matrix.values()``.
 
         ``symmetric=None`` detects symmetry (pattern and values, to rounding);
@@ -99,7 +99,7 @@ class SparseLinearOperator(LinearOperator):
         values, pattern = sparse_parts(matrix, symmetric=symmetric)
         return cls(values, pattern=pattern)
 
-    def _new(self, values: Tensor, pattern: SparsityPattern | None = None) -> "SparseLinearOperator":
+    def _new(self, values: Tensor, pattern: SparsityPattern | None = None) -> SparseLinearOperator:
         return SparseLinearOperator(values, pattern=self.pattern if pattern is None else pattern)
 
     @property
@@ -123,7 +123,7 @@ class SparseLinearOperator(LinearOperator):
             rhs3d = rhs3d.to(values2d.dtype)
         return unflatten(SparseMatmul.apply(values2d, rhs3d, self.pattern))
 
-    def _transpose_nonbatch(self) -> "SparseLinearOperator":
+    def _transpose_nonbatch(self) -> SparseLinearOperator:
         if self.pattern.symmetric:
             return self
         return self._new(self.values[..., self.pattern.transpose_perm], self.pattern.transposed)
@@ -159,7 +159,9 @@ class SparseLinearOperator(LinearOperator):
         return torch.where(found, gathered, torch.zeros((), dtype=self.dtype, device=self.device))
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
-        if any(torch.is_tensor(i) for i in batch_indices) and (torch.is_tensor(row_index) or torch.is_tensor(col_index)):
+        if any(torch.is_tensor(i) for i in batch_indices) and (
+            torch.is_tensor(row_index) or torch.is_tensor(col_index)
+        ):
             return super()._getitem(row_index, col_index, *batch_indices)
         values = self.values[(*batch_indices, slice(None))] if batch_indices else self.values
         m, n = self.pattern.size
@@ -201,14 +203,14 @@ class SparseLinearOperator(LinearOperator):
         return super()._svd()
 
     # --------------------------------------------------------------- batch
-    def _expand_batch(self, batch_shape) -> "SparseLinearOperator":
+    def _expand_batch(self, batch_shape) -> SparseLinearOperator:
         return self._new(self.values.expand(*batch_shape, self.pattern.nnz))
 
-    def _sum_batch(self, dim: int) -> "SparseLinearOperator":
+    def _sum_batch(self, dim: int) -> SparseLinearOperator:
         return self._new(self.values.sum(dim))
 
     # ---------------------------------------------------------- arithmetic
-    def _mul_constant(self, other) -> "SparseLinearOperator":
+    def _mul_constant(self, other) -> SparseLinearOperator:
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
         return self._new(self.values * (other.unsqueeze(-1) if other.dim() else other))
 
@@ -217,14 +219,16 @@ class SparseLinearOperator(LinearOperator):
             if other.pattern is self.pattern:
                 return self._new(self.values * other.values)
             pos, found = other.pattern.positions(self.pattern.row, self.pattern.col_long)
-            gathered = torch.where(found, other.values[..., pos], torch.zeros((), dtype=other.dtype, device=other.device))
+            gathered = torch.where(
+                found, other.values[..., pos], torch.zeros((), dtype=other.dtype, device=other.device)
+            )
             symmetric = self.pattern.symmetric and other.pattern.symmetric
             return self._new(self.values * gathered, self.pattern.with_symmetric(symmetric))
         # Any other operand only needs its entries at our pattern: the product stays sparse.
         gathered = other[..., self.pattern.row, self.pattern.col_long]
         return self._new(self.values * gathered, self.pattern.with_symmetric(False))
 
-    def add_diagonal(self, diag: Tensor) -> "SparseLinearOperator":
+    def add_diagonal(self, diag: Tensor) -> SparseLinearOperator:
         """``A + diag(d)`` as a SparseLinearOperator; gradients reach ``d`` (scalar, ``(n,)`` or batched)."""
         if not self.pattern.is_square:
             raise RuntimeError(f"add_diagonal needs a square operator, got size {tuple(self.shape)}")
@@ -233,7 +237,9 @@ class SparseLinearOperator(LinearOperator):
         if diag.dim() == 0:
             diag = diag.reshape(1)
         if diag.shape[-1] not in (1, n):
-            raise RuntimeError(f"add_diagonal for an operator of size {tuple(self.shape)} got a diagonal of size {tuple(diag.shape)}")
+            raise RuntimeError(
+                f"add_diagonal for an operator of size {tuple(self.shape)} got a diagonal of size {tuple(diag.shape)}"
+            )
         batch = torch.broadcast_shapes(self.values.shape[:-1], diag.shape[:-1])
         diag = diag.expand(*batch, n)
         pattern, old_positions = self.pattern.with_full_diagonal
@@ -249,7 +255,7 @@ class SparseLinearOperator(LinearOperator):
             return self.add_diagonal(other._diagonal())
         return super().__add__(other)
 
-    def _add_sparse(self, other: "SparseLinearOperator") -> "SparseLinearOperator":
+    def _add_sparse(self, other: SparseLinearOperator) -> SparseLinearOperator:
         if other.pattern is self.pattern:
             return self._new(self.values + other.values)
         if other.pattern.size != self.pattern.size:
@@ -270,7 +276,9 @@ class SparseLinearOperator(LinearOperator):
     def _solver_config(self) -> SolverConfig:
         s = gs_settings.current()
         method = "cg" if self.pattern.symmetric else "bicgstab"
-        return SolverConfig(method=method, rtol=s.rtol, atol=s.atol, max_iters=s.max_iters, preconditioner=s.preconditioner)
+        return SolverConfig(
+            method=method, rtol=s.rtol, atol=s.atol, max_iters=s.max_iters, preconditioner=s.preconditioner
+        )
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         r"""``A⁻¹ R`` (or ``L A⁻¹ R``) by gpsparse's iterative solvers, at every size.
@@ -296,7 +304,9 @@ class SparseLinearOperator(LinearOperator):
         if self.pattern.symmetric:
             values2d, rhs3d, _ = flatten_operands(self.values, rhs, self.pattern.size[1])
             batch = _broadcast_batch(self.values, rhs)
-            term = SparseInvQuad.apply(values2d, rhs3d, self.pattern, self._solver_config()).reshape(*batch, rhs.shape[-1])
+            term = SparseInvQuad.apply(values2d, rhs3d, self.pattern, self._solver_config()).reshape(
+                *batch, rhs.shape[-1]
+            )
         else:
             term = (self.solve(rhs) * rhs).sum(-2)
         return term.sum(-1) if reduce_inv_quad else term
@@ -380,7 +390,10 @@ class SparseLinearOperator(LinearOperator):
             initial_vectors = initial_vectors.unsqueeze(-1)
         steps = min(self._root_decomposition_size(), n)
         dec = differentiable_lanczos(
-            self, initial_vectors.expand(*self.batch_shape, n, initial_vectors.shape[-1]), steps, breakdown_tol=_FULL_RANK_TOL
+            self,
+            initial_vectors.expand(*self.batch_shape, n, initial_vectors.shape[-1]),
+            steps,
+            breakdown_tol=_FULL_RANK_TOL,
         )
         theta, vectors = torch.linalg.eigh(_tridiagonal(dec.alpha, dec.beta))  # (B, p, K), (B, p, K, K)
         ritz = dec.basis.movedim(-2, -3) @ vectors  # (B, p, n, K)
@@ -438,7 +451,13 @@ class SparseLinearOperator(LinearOperator):
         kwargs = dict(return_tridiag=True) if num_tridiag else {}
 
         solution, info = solver(
-            buffered_matvec(values2d, self.pattern), rhs3d, preconditioner=preconditioner, rtol=config.rtol, atol=config.atol, max_iters=config.max_iters, **kwargs
+            buffered_matvec(values2d, self.pattern),
+            rhs3d,
+            preconditioner=preconditioner,
+            rtol=config.rtol,
+            atol=config.atol,
+            max_iters=config.max_iters,
+            **kwargs,
         )
         report_convergence(info, config, "solve")
         solution = solution.reshape(*batch, *rhs.shape[-2:])
@@ -465,7 +484,7 @@ _LO_DEFAULT_PROBES = lo_settings.num_trace_samples._global_value
 _LO_DEFAULT_STEPS = lo_settings.max_lanczos_quadrature_iterations._global_value
 
 
-def _tridiag_matrices(info: "krylov.SolverInfo", num_tridiag: int, batch: torch.Size) -> Tensor:
+def _tridiag_matrices(info: krylov.SolverInfo, num_tridiag: int, batch: torch.Size) -> Tensor:
     """Dense ``(num_tridiag, *batch, m, m)`` Lanczos matrices from CG coefficients (linear_operator's format).
 
     Columns that converged after ``j < m`` steps are padded with an identity
@@ -513,8 +532,10 @@ def _sum_to_shape(tensor: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _is_full(index, size: int) -> bool:
-    return isinstance(index, slice) and index == slice(None, None, None) or (
-        isinstance(index, slice) and range(*index.indices(size)) == range(size)
+    return (
+        isinstance(index, slice)
+        and index == slice(None, None, None)
+        or (isinstance(index, slice) and range(*index.indices(size)) == range(size))
     )
 
 

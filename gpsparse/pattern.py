@@ -92,7 +92,7 @@ class SparsityPattern:
     @classmethod
     def from_indices(
         cls, row: Tensor, col: Tensor, size: tuple[int, int], *, symmetric: bool = False
-    ) -> tuple["SparsityPattern", Tensor]:
+    ) -> tuple[SparsityPattern, Tensor]:
         """Pattern from coordinate lists in any order.
 
         Returns the pattern and ``order``, the permutation with
@@ -149,7 +149,7 @@ class SparsityPattern:
         return torch.sort(key, stable=True).indices
 
     @cached_property
-    def transposed(self) -> "SparsityPattern":
+    def transposed(self) -> SparsityPattern:
         """The pattern of ``Aᵀ`` (its :attr:`transposed` is ``self``)."""
         if self.symmetric:
             return self
@@ -197,7 +197,7 @@ class SparsityPattern:
         found = self.keys[pos] == query
         return torch.where(found, pos, torch.zeros_like(pos)), found
 
-    def select(self, rows: Tensor, cols: Tensor) -> tuple["SparsityPattern", Tensor]:
+    def select(self, rows: Tensor, cols: Tensor) -> tuple[SparsityPattern, Tensor]:
         """Sub-pattern of rows ``rows`` and columns ``cols`` (int64, any order, repeats allowed).
 
         Returns the ``(len(rows), len(cols))`` pattern and ``entries``, the
@@ -221,14 +221,18 @@ class SparsityPattern:
         entries = torch.repeat_interleave(entries, hits)
         new_row = torch.repeat_interleave(new_row, hits)
         lo = torch.repeat_interleave(lo, hits)
-        within = torch.arange(entries.numel(), device=self.device) - torch.repeat_interleave(torch.cumsum(hits, 0) - hits, hits)
+        within = torch.arange(entries.numel(), device=self.device) - torch.repeat_interleave(
+            torch.cumsum(hits, 0) - hits, hits
+        )
         new_col = col_order[lo + within]
         symmetric = self.symmetric and torch.equal(rows, cols)
-        pattern, order = SparsityPattern.from_indices(new_row, new_col, (rows.numel(), cols.numel()), symmetric=symmetric)
+        pattern, order = SparsityPattern.from_indices(
+            new_row, new_col, (rows.numel(), cols.numel()), symmetric=symmetric
+        )
         return pattern, entries[order]
 
     @cached_property
-    def with_full_diagonal(self) -> tuple["SparsityPattern", Tensor]:
+    def with_full_diagonal(self) -> tuple[SparsityPattern, Tensor]:
         """This pattern with every diagonal entry stored, and the map of old positions into it.
 
         Returns ``(pattern, old_positions)`` with ``values_new[..., old_positions] = values``.
@@ -273,7 +277,7 @@ class SparsityPattern:
         return csr_tensor(self.crow, self.col, values, self.size)
 
     # ---------------------------------------------------------------- moves
-    def to(self, device=None, *args, **kwargs) -> "SparsityPattern":
+    def to(self, device=None, *args, **kwargs) -> SparsityPattern:
         """The same pattern on ``device`` (dtype arguments are ignored: indices stay integers)."""
         if isinstance(device, torch.dtype) or device is None:
             device = kwargs.get("device", None)
@@ -282,13 +286,15 @@ class SparsityPattern:
         out = SparsityPattern(self.crow.to(device), self.col.to(device), self.size, symmetric=self.symmetric)
         return out
 
-    def cuda(self, device=None) -> "SparsityPattern":
-        return self.to(torch.device("cuda" if device is None else f"cuda:{device}" if isinstance(device, int) else device))
+    def cuda(self, device=None) -> SparsityPattern:
+        return self.to(
+            torch.device("cuda" if device is None else f"cuda:{device}" if isinstance(device, int) else device)
+        )
 
-    def cpu(self) -> "SparsityPattern":
+    def cpu(self) -> SparsityPattern:
         return self.to(torch.device("cpu"))
 
-    def with_symmetric(self, symmetric: bool) -> "SparsityPattern":
+    def with_symmetric(self, symmetric: bool) -> SparsityPattern:
         """A pattern sharing these indices with another ``symmetric`` declaration."""
         if symmetric == self.symmetric:
             return self

@@ -21,13 +21,21 @@ respect to the tridiagonal entries is ``∂q/∂α_k = G_kk`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["MatrixFunction", "FUNCTIONS", "tridiagonal", "quadrature", "quadrature_with_grad", "apply_with_grad", "rademacher"]
+__all__ = [
+    "MatrixFunction",
+    "FUNCTIONS",
+    "tridiagonal",
+    "quadrature",
+    "quadrature_with_grad",
+    "apply_with_grad",
+    "rademacher",
+]
 
 
 @dataclass(frozen=True)

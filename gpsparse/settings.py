@@ -72,7 +72,13 @@ def max_dense_size(elements: int):
     return _override(max_dense_size=int(elements))
 
 
-def solver_defaults(*, rtol: float | None = None, atol: float | None = None, max_iters: int | None = None, preconditioner: str | None = None):
+def solver_defaults(
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_iters: int | None = None,
+    preconditioner: str | None = None,
+):
     """Override the iterative-solve settings used by :class:`~gpsparse.SparseLinearOperator`.
 
     The method is chosen by the operator: CG for symmetric matrices,
@@ -80,7 +86,11 @@ def solver_defaults(*, rtol: float | None = None, atol: float | None = None, max
     for training) is deliberately *not* used: gpsparse solves to ``rtol``
     (default 1e-6).
     """
-    changes = {k: v for k, v in dict(rtol=rtol, atol=atol, max_iters=max_iters, preconditioner=preconditioner).items() if v is not None}
+    changes = {
+        k: v
+        for k, v in dict(rtol=rtol, atol=atol, max_iters=max_iters, preconditioner=preconditioner).items()
+        if v is not None
+    }
     return _override(**changes)
 
 
@@ -119,7 +129,11 @@ def logdet_defaults(
     for name, value in (("num_probes", num_probes), ("num_lanczos", num_lanczos)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    changes = {k: v for k, v in dict(logdet_gradient=gradient, num_probes=num_probes, num_lanczos=num_lanczos).items() if v is not None}
+    changes = {
+        k: v
+        for k, v in dict(logdet_gradient=gradient, num_probes=num_probes, num_lanczos=num_lanczos).items()
+        if v is not None
+    }
     if preconditioner is not False:
         changes["logdet_preconditioner"] = preconditioner
     return _override(**changes)

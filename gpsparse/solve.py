@@ -89,7 +89,9 @@ def solve(
     >>> x = gpsparse.solve(A, torch.ones(2, dtype=torch.float64))
     >>> x.sum().backward()   # v.grad has shape (4,)
     """
-    config = SolverConfig(method=method, rtol=rtol, atol=atol, max_iters=max_iters, preconditioner=preconditioner, strict=strict)
+    config = SolverConfig(
+        method=method, rtol=rtol, atol=atol, max_iters=max_iters, preconditioner=preconditioner, strict=strict
+    )
     values, pattern = matrix_parts(A)
     if config.method in ("cg", "minres") and not pattern.symmetric:
         raise ValueError(
@@ -99,7 +101,9 @@ def solve(
     return solve_parts(values, pattern, B, config, x0=x0)
 
 
-def solve_parts(values: Tensor, pattern: SparsityPattern, B: Tensor, config: SolverConfig, *, x0: Tensor | None = None) -> Tensor:
+def solve_parts(
+    values: Tensor, pattern: SparsityPattern, B: Tensor, config: SolverConfig, *, x0: Tensor | None = None
+) -> Tensor:
     """:func:`solve` on an already validated ``(values, pattern)`` pair."""
     if not pattern.is_square:
         raise ValueError(f"A must be square to solve with it, got size {pattern.size}")
@@ -133,7 +137,9 @@ def check_operand(tensor: Tensor, values: Tensor, name: str) -> None:
     if not tensor.dtype.is_floating_point:
         raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
     if tensor.dtype != values.dtype:
-        raise ValueError(f"{name} has dtype {tensor.dtype} but the matrix has dtype {values.dtype}; convert one of them")
+        raise ValueError(
+            f"{name} has dtype {tensor.dtype} but the matrix has dtype {values.dtype}; convert one of them"
+        )
     if tensor.device != values.device:
         raise ValueError(f"{name} is on {tensor.device} but the matrix is on {values.device}; move one of them")
     check_finite(tensor, name)

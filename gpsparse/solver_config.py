@@ -13,8 +13,9 @@ The stopping rule is the cores' (``gpsparse.krylov``): per column
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ __all__ = ["SolverConfig", "run_solver", "METHODS", "PRECONDITIONERS"]
 
 METHODS = ("cg", "minres", "bicgstab")
 PRECONDITIONERS = ("jacobi", "ic0")
-PreconditionerSpec = Union[None, str, Preconditioner, Callable[[Tensor], Tensor]]
+PreconditionerSpec = None | str | Preconditioner | Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class SolverConfig:
         if spec is not None and not isinstance(spec, str) and not callable(spec):
             raise TypeError(f"preconditioner must be None, a name, or callable r -> M⁻¹r, got {type(spec).__name__}")
 
-    def with_method(self, method: str) -> "SolverConfig":
+    def with_method(self, method: str) -> SolverConfig:
         return replace(self, method=method)
 
 
@@ -175,7 +176,7 @@ def buffered_matvec(values: Tensor, pattern: SparsityPattern) -> Callable[[Tenso
     return matvec
 
 
-def report_convergence(info: "krylov.SolverInfo", config: SolverConfig, what: str) -> None:
+def report_convergence(info: krylov.SolverInfo, config: SolverConfig, what: str) -> None:
     """Warn or raise (``config.strict``) when some column did not converge."""
     if info.all_converged:
         return

@@ -15,7 +15,9 @@ def scipy_to_torch(matrix: sp.spmatrix, dtype=torch.float64) -> torch.Tensor:
     coo = sp.coo_matrix(matrix)
     coo.sum_duplicates()
     indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(indices, torch.from_numpy(coo.data).to(dtype), coo.shape, check_invariants=False).coalesce()
+    return torch.sparse_coo_tensor(
+        indices, torch.from_numpy(coo.data).to(dtype), coo.shape, check_invariants=False
+    ).coalesce()
 
 
 def laplacian_1d(m: int) -> sp.csr_matrix:

@@ -61,7 +61,6 @@ class TestSparseLinearOperator(LinearOperatorTestCase, unittest.TestCase):
         return linear_op.to_dense()
 
 
-
 def test_sqrt_inv_matmul_matches_exact_eigendecomposition():
     """gpsparse's Lanczos sqrt_inv_matmul against A^{-1/2} from eigh, value and value gradient (float64)."""
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from gpsparse import SparseLinearOperator
 from gpsparse.kernels import WendlandKernel
 
 N = 2000
+STEPS = 6
 PARAMS = (
     "likelihood.noise_covar.raw_noise",
     "covar_module.raw_outputscale",
@@ -108,6 +109,15 @@ def nothing_densifies(monkeypatch):
         yield calls
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machines 2 threads can be 5-25x slower (DESIGN.md §6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def dense_reference():
     """Exact loss and gradient of the dense model (Cholesky; n = 2000)."""
@@ -122,15 +132,15 @@ def dense_reference():
 def test_unchanged_adam_loop_trains_without_densifying(monkeypatch, cholesky):
     torch.manual_seed(0)
     x, y = synthetic_data()
-    model, likelihood = build_model(x, y, WendlandKernel(), radius=0.06, outputscale=0.5, noise=0.5)
+    model, likelihood = build_model(x, y, WendlandKernel(), radius=0.05, outputscale=0.5, noise=0.5)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     settings = linear_operator.settings.max_cholesky_size(0) if cholesky != "default" else contextlib.nullcontext()
     losses = []
     with settings, nothing_densifies(monkeypatch) as calls:
         model.train()
         likelihood.train()
-        for step in range(10):
+        for step in range(STEPS):
             optimizer.zero_grad()
             loss = -mll(model(x), y)
             loss.backward()
@@ -141,9 +151,9 @@ def test_unchanged_adam_loop_trains_without_densifying(monkeypatch, cholesky):
                     assert grad is not None and bool(torch.isfinite(grad).all()) and bool((grad != 0).all()), name
             optimizer.step()
             losses.append(loss.item())
-    assert calls["inv_quad_logdet"] == 10  # every loss went through the sparse operator
+    assert calls["inv_quad_logdet"] == STEPS  # every loss went through the sparse operator
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05, losses
 
 
 @pytest.mark.parametrize("gradient", ["adjoint", "hutchinson"])

@@ -35,7 +35,15 @@ def test_exact_with_unit_probes_and_full_depth(gradient, preconditioner):
     expected, expected_grad = _dense_reference(coo)
     A, values = _leaf(coo)
     probes = torch.eye(n, dtype=torch.float64) * n**0.5
-    est = logdet(A, probes=probes, num_lanczos=n, gradient=gradient, preconditioner=preconditioner, reorthogonalize=True, rtol=1e-13)
+    est = logdet(
+        A,
+        probes=probes,
+        num_lanczos=n,
+        gradient=gradient,
+        preconditioner=preconditioner,
+        reorthogonalize=True,
+        rtol=1e-13,
+    )
     est.backward()
     torch.testing.assert_close(est, expected, rtol=1e-11, atol=1e-10)
     torch.testing.assert_close(values.grad, expected_grad, rtol=1e-8, atol=1e-10)
@@ -68,7 +76,9 @@ def test_gradcheck_tiny_symmetric_parameterisation():
     indices, n = coo.indices(), coo.shape[0]
     upper = indices[0] <= indices[1]
     key = indices[0][upper] * n + indices[1][upper]
-    param_index = torch.searchsorted(key, torch.minimum(indices[0], indices[1]) * n + torch.maximum(indices[0], indices[1]))
+    param_index = torch.searchsorted(
+        key, torch.minimum(indices[0], indices[1]) * n + torch.maximum(indices[0], indices[1])
+    )
     probes = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def f(params):
@@ -92,9 +102,16 @@ def test_converges_to_dense_as_probes_grow(gradient):
     errors = []
     for probes in (4, 64):
         A, values = _leaf(coo)
-        est = logdet(A, num_probes=probes, num_lanczos=30, gradient=gradient, generator=torch.Generator().manual_seed(0))
+        est = logdet(
+            A, num_probes=probes, num_lanczos=30, gradient=gradient, generator=torch.Generator().manual_seed(0)
+        )
         est.backward()
-        errors.append((abs(float(est - expected)) / abs(float(expected)), float((values.grad - expected_grad).norm() / expected_grad.norm())))
+        errors.append(
+            (
+                abs(float(est - expected)) / abs(float(expected)),
+                float((values.grad - expected_grad).norm() / expected_grad.norm()),
+            )
+        )
     assert errors[1][0] < 1e-2
     # per-nonzero gradients are noisy (DESIGN.md §4): the error falls like 1/√p (16× probes → ~4×)
     assert errors[1][1] < errors[0][1] / 2.5 and errors[1][1] < 0.35
@@ -135,7 +152,9 @@ def test_bad_inputs():
         logdet(build("sym-indefinite-40"), preconditioner=None)
     with pytest.raises(NotPositiveDefiniteError):
         logdet(build("sym-indefinite-40"), preconditioner=None, gradient="hutchinson")
-    bad = torch.sparse_coo_tensor(A.indices(), A.values().clone().index_fill_(0, torch.tensor([0]), float("nan")), A.shape)
+    bad = torch.sparse_coo_tensor(
+        A.indices(), A.values().clone().index_fill_(0, torch.tensor([0]), float("nan")), A.shape
+    )
     with pytest.raises(ValueError, match="NaN"):
         logdet(bad)
     with pytest.raises(ValueError, match="probes must have shape"):
@@ -155,7 +174,10 @@ def test_operator_inv_quad_logdet_matches_dense(gradient):
     A, values = _leaf(coo)
     op = SparseLinearOperator.from_tensor(A)
     torch.manual_seed(0)
-    with linear_operator.settings.max_cholesky_size(0), gpsparse.settings.logdet_defaults(gradient=gradient, num_probes=256):
+    with (
+        linear_operator.settings.max_cholesky_size(0),
+        gpsparse.settings.logdet_defaults(gradient=gradient, num_probes=256),
+    ):
         quad, ld = op.inv_quad_logdet(inv_quad_rhs=y, logdet=True)
     torch.testing.assert_close(quad, expected_quad, rtol=1e-6, atol=1e-8)
     assert abs(float(ld - expected)) < 1e-2 * abs(float(expected))

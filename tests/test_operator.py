@@ -76,7 +76,10 @@ def test_add_diagonal_keeps_type_and_reaches_diagonal():
 def test_add_diag_operators_as_gpytorch_does():
     op = _op()
     noise = torch.tensor([0.2], dtype=torch.float64, requires_grad=True)
-    for other in (ConstantDiagLinearOperator(noise, diag_shape=25), DiagLinearOperator(torch.rand(25, dtype=torch.float64))):
+    for other in (
+        ConstantDiagLinearOperator(noise, diag_shape=25),
+        DiagLinearOperator(torch.rand(25, dtype=torch.float64)),
+    ):
         out = op + other
         assert isinstance(out, SparseLinearOperator)
         torch.testing.assert_close(out.to_dense(), op.to_dense() + other.to_dense(), **TOL)
@@ -103,7 +106,9 @@ def test_scaling_keeps_type_and_gradient():
     torch.testing.assert_close(out.to_dense(), 2.5 * op.to_dense(), **TOL)
     out.inv_quad(torch.ones(25, 1, dtype=torch.float64)).backward()
     assert scale.grad is not None
-    batch = SparseLinearOperator(op.values.expand(3, -1), pattern=op.pattern) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).view(3, 1, 1)
+    batch = SparseLinearOperator(op.values.expand(3, -1), pattern=op.pattern) * torch.tensor(
+        [1.0, 2.0, 3.0], dtype=torch.float64
+    ).view(3, 1, 1)
     assert isinstance(batch, SparseLinearOperator) and batch.shape == (3, 25, 25)
 
 
@@ -120,7 +125,12 @@ def test_getitem_stays_sparse():
     op = _op("nonsym-40")
     dense = op.to_dense()
     rows = torch.tensor([3, 1, 1, 39])
-    for index in ((slice(2, 9), slice(None)), (slice(None), slice(5, 30, 3)), (rows, slice(0, 10)), (slice(1, 4), rows)):
+    for index in (
+        (slice(2, 9), slice(None)),
+        (slice(None), slice(5, 30, 3)),
+        (rows, slice(0, 10)),
+        (slice(1, 4), rows),
+    ):
         out = op[index]
         assert isinstance(out, SparseLinearOperator), index
         torch.testing.assert_close(out.to_dense(), dense[index], **TOL)

@@ -12,9 +12,12 @@ from matrices import INDEFINITE, NONSYMMETRIC, SPD, build
 import gpsparse
 from gpsparse import ConvergenceWarning, NonConvergenceError, NotPositiveDefiniteError
 
-CASES = [(name, "cg") for name in SPD] + [(name, "minres") for name in INDEFINITE] + [
-    (name, "bicgstab") for name in NONSYMMETRIC
-] + [("lattice5-6x6", "minres"), ("random-spd-40", "bicgstab")]
+CASES = (
+    [(name, "cg") for name in SPD]
+    + [(name, "minres") for name in INDEFINITE]
+    + [(name, "bicgstab") for name in NONSYMMETRIC]
+    + [("lattice5-6x6", "minres"), ("random-spd-40", "bicgstab")]
+)
 
 
 def _leaf_matrix(name: str, dtype, layout, device):
@@ -118,7 +121,9 @@ def test_preconditioners_give_same_answer():
     B = torch.randn(25, 4, dtype=torch.float64)
     plain = gpsparse.solve(coo, B, rtol=1e-12)
     for prec in ("jacobi", "ic0"):
-        torch.testing.assert_close(gpsparse.solve(coo, B, rtol=1e-12, preconditioner=prec), plain, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(
+            gpsparse.solve(coo, B, rtol=1e-12, preconditioner=prec), plain, rtol=1e-8, atol=1e-10
+        )
 
 
 def test_x0_warm_start_is_used():
@@ -152,7 +157,9 @@ def test_bad_inputs():
         gpsparse.solve(coo, torch.randn(35, dtype=torch.float64))
     with pytest.raises(ValueError, match="dtype"):
         gpsparse.solve(coo, B.float())
-    bad = torch.sparse_coo_tensor(coo.indices(), coo.values().clone().index_fill_(0, torch.tensor([0]), float("nan")), coo.shape)
+    bad = torch.sparse_coo_tensor(
+        coo.indices(), coo.values().clone().index_fill_(0, torch.tensor([0]), float("nan")), coo.shape
+    )
     with pytest.raises(ValueError, match="NaN"):
         gpsparse.solve(bad, B)
     with pytest.raises(ValueError, match="Inf"):

@@ -333,7 +333,7 @@ def test_radius_prior_and_constraint():
     kernel = WendlandKernel(radius_prior=prior, radius_constraint=gpytorch.constraints.Interval(0.01, 1.0))
     kernel.radius = 0.3
     torch.testing.assert_close(kernel.radius, torch.tensor([[0.3]]))
-    (name, module, p, closure, _), = [t for t in kernel.named_priors()]
+    ((name, module, p, closure, _),) = [t for t in kernel.named_priors()]
     assert name == "radius_prior" and p is prior
     torch.testing.assert_close(closure(module), kernel.radius)
 

@@ -7,6 +7,7 @@ validates inputs, caches the sparsity pattern and computes the stored values.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -225,10 +226,10 @@ class WendlandKernel(Kernel):
         value = torch.as_tensor(value, dtype=self.raw_radius.dtype, device=self.raw_radius.device)
         self.initialize(raw_radius=self.raw_radius_constraint.inverse_transform(value))
 
-    def _radius_param(self, m: "WendlandKernel") -> Tensor:
+    def _radius_param(self, m: WendlandKernel) -> Tensor:
         return m.radius
 
-    def _radius_closure(self, m: "WendlandKernel", v: Tensor) -> None:
+    def _radius_closure(self, m: WendlandKernel, v: Tensor) -> None:
         m._set_radius(v)
 
     # ----------------------------------------------------------- forward
@@ -251,7 +252,9 @@ class WendlandKernel(Kernel):
     def _check_inputs(self, x1: Tensor, x2: Tensor) -> None:
         for name, x in (("x1", x1), ("x2", x2)):
             if x.dim() < 2:
-                raise ValueError(f"WendlandKernel expects inputs of shape (..., n, d), got {name} of shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"WendlandKernel expects inputs of shape (..., n, d), got {name} of shape {tuple(x.shape)}"
+                )
         d = x1.shape[-1]
         if x2.shape[-1] != d:
             raise ValueError(f"x1 and x2 must have the same number of dimensions, got {d} and {x2.shape[-1]}")
@@ -260,7 +263,9 @@ class WendlandKernel(Kernel):
                 f"WendlandKernel (φ₃,₁) is positive definite only for inputs of dimension ≤ {_MAX_DIMS}; got d={d}"
             )
         if self.ard_num_dims is not None and self.ard_num_dims != d:
-            raise ValueError(f"WendlandKernel was built with ard_num_dims={self.ard_num_dims} but got inputs of dimension {d}")
+            raise ValueError(
+                f"WendlandKernel was built with ard_num_dims={self.ard_num_dims} but got inputs of dimension {d}"
+            )
         try:
             torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
         except RuntimeError:
@@ -325,7 +330,9 @@ class WendlandKernel(Kernel):
             keys = torch.unique(torch.cat([r * n2 + c for r, c in pairs]))
             row, col = keys // n2, keys % n2
         if self.max_nnz is not None and row.numel() > self.max_nnz:
-            raise RuntimeError(f"the Wendland pattern would store {row.numel():,} entries, above max_nnz = {self.max_nnz:,}")
+            raise RuntimeError(
+                f"the Wendland pattern would store {row.numel():,} entries, above max_nnz = {self.max_nnz:,}"
+            )
         pattern, _ = SparsityPattern.from_indices(row, col, (n1, n2), symmetric=symmetric)
         row, col = pattern.row, pattern.col_long
         if search_radius.numel() == 1:
@@ -347,6 +354,12 @@ class WendlandKernel(Kernel):
     def clear_pattern_cache(self) -> None:
         """Drop every cached pattern (the next call rebuilds)."""
         self._pattern_cache.clear()
+
+    def __getstate__(self):
+        # Pickles and deep copies start with an empty cache (it holds weak references and large index tensors).
+        state = dict(super().__getstate__())
+        state["_pattern_cache"] = []
+        return state
 
 
 def _same_inputs(entry: _PatternEntry, x1: Tensor, x2: Tensor | None) -> bool:
@@ -374,7 +387,9 @@ def _same_tensor(ref: weakref.ref, version: int, copy: Tensor, x: Tensor) -> boo
 
 def _distinct_members(x: Tensor) -> list[Tensor]:
     """The ``(n, d)`` batch members of ``(*batch, n, d)``; one if they are all equal."""
-    flat = x.reshape(-1, *x.shape[-2:])
+    flat = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])
+    if flat.shape[0] == 0:  # an empty batch: no pairs
+        return [flat.new_empty(0, flat.shape[-1])]
     if flat.shape[0] == 1 or torch.equal(flat, flat[:1].expand_as(flat)):
         return [flat[0]]
     return list(flat.unbind(0))
