@@ -18,7 +18,7 @@ import math
 
 import torch
 from linear_operator import settings as lo_settings
-from linear_operator.operators import DiagLinearOperator, LinearOperator
+from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, LinearOperator
 from torch import Tensor
 
 from gpsparse import krylov
@@ -225,8 +225,17 @@ class SparseLinearOperator(LinearOperator):
             symmetric = self.pattern.symmetric and other.pattern.symmetric
             return self._new(self.values * gathered, self.pattern.with_symmetric(symmetric))
         # Any other operand only needs its entries at our pattern: the product stays sparse.
-        gathered = other[..., self.pattern.row, self.pattern.col_long]
-        return self._new(self.values * gathered, self.pattern.with_symmetric(False))
+        m, n = self.pattern.size
+        if isinstance(other, DenseLinearOperator):
+            tensor = other.tensor
+            symmetric = self.pattern.symmetric and tensor.shape[-2:] == (1, 1)  # a (batch of) constant(s)
+            gathered = tensor.expand(*tensor.shape[:-2], m, n)[..., self.pattern.row, self.pattern.col_long]
+        elif other.matrix_shape == (m, n):
+            symmetric = False
+            gathered = other[..., self.pattern.row, self.pattern.col_long]
+        else:
+            raise RuntimeError(f"cannot multiply a sparse operator of size {tuple(self.shape)} by {tuple(other.shape)}")
+        return self._new(self.values * gathered, self.pattern.with_symmetric(symmetric))
 
     def add_diagonal(self, diag: Tensor) -> SparseLinearOperator:
         """``A + diag(d)`` as a SparseLinearOperator; gradients reach ``d`` (scalar, ``(n,)`` or batched)."""

@@ -121,6 +121,18 @@ def test_elementwise_product_stays_sparse():
         torch.testing.assert_close(out.to_dense(), a.to_dense() * other.to_dense(), **TOL)
 
 
+def test_broadcast_products_keep_type():
+    """(b, 1, 1) constants (batched ScaleKernel) and row/column scalings broadcast against the pattern."""
+    op = _op()
+    dense = op.to_dense()
+    for other in (torch.rand(2, 1, 1, dtype=torch.float64), torch.rand(25, 1, dtype=torch.float64), torch.rand(3, 1, 25, dtype=torch.float64)):
+        out = op.mul(other)
+        assert isinstance(out, SparseLinearOperator)
+        torch.testing.assert_close(out.to_dense(), dense * other, **TOL)
+    assert op.mul(torch.rand(2, 1, 1, dtype=torch.float64)).is_symmetric
+    assert not op.mul(torch.rand(25, 1, dtype=torch.float64)).is_symmetric
+
+
 def test_getitem_stays_sparse():
     op = _op("nonsym-40")
     dense = op.to_dense()
