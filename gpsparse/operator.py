@@ -24,7 +24,7 @@ from torch import Tensor
 from gpsparse import krylov
 from gpsparse import settings as gs_settings
 from gpsparse.batching import flatten_operands
-from gpsparse.convert import sparse_parts, symmetrized
+from gpsparse.convert import check_finite, sparse_parts, symmetrized
 from gpsparse.errors import DenseSizeError
 from gpsparse.functions import SparseInvQuad, SparseMatmul
 from gpsparse.logdet import LogdetConfig, slq_apply
@@ -350,6 +350,7 @@ class SparseLinearOperator(LinearOperator):
         return self._slq_inv_quad_logdet(inv_quad_rhs, reduce_inv_quad)
 
     def _slq_inv_quad_logdet(self, inv_quad_rhs: Tensor | None, reduce_inv_quad: bool):
+        check_finite(self.values, "sparse matrix values")
         config = _logdet_config()
         n, nnz = self.pattern.size[0], self.pattern.nnz
         rhs = None

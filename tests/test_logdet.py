@@ -183,3 +183,96 @@ def test_operator_inv_quad_logdet_matches_dense(gradient):
     assert abs(float(ld - expected)) < 1e-2 * abs(float(expected))
     ld.backward()
     assert float((values.grad - expected_grad).norm() / expected_grad.norm()) < 0.2
+
+
+def _batched_operator():
+    base = SparseLinearOperator.from_tensor(scipy_to_torch(lattice_precision_13pt(8, kappa=0.7, noise=1.0)))
+    scales = torch.tensor([1.0, 1.7], dtype=torch.float64).view(2, 1)
+    return SparseLinearOperator(base.values * scales, pattern=base.pattern)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "hutchinson"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_inv_quad_logdet_argument_combinations(gradient, batched):
+    """Every combination linear_operator uses, on the iterative path, against dense float64."""
+    import linear_operator
+
+    op = _batched_operator() if batched else SparseLinearOperator.from_tensor(scipy_to_torch(lattice_precision_13pt(8)))
+    dense = op.to_dense()
+    n = dense.shape[-1]
+    rhs = torch.randn(*op.batch_shape, n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact_quad = (rhs * torch.linalg.solve(dense, rhs)).sum(-2)
+    probes = torch.eye(n, dtype=torch.float64) * n**0.5  # exact SLQ at full depth
+    with (
+        linear_operator.settings.max_cholesky_size(0),
+        linear_operator.settings.num_trace_samples(n),
+        gpsparse.settings.logdet_defaults(gradient=gradient, num_lanczos=n),
+        patch_probes(probes),
+    ):
+        quad, ld = op.inv_quad_logdet(inv_quad_rhs=rhs, logdet=True, reduce_inv_quad=False)
+        torch.testing.assert_close(quad, exact_quad, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(ld, torch.logdet(dense), rtol=1e-6, atol=1e-6)
+        quad, ld = op.inv_quad_logdet(inv_quad_rhs=rhs, logdet=True)
+        torch.testing.assert_close(quad, exact_quad.sum(-1), rtol=1e-6, atol=1e-8)
+        quad, ld = op.inv_quad_logdet(inv_quad_rhs=None, logdet=True)
+        torch.testing.assert_close(ld, torch.logdet(dense), rtol=1e-6, atol=1e-6)
+        quad, ld = op.inv_quad_logdet(inv_quad_rhs=rhs, logdet=False, reduce_inv_quad=False)
+        torch.testing.assert_close(quad, exact_quad, rtol=1e-6, atol=1e-8)
+        assert ld.shape == ()
+        torch.testing.assert_close(op.logdet(), torch.logdet(dense), rtol=1e-6, atol=1e-6)
+        single = rhs[..., :1] if batched else rhs[:, 0]  # a vector right-hand side only for a single matrix
+        torch.testing.assert_close(op.inv_quad(single), exact_quad[..., 0], rtol=1e-6, atol=1e-8)
+
+
+class patch_probes:
+    """Replace the operator's Rademacher probes by fixed ones (exactness checks)."""
+
+    def __init__(self, probes):
+        self.probes = probes
+
+    def __enter__(self):
+        from unittest.mock import patch
+
+        def fake(shape, *, generator, dtype, device):
+            return self.probes.to(dtype).expand(shape[0], *self.probes.shape).clone()
+
+        self._patch = patch("gpsparse.operator.rademacher", side_effect=fake)
+        self._patch.start()
+
+    def __exit__(self, *exc):
+        self._patch.stop()
+
+
+def test_reads_linear_operator_settings_when_user_set():
+    import linear_operator
+
+    from gpsparse.operator import _logdet_config
+
+    assert _logdet_config().num_probes == gpsparse.settings.current().num_probes
+    with linear_operator.settings.num_trace_samples(7), linear_operator.settings.max_lanczos_quadrature_iterations(11):
+        config = _logdet_config()
+    assert (config.num_probes, config.num_lanczos) == (7, 11)
+    with gpsparse.settings.logdet_defaults(num_probes=5, gradient="hutchinson"):
+        assert _logdet_config().num_probes == 5 and _logdet_config().gradient == "hutchinson"
+    with pytest.raises(ValueError, match="num_probes"):
+        gpsparse.settings.logdet_defaults(num_probes=0)
+    with pytest.raises(ValueError, match="gradient"):
+        gpsparse.settings.logdet_defaults(gradient="exact")
+
+
+def test_operator_logdet_bad_matrices():
+    import linear_operator
+
+    indefinite = SparseLinearOperator.from_tensor(build("sym-indefinite-40"))
+    with linear_operator.settings.max_cholesky_size(0):
+        with pytest.raises(NotPositiveDefiniteError):
+            indefinite.inv_quad_logdet(torch.ones(40, 1, dtype=torch.float64), logdet=True)
+        nan = SparseLinearOperator(
+            indefinite.values.clone().index_fill_(0, torch.tensor([3]), float("nan")), pattern=indefinite.pattern
+        )
+        with pytest.raises(ValueError, match="NaN"):
+            nan.inv_quad_logdet(torch.ones(40, 1, dtype=torch.float64), logdet=True)
+        with pytest.raises(RuntimeError, match="symmetric"):
+            SparseLinearOperator.from_tensor(build("nonsym-40")).inv_quad_logdet(
+                torch.ones(40, 1, dtype=torch.float64), logdet=True
+            )
