@@ -8,6 +8,8 @@ SparseLinearOperator
     A linear_operator ``LinearOperator`` backed by a sparse matrix.
 SparsityPattern
     The shared, non-differentiable CSR structure of sparse operators.
+SparsePrecisionLinearOperator, NoisySparsePrecisionLinearOperator
+    Covariances ``W Q⁻¹ Wᵀ`` (+ noise) of Gaussian Markov random fields.
 cg, minres, bicgstab, SolverInfo
     Krylov cores on a matvec closure.
 logdet
@@ -34,6 +36,7 @@ from gpsparse.krylov import SolverInfo, bicgstab, cg, minres
 from gpsparse.logdet import logdet
 from gpsparse.operator import SparseLinearOperator
 from gpsparse.pattern import SparsityPattern
+from gpsparse.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
 from gpsparse.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
 from gpsparse.solve import solve
 
@@ -45,6 +48,8 @@ __all__ = [
     "lanczos",
     "funm",
     "SparseLinearOperator",
+    "SparsePrecisionLinearOperator",
+    "NoisySparsePrecisionLinearOperator",
     "SparsityPattern",
     "cg",
     "minres",

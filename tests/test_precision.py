@@ -1,0 +1,180 @@
+"""Sparse-precision covariances W Q⁻¹ Wᵀ (+ D) against dense float64 references."""
+
+from __future__ import annotations
+
+import linear_operator
+import numpy as np
+import pytest
+import torch
+from matrices import lattice_laplacian, scipy_to_torch
+
+import gpsparse
+from gpsparse import NoisySparsePrecisionLinearOperator, SparseLinearOperator, SparsePrecisionLinearOperator
+
+M = 20  # 20 × 20 lattice, N = 400
+
+
+def _precision(kappa, tau):
+    """Q(κ, τ) = τ (κ⁴ I + 2κ² L + L²) + 0.01 I = τ (κ²I + L)² + 0.01 I, differentiable in κ and τ."""
+    lap = lattice_laplacian(M)
+    L = SparseLinearOperator.from_tensor(scipy_to_torch(lap))
+    L2 = SparseLinearOperator.from_tensor(scipy_to_torch(lap @ lap))
+    q = (L2 + L * (2 * kappa**2)).add_diagonal(kappa**4) * tau
+    return q.add_diagonal(torch.tensor(0.01, dtype=torch.float64))
+
+
+def _selection(rows, n):
+    idx = torch.stack([torch.arange(len(rows)), torch.as_tensor(rows)])
+    return torch.sparse_coo_tensor(idx, torch.ones(len(rows), dtype=torch.float64), (len(rows), n)).coalesce()
+
+
+def _bilinear(points):
+    """Bilinear interpolation weights of points in [0, M-1]² on the lattice (4 nonzeros per row)."""
+    rows, cols, vals = [], [], []
+    for r, (x, y) in enumerate(points):
+        i0, j0 = int(np.floor(x)), int(np.floor(y))
+        i0, j0 = min(i0, M - 2), min(j0, M - 2)
+        fx, fy = x - i0, y - j0
+        for di, dj, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+            rows.append(r)
+            cols.append((i0 + di) * M + (j0 + dj))
+            vals.append(w)
+    idx = torch.tensor([rows, cols])
+    return torch.sparse_coo_tensor(idx, torch.tensor(vals, dtype=torch.float64), (len(points), M * M)).coalesce()
+
+
+def _interps():
+    rng = np.random.default_rng(0)
+    return {
+        "identity": None,
+        "selection": _selection(np.sort(rng.choice(M * M, 300, replace=False)), M * M),
+        "interpolation": _bilinear(rng.uniform(0, M - 1, size=(250, 2))),
+    }
+
+
+def _dense_cov(Q_dense, W):
+    cov = torch.linalg.inv(Q_dense)
+    if W is None:
+        return cov
+    Wd = W.to_dense()
+    return Wd @ cov @ Wd.T
+
+
+@pytest.mark.parametrize("which", ["identity", "selection", "interpolation"])
+@pytest.mark.parametrize("heteroscedastic", [False, True])
+def test_noisy_mll_terms_match_dense(which, heteroscedastic):
+    W = _interps()[which]
+    m = M * M if W is None else W.shape[0]
+    kappa = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(1)
+    base_noise = (
+        0.05 + 0.1 * torch.rand(m, generator=gen, dtype=torch.float64)
+        if heteroscedastic
+        else torch.full((m,), 0.1, dtype=torch.float64)
+    )
+    noise = base_noise.clone().requires_grad_(True)
+    y = torch.randn(m, 1, generator=gen, dtype=torch.float64)
+
+    K = SparsePrecisionLinearOperator(_precision(kappa, tau), interp=W)
+    Ky = K + linear_operator.operators.DiagLinearOperator(noise)
+    assert isinstance(Ky, NoisySparsePrecisionLinearOperator)
+    torch.manual_seed(0)
+    with (
+        linear_operator.settings.max_cholesky_size(0),
+        gpsparse.settings.logdet_defaults(num_probes=128, num_lanczos=40),
+    ):
+        quad, logdet = Ky.inv_quad_logdet(inv_quad_rhs=y, logdet=True)
+    (quad + logdet).backward()
+    grads = torch.stack([kappa.grad, tau.grad]), noise.grad.clone()
+
+    kappa_r, tau_r = (t.detach().clone().requires_grad_(True) for t in (kappa, tau))
+    noise_r = base_noise.clone().requires_grad_(True)
+    dense = _dense_cov(_precision(kappa_r, tau_r).to_dense(), W) + torch.diag(noise_r)
+    quad_r = (y * torch.linalg.solve(dense, y)).sum()
+    logdet_r = torch.logdet(dense)
+    (quad_r + logdet_r).backward()
+
+    torch.testing.assert_close(quad, quad_r, rtol=1e-6, atol=1e-8)
+    assert abs(float(logdet - logdet_r)) < 1e-2 * abs(float(logdet_r))
+    expected = torch.stack([kappa_r.grad, tau_r.grad])
+    assert float((grads[0] - expected).norm() / expected.norm()) < 0.05
+    cos = torch.nn.functional.cosine_similarity(grads[1], noise_r.grad, dim=0)
+    assert float(cos) > 0.95
+
+
+@pytest.mark.parametrize("which", ["identity", "selection", "interpolation"])
+def test_products_solves_and_diagonal(which):
+    W = _interps()[which]
+    Q = _precision(torch.tensor(0.6, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    K = SparsePrecisionLinearOperator(Q, interp=W)
+    dense = _dense_cov(Q.to_dense(), W)
+    x = torch.randn(K.shape[-1], 3, dtype=torch.float64)
+    with gpsparse.settings.solver_defaults(rtol=1e-11):
+        torch.testing.assert_close(K @ x, dense @ x, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(K.diagonal(), dense.diagonal(), rtol=1e-7, atol=1e-9)
+        noise = torch.full((K.shape[-1],), 0.1, dtype=torch.float64)
+        Ky = K.add_diagonal(noise)
+        torch.testing.assert_close(Ky.solve(x), torch.linalg.solve(dense + torch.diag(noise), x), rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(
+            Ky.inv_quad(x, reduce_inv_quad=False),
+            (x * torch.linalg.solve(dense + torch.diag(noise), x)).sum(-2),
+            rtol=1e-7,
+            atol=1e-9,
+        )
+        if W is None:
+            torch.testing.assert_close(K.solve(x), Q.to_dense() @ x)
+    sub = K[5:40, 10:30]
+    assert isinstance(sub, SparsePrecisionLinearOperator) and sub.shape == (35, 20)
+    with gpsparse.settings.solver_defaults(rtol=1e-11):
+        torch.testing.assert_close(sub.to_dense(), dense[5:40, 10:30], rtol=1e-7, atol=1e-9)
+
+
+def test_scale_keeps_type_and_identity_logdet():
+    Q = _precision(torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    K = SparsePrecisionLinearOperator(Q) * torch.tensor(3.0, dtype=torch.float64)
+    assert isinstance(K, SparsePrecisionLinearOperator)
+    with gpsparse.settings.solver_defaults(rtol=1e-11):
+        torch.testing.assert_close(K.to_dense(), 3.0 * torch.linalg.inv(Q.to_dense()), rtol=1e-7, atol=1e-9)
+    with linear_operator.settings.max_cholesky_size(10_000):
+        _, ld = SparsePrecisionLinearOperator(Q).inv_quad_logdet(logdet=True)
+    torch.testing.assert_close(ld, -torch.logdet(Q.to_dense()), rtol=1e-8, atol=1e-8)
+
+
+def test_prior_samples_have_the_right_covariance_action():
+    Q = _precision(torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    K = SparsePrecisionLinearOperator(Q)
+    torch.manual_seed(4)
+    samples = K.zero_mean_mvn_samples(3)
+    torch.manual_seed(4)
+    z = torch.randn(400, 3, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(Q.to_dense())
+    expected = (evecs @ (evals.rsqrt().unsqueeze(-1) * (evecs.T @ z))).T
+    torch.testing.assert_close(samples, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs():
+    Q = _precision(torch.tensor(0.6, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="columns but Q has 400 nodes"):
+        SparsePrecisionLinearOperator(Q, interp=_selection([0, 1], 300))
+    with pytest.raises(TypeError, match="SparseLinearOperator"):
+        SparsePrecisionLinearOperator(Q.to_dense())
+    with pytest.raises(ValueError, match="symmetric"):
+        nonsym = SparseLinearOperator.from_tensor(
+            _bilinear([(1.5, 2.5)] * 1).to_dense()[:, :1].to_sparse(), symmetric=False
+        )
+        SparsePrecisionLinearOperator(nonsym)
+    K = SparsePrecisionLinearOperator(Q, interp=_interps()["selection"])
+    with pytest.raises(ValueError, match="positive"):
+        K.add_diagonal(torch.tensor(-0.1, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match="add observation noise"):
+        K.inv_quad_logdet(torch.ones(300, 1, dtype=torch.float64), logdet=True)
+    bad = SparseLinearOperator(Q.values * -1.0, pattern=Q.pattern)
+    with pytest.raises(gpsparse.NotPositiveDefiniteError):
+        with linear_operator.settings.max_cholesky_size(0):
+            SparsePrecisionLinearOperator(bad).add_diagonal(torch.tensor(0.1, dtype=torch.float64)).inv_quad_logdet(
+                torch.ones(400, 1, dtype=torch.float64), logdet=True
+            )
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="move one of them"):
+            SparsePrecisionLinearOperator(Q, interp=_interps()["selection"].cuda())
