@@ -125,18 +125,18 @@ class SparsePrecisionLinearOperator(LinearOperator):
     def _matmul(self, rhs: Tensor) -> Tensor:
         return _apply(self.interp, self.Q.solve(_apply_t(self._right, rhs)))
 
-    def _transpose_nonbatch(self) -> "SparsePrecisionLinearOperator":
+    def _transpose_nonbatch(self) -> SparsePrecisionLinearOperator:
         if self.is_symmetric:
             return self
         return SparsePrecisionLinearOperator(self.Q, interp=self._right, right_interp=self.interp)
 
-    def _expand_batch(self, batch_shape) -> "SparsePrecisionLinearOperator":
+    def _expand_batch(self, batch_shape) -> SparsePrecisionLinearOperator:
         return self._with_q(self.Q._expand_batch(batch_shape))
 
-    def _with_q(self, Q: SparseLinearOperator) -> "SparsePrecisionLinearOperator":
+    def _with_q(self, Q: SparseLinearOperator) -> SparsePrecisionLinearOperator:
         return SparsePrecisionLinearOperator(Q, interp=self.interp, right_interp=self.right_interp)
 
-    def _mul_constant(self, other) -> "SparsePrecisionLinearOperator":
+    def _mul_constant(self, other) -> SparsePrecisionLinearOperator:
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
         return self._with_q(self.Q._mul_constant(other.reciprocal()))
 
@@ -169,7 +169,7 @@ class SparsePrecisionLinearOperator(LinearOperator):
         return super()._cholesky(upper=upper)
 
     # ---------------------------------------------------------------- noise
-    def add_diagonal(self, diag: Tensor) -> "NoisySparsePrecisionLinearOperator":
+    def add_diagonal(self, diag: Tensor) -> NoisySparsePrecisionLinearOperator:
         """``K + D`` with D diagonal (scalar, ``(m,)`` or batched), kept in posterior-precision form."""
         if not self.is_symmetric:
             raise RuntimeError("add_diagonal needs a square, symmetric covariance")
@@ -271,18 +271,18 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
     def _matmul(self, rhs: Tensor) -> Tensor:
         return self.covariance._matmul(rhs) + self.noise.unsqueeze(-1) * rhs
 
-    def _transpose_nonbatch(self) -> "NoisySparsePrecisionLinearOperator":
+    def _transpose_nonbatch(self) -> NoisySparsePrecisionLinearOperator:
         return self
 
     def _diagonal(self) -> Tensor:
         return self.covariance._diagonal() + self.noise
 
-    def _mul_constant(self, other) -> "NoisySparsePrecisionLinearOperator":
+    def _mul_constant(self, other) -> NoisySparsePrecisionLinearOperator:
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
         c = other.unsqueeze(-1) if other.dim() else other
         return NoisySparsePrecisionLinearOperator(self.Q._mul_constant(other.reciprocal()), self.noise * c, self.interp)
 
-    def add_diagonal(self, diag: Tensor) -> "NoisySparsePrecisionLinearOperator":
+    def add_diagonal(self, diag: Tensor) -> NoisySparsePrecisionLinearOperator:
         diag = torch.as_tensor(diag, dtype=self.dtype, device=self.device)
         return NoisySparsePrecisionLinearOperator(self.Q, self.noise + diag, self.interp)
 
@@ -331,7 +331,7 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
         return quad, logdet_term
 
     def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
-        """``W Q^{-1/2} z₁ + D^{1/2} z₂`` with Lanczos ``f(Q)v`` (see :meth:`SparsePrecisionLinearOperator.zero_mean_mvn_samples`)."""
+        """Samples ``W Q^{-1/2} z₁ + D^{1/2} z₂`` (Lanczos ``f(Q)v`` for the latent part)."""
         latent = self.covariance.zero_mean_mvn_samples(num_samples)
         return latent + self.noise.sqrt() * torch.randn_like(latent)
 
