@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-__all__ = ["max_dense_size", "solver_defaults", "logdet_defaults", "current"]
+__all__ = ["max_dense_size", "solver_defaults", "logdet_defaults", "variance_defaults", "current"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ class _Settings:
     #: Fixed preconditioner of the log-determinant: "jacobi" (exact diagonal
     #: scaling, free), "ic0" or None.
     logdet_preconditioner: str | None = "jacobi"
+    #: Variances of sparse-precision covariances: "auto", "exact" or "stochastic".
+    variance_method: str = "auto"
+    #: Probes of the stochastic variance estimator.
+    variance_probes: int = 64
+    #: "auto" computes variances exactly up to this many points.
+    exact_variance_limit: int = 1024
 
 
 _state = threading.local()
@@ -137,3 +143,20 @@ def logdet_defaults(
     if preconditioner is not False:
         changes["logdet_preconditioner"] = preconditioner
     return _override(**changes)
+
+
+def variance_defaults(*, method: str | None = None, num_probes: int | None = None, exact_limit: int | None = None):
+    """How variances ``diag(W Q⁻¹ Wᵀ)`` of sparse-precision covariances are computed (prediction).
+
+    ``method``: "auto" (exact up to ``exact_limit`` points, default 1024, and
+    stochastic beyond or under ``gpytorch.settings.fast_pred_var()``), "exact"
+    or "stochastic" (``num_probes`` Rademacher probes, default 64). See
+    :func:`gpsparse.precision.covariance_diagonal`.
+    """
+    if method is not None and method not in ("auto", "exact", "stochastic"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'stochastic', got {method!r}")
+    for name, value in (("num_probes", num_probes), ("exact_limit", exact_limit)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    changes = dict(variance_method=method, variance_probes=num_probes, exact_variance_limit=exact_limit)
+    return _override(**{k: v for k, v in changes.items() if v is not None})
