@@ -23,6 +23,7 @@ from torch import Tensor
 
 from gpsparse import krylov
 from gpsparse import settings as gs_settings
+from gpsparse.banded import banded_logdet, banded_solve, bandwidth
 from gpsparse.batching import flatten_operands
 from gpsparse.convert import check_finite, sparse_parts, symmetrized
 from gpsparse.errors import DenseSizeError
@@ -289,17 +290,31 @@ class SparseLinearOperator(LinearOperator):
             method=method, rtol=s.rtol, atol=s.atol, max_iters=s.max_iters, preconditioner=s.preconditioner
         )
 
-    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        r"""``A⁻¹ R`` (or ``L A⁻¹ R``) by gpsparse's iterative solvers, at every size.
+    def _is_banded(self) -> bool:
+        """Whether the exact banded path applies (symmetric, half-bandwidth ≤ the setting)."""
+        limit = gs_settings.current().max_banded_bandwidth
+        if not (self.pattern.symmetric and limit > 0 and self.pattern.size[0] > 1):
+            return False
+        width = self.pattern.__dict__.get("_bandwidth")
+        if width is None:
+            width = self.pattern.__dict__["_bandwidth"] = bandwidth(self.pattern)
+        return width <= limit
 
-        CG for symmetric operators, BiCGSTAB otherwise; tolerances from
+    def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
+        r"""``A⁻¹ R`` (or ``L A⁻¹ R``), exactly for banded operators, else by gpsparse's iterative solvers.
+
+        Banded symmetric operators (see :meth:`inv_quad_logdet`) use the exact
+        banded Cholesky; otherwise CG for symmetric operators, BiCGSTAB; tolerances from
         :func:`gpsparse.settings.solver_defaults`. Gradients: see
         :func:`gpsparse.solve`.
         """
         if not self.is_square:
             raise RuntimeError(f"solve needs a square operator, got size {tuple(self.shape)}")
         check_operand(right_tensor, self.values, "right-hand side")
-        result = solve_parts(self.values, self.pattern, right_tensor, self._solver_config())
+        if self._is_banded():
+            result = banded_solve(self.values, self.pattern, right_tensor)
+        else:
+            result = solve_parts(self.values, self.pattern, right_tensor, self._solver_config())
         if left_tensor is None:
             return result
         return left_tensor @ result
@@ -310,7 +325,9 @@ class SparseLinearOperator(LinearOperator):
             raise RuntimeError(f"inv_quad needs a square operator, got size {tuple(self.shape)}")
         check_operand(inv_quad_rhs, self.values, "inv_quad_rhs")
         rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-        if self.pattern.symmetric:
+        if self._is_banded():
+            term = (banded_solve(self.values, self.pattern, rhs) * rhs).sum(-2)
+        elif self.pattern.symmetric:
             values2d, rhs3d, _ = flatten_operands(self.values, rhs, self.pattern.size[1])
             batch = _broadcast_batch(self.values, rhs)
             term = SparseInvQuad.apply(values2d, rhs3d, self.pattern, self._solver_config()).reshape(
@@ -323,6 +340,9 @@ class SparseLinearOperator(LinearOperator):
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
         r"""Inverse quadratic form ``diag(Rᵀ A⁻¹ R)`` and ``log det A`` with sparse gradients.
 
+        * Banded operators (half-bandwidth ≤ ``max_banded_bandwidth`` of
+          :func:`gpsparse.settings.solver_defaults`, e.g. 1-D Markov
+          precisions): exact banded Cholesky (:mod:`gpsparse.banded`), O(N·b²).
         * Without ``logdet``: gpsparse's CG (:meth:`inv_quad`), at every size.
         * With ``logdet``, for ``n ≤`` linear_operator's ``max_cholesky_size``
           (and within :func:`gpsparse.settings.max_dense_size`): an exact
@@ -343,6 +363,11 @@ class SparseLinearOperator(LinearOperator):
             )
         if not self.pattern.symmetric:
             raise RuntimeError("inv_quad_logdet needs a symmetric positive definite operator")
+        if self._is_banded():
+            quad = (
+                self.inv_quad(inv_quad_rhs, reduce_inv_quad) if inv_quad_rhs is not None else self.values.new_zeros(())
+            )
+            return quad, banded_logdet(self.values, self.pattern)
         n = self.pattern.size[0]
         dense_ok = math.prod(self.shape) <= gs_settings.current().max_dense_size
         if n <= lo_settings.max_cholesky_size.value() and dense_ok:

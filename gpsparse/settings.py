@@ -45,6 +45,9 @@ class _Settings:
     #: Fixed preconditioner of the log-determinant: "jacobi" (exact diagonal
     #: scaling, free), "ic0" or None.
     logdet_preconditioner: str | None = "jacobi"
+    #: Symmetric operators whose half-bandwidth max|i − j| is at most this use the exact banded
+    #: Cholesky path (LAPACK pbtrf, O(N·b²)) for solves and log-determinants (0 disables it).
+    max_banded_bandwidth: int = 6
     #: Variances of sparse-precision covariances: "auto", "exact" or "stochastic".
     variance_method: str = "auto"
     #: Probes of the stochastic variance estimator.
@@ -84,20 +87,24 @@ def solver_defaults(
     atol: float | None = None,
     max_iters: int | None = None,
     preconditioner: str | None = None,
+    max_banded_bandwidth: int | None = None,
 ):
-    """Override the iterative-solve settings used by :class:`~gpsparse.SparseLinearOperator`.
+    """Override the solve settings used by :class:`~gpsparse.SparseLinearOperator`.
 
-    The method is chosen by the operator: CG for symmetric matrices,
-    BiCGSTAB otherwise. linear_operator's ``cg_tolerance`` (default 1, meant
-    for training) is deliberately *not* used: gpsparse solves to ``rtol``
-    (default 1e-6).
+    The method is chosen by the operator: the exact banded Cholesky for
+    symmetric operators of half-bandwidth ≤ ``max_banded_bandwidth`` (default
+    6; 0 disables), else CG for symmetric matrices and BiCGSTAB otherwise.
+    linear_operator's ``cg_tolerance`` (default 1, meant for training) is
+    deliberately *not* used: gpsparse solves to ``rtol`` (default 1e-6).
     """
-    changes = {
-        k: v
-        for k, v in dict(rtol=rtol, atol=atol, max_iters=max_iters, preconditioner=preconditioner).items()
-        if v is not None
-    }
-    return _override(**changes)
+    changes = dict(
+        rtol=rtol,
+        atol=atol,
+        max_iters=max_iters,
+        preconditioner=preconditioner,
+        max_banded_bandwidth=max_banded_bandwidth,
+    )
+    return _override(**{k: v for k, v in changes.items() if v is not None})
 
 
 def logdet_defaults(

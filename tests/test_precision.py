@@ -178,3 +178,43 @@ def test_bad_inputs():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="move one of them"):
             SparsePrecisionLinearOperator(Q, interp=_interps()["selection"].cuda())
+
+
+def _ou_precision(n, rho, requires_grad=False):
+    """Precision of a stationary AR(1)/OU chain with unit variance: tridiagonal, exact logdet −(n−1)·log(1−ρ²)."""
+    rho = torch.as_tensor(rho, dtype=torch.float64).requires_grad_(requires_grad)
+    main = torch.full((n,), 1.0, dtype=torch.float64) + rho**2
+    main = torch.cat([torch.ones(1, dtype=torch.float64), main[1:-1], torch.ones(1, dtype=torch.float64)])
+    i = torch.arange(n)
+    idx = torch.cat([torch.stack([i, i]), torch.stack([i[:-1], i[1:]]), torch.stack([i[1:], i[:-1]])], 1)
+    off = (-rho).expand(n - 1)
+    vals = torch.cat([main, off, off]) / (1 - rho**2)
+    return SparseLinearOperator.from_tensor(torch.sparse_coo_tensor(idx, vals, (n, n))), rho
+
+
+def test_banded_markov_model_is_exact_without_krylov():
+    """Tridiagonal Q and P (selection W): exact banded factorisation, no CG/Lanczos, values and gradients exact."""
+    from unittest.mock import patch
+
+    n = 300
+    Q, rho = _ou_precision(n, 0.9, requires_grad=True)
+    W = _selection(np.arange(0, n, 3), n)
+    noise = torch.full((W.shape[0],), 0.2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(W.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    Ky = SparsePrecisionLinearOperator(Q, interp=W).add_diagonal(noise)
+    with (
+        patch("gpsparse.krylov.cg", side_effect=AssertionError("CG called")),
+        patch("gpsparse.tridiag.lanczos", side_effect=AssertionError("Lanczos called")),
+        linear_operator.settings.max_cholesky_size(0),
+    ):
+        quad, logdet = Ky.inv_quad_logdet(y, logdet=True)
+    (quad + logdet).backward()
+    Q_r, rho_r = _ou_precision(n, 0.9, requires_grad=True)
+    noise_r = noise.detach().clone().requires_grad_(True)
+    dense = _dense_cov(Q_r.to_dense(), W) + torch.diag(noise_r)
+    quad_r, logdet_r = (y * torch.linalg.solve(dense, y)).sum(), torch.logdet(dense)
+    (quad_r + logdet_r).backward()
+    torch.testing.assert_close(quad, quad_r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logdet, logdet_r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rho.grad, rho_r.grad, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(noise.grad, noise_r.grad, rtol=1e-7, atol=1e-9)
