@@ -92,7 +92,7 @@ class LogdetConfig:
     preconditioner: Any = "jacobi"
     reorthogonalize: bool = False
     rtol: float = 1e-6
-    max_memory: int = 2**30
+    max_memory: int = 2**29
 
     def __post_init__(self) -> None:
         if int(self.num_probes) < 1:
@@ -353,7 +353,7 @@ def logdet(
     probes: Tensor | None = None,
     reorthogonalize: bool = False,
     rtol: float = 1e-6,
-    max_memory: int = 2**30,
+    max_memory: int = 2**29,
 ) -> Tensor:
     r"""Stochastic Lanczos quadrature estimate of ``log det A`` with sparse gradients.
 

@@ -84,20 +84,34 @@ def sampled_product(pattern: SparsityPattern, left: Tensor, right: Tensor) -> Te
     -----
     Uses torch's CSR ``sampled_addmm`` (SDDMM): no ``nnz × k`` temporary
     (measured 7× faster than a chunked gather with 16 columns at n = 10⁶).
+    Wide operands (e.g. the ``p·K`` columns of a Lanczos adjoint) are
+    processed in column chunks of at most :data:`CHUNK_ELEMENTS` elements,
+    so the layout copies torch makes stay bounded whatever ``k``.
     """
     num_blocks, m, k = left.shape
     n = right.shape[-2]
     crow, col = pattern.block_diagonal(num_blocks)
     dtype = torch.promote_types(left.dtype, right.dtype)
-    zeros = torch.zeros(col.numel(), dtype=dtype, device=left.device)
-    template = csr_tensor(crow, col, zeros, (num_blocks * m, num_blocks * n))
-    out = torch.sparse.sampled_addmm(
-        template,
-        left.reshape(num_blocks * m, k).to(dtype),
-        right.reshape(num_blocks * n, k).to(dtype).t(),
-        beta=0.0,
-    )
-    return out.values().reshape(num_blocks, pattern.nnz)
+    step = max(1, CHUNK_ELEMENTS // max(num_blocks * max(m, n), 1))
+    total = None
+    for start in range(0, k, step):
+        cols = slice(start, min(k, start + step))
+        zeros = torch.zeros(col.numel(), dtype=dtype, device=left.device)
+        template = csr_tensor(crow, col, zeros, (num_blocks * m, num_blocks * n))
+        out = torch.sparse.sampled_addmm(
+            template,
+            left[..., cols].reshape(num_blocks * m, -1).to(dtype),
+            right[..., cols].reshape(num_blocks * n, -1).to(dtype).t(),
+            beta=0.0,
+        ).values()
+        total = out if total is None else total.add_(out)
+    if total is None:
+        return torch.zeros(num_blocks, pattern.nnz, dtype=dtype, device=left.device)
+    return total.reshape(num_blocks, pattern.nnz)
+
+
+#: Column-chunk size (elements of one dense operand) of :func:`sampled_product` (64 MiB in float64).
+CHUNK_ELEMENTS = 2**23
 
 
 def symmetrize_values_grad(grad: Tensor, pattern: SparsityPattern) -> Tensor:

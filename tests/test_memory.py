@@ -79,3 +79,42 @@ def test_inv_quad_logdet_backward_at_quarter_million_under_3gb(gradient):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["grad_shape"] == [report["nnz"]] and report["finite"]
     assert report["peak_mib"] < 3072, report
+
+
+PRECISION_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, torch, gpsparse, linear_operator
+    from gpsparse import SparseLinearOperator, SparsePrecisionLinearOperator
+    from matrices import lattice_precision_13pt, scipy_to_torch
+
+    torch.manual_seed(0)
+    Q = scipy_to_torch(lattice_precision_13pt(500, kappa=0.5, noise=100.0))   # N = 250 000 latent nodes
+    values = Q.values().clone().requires_grad_(True)
+    Q = SparseLinearOperator.from_tensor(torch.sparse_coo_tensor(Q.indices(), values, Q.shape))
+    n = Q.shape[0]
+    rows = torch.randperm(n)[: n // 2].sort().values                       # half of the nodes observed
+    W = torch.sparse_coo_tensor(torch.stack([torch.arange(rows.numel()), rows]), torch.ones(rows.numel(), dtype=torch.float64), (rows.numel(), n))
+    noise = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(rows.numel(), 1, dtype=torch.float64)
+    K = SparsePrecisionLinearOperator(Q, interp=W).add_diagonal(noise)
+    with gpsparse.settings.logdet_defaults(num_probes=8, num_lanczos=32):
+        quad, logdet = K.inv_quad_logdet(y, logdet=True)
+    (quad + logdet).backward()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": peak_kib / 1024, "grad_shape": list(values.grad.shape), "nnz": values.numel(),
+                      "noise_grad": float(noise.grad)}))
+    """
+)
+
+
+def test_precision_mll_backward_at_quarter_million_under_3gb():
+    out = subprocess.run(
+        [sys.executable, "-c", PRECISION_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=__file__.rsplit("/", 1)[0],
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["grad_shape"] == [report["nnz"]] and report["noise_grad"] == report["noise_grad"]
+    assert report["peak_mib"] < 3072, report
