@@ -23,6 +23,7 @@ settings
 """
 
 from gpsparse import settings
+from gpsparse.cholmod import CholeskyPreconditioner
 from gpsparse.errors import (
     ConvergenceWarning,
     DenseSizeError,
@@ -58,6 +59,7 @@ __all__ = [
     "Preconditioner",
     "JacobiPreconditioner",
     "IncompleteCholeskyPreconditioner",
+    "CholeskyPreconditioner",
     "settings",
     "GPSparseError",
     "NotPositiveDefiniteError",

@@ -102,8 +102,10 @@ class LogdetConfig:
         if self.gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         spec = self.preconditioner
-        if isinstance(spec, str) and spec not in ("jacobi", "ic0"):
-            raise ValueError(f"unknown preconditioner {spec!r}; choose 'jacobi', 'ic0', a Preconditioner or None")
+        if isinstance(spec, str) and spec not in ("jacobi", "ic0", "cholesky"):
+            raise ValueError(
+                f"unknown preconditioner {spec!r}; choose 'jacobi', 'ic0', 'cholesky', a Preconditioner or None"
+            )
         if spec is not None and not isinstance(spec, (str, Preconditioner)):
             raise TypeError("a log-determinant preconditioner needs split factors and logdet: pass a Preconditioner")
 

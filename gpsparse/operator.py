@@ -300,6 +300,10 @@ class SparseLinearOperator(LinearOperator):
             width = self.pattern.__dict__["_bandwidth"] = bandwidth(self.pattern)
         return width <= limit
 
+    def _uses_cholesky(self) -> bool:
+        """Whether the exact sparse-Cholesky path is selected (``logdet_defaults(method="cholesky")``)."""
+        return self.pattern.symmetric and gs_settings.current().logdet_method == "cholesky"
+
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         r"""``A⁻¹ R`` (or ``L A⁻¹ R``), exactly for banded operators, else by gpsparse's iterative solvers.
 
@@ -313,6 +317,10 @@ class SparseLinearOperator(LinearOperator):
         check_operand(right_tensor, self.values, "right-hand side")
         if self._is_banded():
             result = banded_solve(self.values, self.pattern, right_tensor)
+        elif self._uses_cholesky():
+            from gpsparse.cholmod import cholesky_solve
+
+            result = cholesky_solve(self.values, self.pattern, right_tensor)
         else:
             result = solve_parts(self.values, self.pattern, right_tensor, self._solver_config())
         if left_tensor is None:
@@ -325,8 +333,8 @@ class SparseLinearOperator(LinearOperator):
             raise RuntimeError(f"inv_quad needs a square operator, got size {tuple(self.shape)}")
         check_operand(inv_quad_rhs, self.values, "inv_quad_rhs")
         rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-        if self._is_banded():
-            term = (banded_solve(self.values, self.pattern, rhs) * rhs).sum(-2)
+        if self._is_banded() or self._uses_cholesky():
+            term = (self.solve(rhs) * rhs).sum(-2)
         elif self.pattern.symmetric:
             values2d, rhs3d, _ = flatten_operands(self.values, rhs, self.pattern.size[1])
             batch = _broadcast_batch(self.values, rhs)
@@ -343,6 +351,8 @@ class SparseLinearOperator(LinearOperator):
         * Banded operators (half-bandwidth ≤ ``max_banded_bandwidth`` of
           :func:`gpsparse.settings.solver_defaults`, e.g. 1-D Markov
           precisions): exact banded Cholesky (:mod:`gpsparse.banded`), O(N·b²).
+        * Under ``logdet_defaults(method="cholesky")``: exact sparse Cholesky
+          (:mod:`gpsparse.cholmod`, CHOLMOD), gradients by selected inversion.
         * Without ``logdet``: gpsparse's CG (:meth:`inv_quad`), at every size.
         * With ``logdet``, for ``n ≤`` linear_operator's ``max_cholesky_size``
           (and within :func:`gpsparse.settings.max_dense_size`): an exact
@@ -363,11 +373,15 @@ class SparseLinearOperator(LinearOperator):
             )
         if not self.pattern.symmetric:
             raise RuntimeError("inv_quad_logdet needs a symmetric positive definite operator")
-        if self._is_banded():
-            quad = (
-                self.inv_quad(inv_quad_rhs, reduce_inv_quad) if inv_quad_rhs is not None else self.values.new_zeros(())
-            )
-            return quad, banded_logdet(self.values, self.pattern)
+        if self._is_banded() or self._uses_cholesky():
+            quad = self.values.new_zeros(())
+            if inv_quad_rhs is not None:
+                quad = self.inv_quad(inv_quad_rhs, reduce_inv_quad)
+            if self._is_banded():
+                return quad, banded_logdet(self.values, self.pattern)
+            from gpsparse.cholmod import cholesky_logdet
+
+            return quad, cholesky_logdet(self.values, self.pattern)
         n = self.pattern.size[0]
         dense_ok = math.prod(self.shape) <= gs_settings.current().max_dense_size
         if n <= lo_settings.max_cholesky_size.value() and dense_ok:

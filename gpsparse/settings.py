@@ -45,6 +45,11 @@ class _Settings:
     #: Fixed preconditioner of the log-determinant: "jacobi" (exact diagonal
     #: scaling, free), "ic0" or None.
     logdet_preconditioner: str | None = "jacobi"
+    #: "slq" (stochastic Lanczos quadrature) or "cholesky" (exact sparse Cholesky through
+    #: CHOLMOD, optional dependency scikit-sparse) for log-determinants and the solves beside them.
+    logdet_method: str = "slq"
+    #: With preconditioner "cholesky": refactorise the (stale) preconditioner every this many uses.
+    cholesky_refresh: int = 10
     #: Symmetric operators whose half-bandwidth max|i − j| is at most this use the exact banded
     #: Cholesky path (LAPACK pbtrf, O(N·b²)) for solves and log-determinants (0 disables it).
     max_banded_bandwidth: int = 6
@@ -113,8 +118,10 @@ def logdet_defaults(
     num_probes: int | None = None,
     num_lanczos: int | None = None,
     preconditioner: str | None | bool = False,
+    method: str | None = None,
+    cholesky_refresh: int | None = None,
 ):
-    """Override how :class:`~gpsparse.SparseLinearOperator` estimates log-determinants.
+    """Override how :class:`~gpsparse.SparseLinearOperator` computes log-determinants.
 
     Parameters
     ----------
@@ -128,8 +135,16 @@ def logdet_defaults(
         Probes and Lanczos steps (defaults 16 and 64; linear_operator's
         ``num_trace_samples`` / ``max_lanczos_quadrature_iterations`` take
         precedence when a user has set them away from their defaults).
-    preconditioner : "jacobi", "ic0" or None
+    preconditioner : "jacobi", "ic0", "cholesky" or None
         Fixed preconditioner with exact log-determinant (default "jacobi").
+        ``"cholesky"`` is a CHOLMOD factor of the matrix from an earlier call
+        (an earlier optimiser step), reused as ``M`` and refactorised every
+        ``cholesky_refresh`` uses (default 10): SLQ on ``C⁻¹AC⁻ᵀ ≈ I`` then
+        needs few Lanczos steps.
+    method : {"slq", "cholesky"}
+        ``"cholesky"``: exact log-determinants and solves by sparse Cholesky
+        (CHOLMOD; needs ``pip install "gpsparse[cholmod]"``), gradients by
+        selected inversion — the exact reference path.
 
     Examples
     --------
@@ -142,11 +157,16 @@ def logdet_defaults(
     for name, value in (("num_probes", num_probes), ("num_lanczos", num_lanczos)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    changes = {
-        k: v
-        for k, v in dict(logdet_gradient=gradient, num_probes=num_probes, num_lanczos=num_lanczos).items()
-        if v is not None
-    }
+    if method is not None and method not in ("slq", "cholesky"):
+        raise ValueError(f"method must be 'slq' or 'cholesky', got {method!r}")
+    changes = dict(
+        logdet_gradient=gradient,
+        num_probes=num_probes,
+        num_lanczos=num_lanczos,
+        logdet_method=method,
+        cholesky_refresh=cholesky_refresh,
+    )
+    changes = {k: v for k, v in changes.items() if v is not None}
     if preconditioner is not False:
         changes["logdet_preconditioner"] = preconditioner
     return _override(**changes)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -29,7 +28,7 @@ from gpsparse.sparse_ops import spmm
 __all__ = ["SolverConfig", "run_solver", "METHODS", "PRECONDITIONERS"]
 
 METHODS = ("cg", "minres", "bicgstab")
-PRECONDITIONERS = ("jacobi", "ic0")
+PRECONDITIONERS = ("jacobi", "ic0", "cholesky")
 PreconditionerSpec = None | str | Preconditioner | Callable[[Tensor], Tensor]
 
 
@@ -85,6 +84,8 @@ def build_preconditioner(spec: PreconditionerSpec, values: Tensor, pattern: Spar
     if spec is None or not isinstance(spec, str):
         return spec
     values = values.detach()
+    if spec == "cholesky":
+        return stale_cholesky(values, pattern)
     if spec == "jacobi":
         pos = pattern.diagonal_positions
         diagonal = torch.where(pos >= 0, values[:, pos.clamp_min(0)], values.new_zeros(()))
@@ -92,6 +93,27 @@ def build_preconditioner(spec: PreconditionerSpec, values: Tensor, pattern: Spar
     if values.shape[0] != 1:
         raise NotImplementedError("the 'ic0' preconditioner needs a single (non-batched) matrix")
     return incomplete_cholesky_with_shift(pattern.to_sparse_csr(values[0]))
+
+
+def stale_cholesky(values: Tensor, pattern: SparsityPattern):
+    """A CHOLMOD factor of this pattern's matrix from an earlier call, as a fixed preconditioner.
+
+    Cached on the pattern and refactorised from the current (detached) values
+    every ``cholesky_refresh`` uses (:func:`gpsparse.settings.logdet_defaults`):
+    during optimisation the matrix changes slowly, so an earlier factor keeps
+    ``C⁻¹AC⁻ᵀ`` close to the identity and Krylov methods converge in a few
+    steps, while the factorisation cost is paid only now and then.
+    """
+    from gpsparse import settings
+    from gpsparse.cholmod import CholeskyPreconditioner
+
+    entry = pattern.__dict__.get("_stale_cholesky")
+    refresh = settings.current().cholesky_refresh
+    if entry is None or entry[1] >= refresh or entry[0].batch_shape.numel() != values.shape[0]:
+        entry = [CholeskyPreconditioner.from_matrix(values.detach(), pattern), 0]
+        pattern.__dict__["_stale_cholesky"] = entry
+    entry[1] += 1
+    return entry[0]
 
 
 IC_SHIFTS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)

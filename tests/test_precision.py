@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import linear_operator
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from matrices import lattice_laplacian, scipy_to_torch
 
 import gpsparse
+import gpsparse.cholmod
 from gpsparse import NoisySparsePrecisionLinearOperator, SparseLinearOperator, SparsePrecisionLinearOperator
 
 M = 20  # 20 × 20 lattice, N = 400
@@ -218,3 +221,57 @@ def test_banded_markov_model_is_exact_without_krylov():
     torch.testing.assert_close(logdet, logdet_r, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(rho.grad, rho_r.grad, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(noise.grad, noise_r.grad, rtol=1e-7, atol=1e-9)
+
+
+requires_cholmod = pytest.mark.skipif(not gpsparse.cholmod.cholmod_available(), reason="scikit-sparse not installed")
+
+
+@requires_cholmod
+def test_exact_cholesky_path_matches_dense():
+    """logdet_defaults(method="cholesky"): exact MLL terms and gradients (CHOLMOD + selected inversion)."""
+    W = _interps()["interpolation"]
+    kappa = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    noise = torch.full((W.shape[0],), 0.1, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(W.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    Ky = SparsePrecisionLinearOperator(
+        _precision(kappa, torch.tensor(2.0, dtype=torch.float64)), interp=W
+    ).add_diagonal(noise)
+    with (
+        gpsparse.settings.logdet_defaults(method="cholesky"),
+        linear_operator.settings.max_cholesky_size(0),
+        patch("gpsparse.krylov.cg", side_effect=AssertionError("CG called")),
+    ):
+        quad, logdet = Ky.inv_quad_logdet(y, logdet=True)
+    (quad + logdet).backward()
+    kappa_r = kappa.detach().clone().requires_grad_(True)
+    noise_r = noise.detach().clone().requires_grad_(True)
+    dense = _dense_cov(_precision(kappa_r, torch.tensor(2.0, dtype=torch.float64)).to_dense(), W) + torch.diag(noise_r)
+    quad_r, logdet_r = (y * torch.linalg.solve(dense, y)).sum(), torch.logdet(dense)
+    (quad_r + logdet_r).backward()
+    torch.testing.assert_close(quad, quad_r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logdet, logdet_r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(kappa.grad, kappa_r.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(noise.grad, noise_r.grad, rtol=1e-6, atol=1e-8)
+
+
+@requires_cholmod
+def test_stale_cholesky_preconditioner_needs_few_lanczos_steps():
+    """A CHOLMOD factor from an earlier step as the fixed preconditioner: SLQ on C⁻¹AC⁻ᵀ ≈ I is accurate with K = 5."""
+    Q_old = _precision(torch.tensor(0.60, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    Q_new = SparseLinearOperator(
+        _precision(torch.tensor(0.62, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)).values,
+        pattern=Q_old.pattern,
+    )
+    exact = torch.logdet(Q_new.to_dense())
+    torch.manual_seed(0)
+    with (
+        linear_operator.settings.max_cholesky_size(0),
+        gpsparse.settings.logdet_defaults(preconditioner="cholesky", num_lanczos=5, num_probes=16),
+    ):
+        Q_old.logdet()  # factorises (step 1)
+        estimate = Q_new.logdet()  # reuses the step-1 factor
+        plain = None
+    with linear_operator.settings.max_cholesky_size(0), gpsparse.settings.logdet_defaults(num_lanczos=5, num_probes=16):
+        plain = Q_new.logdet()
+    assert abs(float(estimate - exact)) < 1e-3 * abs(float(exact))
+    assert abs(float(estimate - exact)) < abs(float(plain - exact))
