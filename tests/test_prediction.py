@@ -160,3 +160,32 @@ def test_skip_posterior_variances_and_samples():
     with torch.no_grad():
         samples = sparse(x_test).rsample(torch.Size([3]))
     assert samples.shape == (3, 20) and torch.isfinite(samples).all()
+
+
+def test_fixed_noise_likelihood_matches_dense():
+    """Heteroscedastic noise through gpytorch's FixedNoiseGaussianLikelihood: loss, gradients, prediction."""
+    x, y = _data(300, seed=4)
+    noise = 0.02 + 0.1 * torch.rand(300, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_test = torch.rand(40, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * (M - 1)
+    results = []
+    for kernel, cholesky_size in ((LatticeTestKernel(), 0), (DenseKernel(LatticeTestKernel()), 10**9)):
+        likelihood = gpytorch.likelihoods.FixedNoiseGaussianLikelihood(noise=noise)
+        model = Model(x, y, likelihood, kernel).double()
+        torch.manual_seed(0)
+        with (
+            linear_operator.settings.max_cholesky_size(cholesky_size),
+            gpsparse.settings.logdet_defaults(method="cholesky"),
+        ):
+            loss = -gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)(model(x), y)
+            loss.backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        model.eval()
+        likelihood.eval()
+        with torch.no_grad(), gpsparse.settings.solver_defaults(rtol=1e-10):
+            pred = model(x_test)
+            results.append((loss.detach(), grads, pred.mean, pred.variance))
+    (loss_s, g_s, m_s, v_s), (loss_d, g_d, m_d, v_d) = results
+    torch.testing.assert_close(loss_s, loss_d, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(g_s, g_d, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(m_s, m_d, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(v_s, v_d, rtol=1e-6, atol=1e-9)
