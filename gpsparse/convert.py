@@ -7,7 +7,7 @@ from torch import Tensor
 
 from gpsparse.pattern import SparsityPattern
 
-__all__ = ["sparse_parts", "check_finite", "detect_symmetric", "symmetrized"]
+__all__ = ["sparse_parts", "check_finite", "detect_symmetric", "declare_symmetry", "symmetrized"]
 
 _ACCEPTED = (torch.sparse_coo, torch.sparse_csr)
 
@@ -53,10 +53,18 @@ def sparse_parts(matrix: Tensor, *, symmetric: bool | None = None) -> tuple[Tens
         crow = matrix.crow_indices().long()
         col = matrix.col_indices().long()
         row = torch.repeat_interleave(torch.arange(matrix.shape[0], device=crow.device), crow[1:] - crow[:-1])
-    values = matrix.values()
+    values = _csr_values(matrix) if matrix.layout == torch.sparse_csr else matrix.values()
     check_finite(values, "sparse matrix values")
     pattern, order = SparsityPattern.from_indices(row, col, tuple(matrix.shape))
     values = values[order]
+    return declare_symmetry(values, pattern, symmetric)
+
+
+def declare_symmetry(values: Tensor, pattern: SparsityPattern, symmetric: bool | None):
+    """Detect (``None``) or check (``True``) symmetry; return values and the pattern declaring it.
+
+    Raises ``ValueError`` for ``symmetric=True`` on a non-symmetric matrix.
+    """
     if symmetric is None:
         symmetric = detect_symmetric(values, pattern)
     elif symmetric and not detect_symmetric(values, pattern):
@@ -70,6 +78,35 @@ def sparse_parts(matrix: Tensor, *, symmetric: bool | None = None) -> tuple[Tens
 def symmetrized(values: Tensor, pattern: SparsityPattern) -> Tensor:
     """``(v + v[..., transpose_perm]) / 2``: removes rounding-level asymmetry, differentiably."""
     return 0.5 * (values + values[..., pattern.transpose_perm])
+
+
+def _csr_values(matrix: Tensor) -> Tensor:
+    """The values of a CSR tensor, without torch's dense backward of ``torch.sparse_csr_tensor``.
+
+    torch's autograd of ``torch.sparse_csr_tensor(crow, col, values)``
+    (``SparseCompressedTensorBackward0``) materialises an ``n × n`` dense
+    gradient. When the values are a leaf, gpsparse reads that leaf directly
+    (same order), so gradients reach it sparsely; when they are computed from
+    other tensors there is no way around torch's backward, and we refuse
+    rather than allocate ``n²``.
+
+    Raises
+    ------
+    ValueError
+        A CSR tensor built from non-leaf values that require grad.
+    """
+    node = matrix.grad_fn
+    if node is None or type(node).__name__ != "SparseCompressedTensorBackward0":
+        return matrix.values()
+    source = node.next_functions[0][0] if node.next_functions else None
+    leaf = getattr(source, "variable", None)
+    if leaf is not None and leaf.shape == matrix.values().shape and leaf.dtype == matrix.dtype:
+        return leaf
+    raise ValueError(
+        "this CSR tensor was built by torch.sparse_csr_tensor from values that require grad, and torch's own "
+        "backward of that constructor forms a dense n × n gradient; build a COO tensor instead "
+        "(torch.sparse_coo_tensor(indices, values, size)) or use SparseLinearOperator.from_csr(crow, col, values, size)"
+    )
 
 
 def detect_symmetric(values: Tensor, pattern: SparsityPattern) -> bool:

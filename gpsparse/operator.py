@@ -25,7 +25,7 @@ from gpsparse import krylov
 from gpsparse import settings as gs_settings
 from gpsparse.banded import banded_logdet, banded_solve, bandwidth
 from gpsparse.batching import flatten_operands
-from gpsparse.convert import check_finite, sparse_parts, symmetrized
+from gpsparse.convert import check_finite, declare_symmetry, sparse_parts, symmetrized
 from gpsparse.errors import DenseSizeError
 from gpsparse.functions import SparseInvQuad, SparseMatmul
 from gpsparse.logdet import LogdetConfig, slq_apply
@@ -98,6 +98,23 @@ class SparseLinearOperator(LinearOperator):
         see :func:`gpsparse.convert.sparse_parts` for errors.
         """
         values, pattern = sparse_parts(matrix, symmetric=symmetric)
+        return cls(values, pattern=pattern)
+
+    @classmethod
+    def from_csr(
+        cls, crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int], *, symmetric: bool | None = None
+    ) -> SparseLinearOperator:
+        """Build from CSR parts; ``values (*batch, nnz)`` may be any differentiable tensor (batched too).
+
+        Unlike ``torch.sparse_csr_tensor(crow, col, values)`` — whose backward
+        forms a dense ``n × n`` gradient in torch — gradients reach ``values``
+        as ``(*batch, nnz)`` tensors. Columns may be unsorted within rows.
+        """
+        crow = crow.long()
+        row = torch.repeat_interleave(torch.arange(int(size[0]), device=crow.device), crow[1:] - crow[:-1])
+        pattern, order = SparsityPattern.from_indices(row, col, size)
+        check_finite(values, "sparse matrix values")
+        values, pattern = declare_symmetry(values[..., order], pattern, symmetric)
         return cls(values, pattern=pattern)
 
     def _new(self, values: Tensor, pattern: SparsityPattern | None = None) -> SparseLinearOperator:

@@ -210,3 +210,21 @@ def test_ic0_retries_with_a_shift_when_pivots_break_down():
     B = torch.randn(A.shape[0], 2, dtype=torch.float64)
     x = gpsparse.solve(A, B, preconditioner="ic0", rtol=1e-10, strict=True)
     torch.testing.assert_close(A @ x, B, rtol=1e-7, atol=1e-8)
+
+
+def test_csr_built_from_grad_values_never_densifies():
+    """torch.sparse_csr_tensor(crow, col, v)'s own backward is dense n × n: gpsparse reads the leaf v instead."""
+    n = 3000
+    i = torch.arange(n)
+    v = torch.full((n,), 2.0, dtype=torch.float64, requires_grad=True)
+    A = torch.sparse_csr_tensor(torch.arange(n + 1), i, v, (n, n))
+    with torch.autograd.profiler.profile(profile_memory=True) as prof:
+        gpsparse.solve(A, torch.ones(n, dtype=torch.float64)).sum().backward()
+    assert not [e for e in prof.function_events if e.cpu_memory_usage >= n * n * 8]
+    torch.testing.assert_close(v.grad, torch.full((n,), -0.25, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dense n × n gradient"):
+        gpsparse.solve(
+            torch.sparse_csr_tensor(torch.arange(n + 1), i, v * 1.0, (n, n)), torch.ones(n, dtype=torch.float64)
+        )
+    op = gpsparse.SparseLinearOperator.from_csr(torch.arange(n + 1), i, v * 1.0, (n, n))
+    assert op.is_symmetric and op.values.grad_fn is not None
