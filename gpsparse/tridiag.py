@@ -137,6 +137,7 @@ import torch
 from torch import Tensor
 
 from gpsparse.errors import SolverBreakdownError
+from gpsparse.krylov import _checked
 
 __all__ = ["LanczosDecomposition", "lanczos", "lanczos_adjoint"]
 
@@ -275,7 +276,7 @@ def lanczos(
     """
     tol = _validate_forward(matvec, v, num_lanczos, breakdown_tol)
     with torch.no_grad():
-        return _lanczos(_checked(matvec), v, num_lanczos, bool(reorthogonalize), tol, differentiable=False)
+        return _lanczos(_checked(matvec, "matvec"), v, num_lanczos, bool(reorthogonalize), tol, differentiable=False)
 
 
 def _validate_forward(matvec, v, num_lanczos, breakdown_tol) -> float:
@@ -522,7 +523,13 @@ def lanczos_adjoint(
         if reorthogonalize is None:
             reorthogonalize = decomposition.reorthogonalized
         return _adjoint(
-            _checked(matvec), decomposition, grad_basis, grad_alpha, grad_beta, grad_norm, bool(reorthogonalize)
+            _checked(matvec, "matvec"),
+            decomposition,
+            grad_basis,
+            grad_alpha,
+            grad_beta,
+            grad_norm,
+            bool(reorthogonalize),
         )
 
 
@@ -627,28 +634,6 @@ def _combine(Qs: Tensor, c: Tensor) -> Tensor:
 def _project(Qs: Tensor, x: Tensor) -> Tensor:
     """``Q_c Q_cᵀ x_c`` for every column (one Gram–Schmidt pass), ``(*batch, n, p)``."""
     return _combine(Qs, _coefficients(Qs, x))
-
-
-def _checked(function: Matvec) -> Matvec:
-    """Wrap ``matvec`` so that a wrong output type, shape, dtype or device raises a clear error."""
-
-    def call(x: Tensor) -> Tensor:
-        out = function(x)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"matvec must return a Tensor, got {type(out).__name__}")
-        if out.shape != x.shape:
-            raise ValueError(
-                f"matvec must return a tensor of its input's shape: got input shape {tuple(x.shape)} and output "
-                f"shape {tuple(out.shape)} (matvec always receives (*batch, n, p) blocks)"
-            )
-        if out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(
-                f"matvec must return a tensor of its input's dtype and device: got input {x.dtype} on {x.device} "
-                f"and output {out.dtype} on {out.device}"
-            )
-        return out
-
-    return call
 
 
 def _cotangent(grad: Tensor | None, name: str, shape: torch.Size, ref: Tensor) -> Tensor | None:
