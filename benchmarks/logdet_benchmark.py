@@ -96,15 +96,15 @@ IC_SHIFTS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_B_CONFIGS = [
     "default",
     "default-hutchinson",
+    "adjoint:p=1:K=8:pc=jacobi",
     "adjoint:p=1:K=16:pc=jacobi",
     "adjoint:p=2:K=16:pc=jacobi",
     "adjoint:p=4:K=16:pc=jacobi",
-    "adjoint:p=2:K=24:pc=jacobi",
     "adjoint:p=1:K=8:pc=ic0",
     "adjoint:p=2:K=8:pc=ic0",
     "hutchinson:p=1:pc=jacobi",
-    "hutchinson:p=2:pc=jacobi",
     "hutchinson:p=4:pc=jacobi",
+    "hutchinson:p=1:pc=ic0",
     "hutchinson:p=2:pc=ic0",
     "hutchinson:p=4:pc=ic0",
 ]
@@ -581,15 +581,14 @@ def work_matfree(spec: dict) -> dict:
     y = jnp.asarray(rhs_vector(n))
     p, K, rtol = spec["p"], spec["K"], spec.get("rtol", 1e-6)
 
-    def matvec(v, vals):
-        return jax.ops.segment_sum(vals * v[cols], rows, num_segments=n, indices_are_sorted=True)
+    def loss(vals, key, rows, cols, diagpos, y):
+        def matvec(v, values):
+            return jax.ops.segment_sum(values * v[cols], rows, num_segments=n, indices_are_sorted=True)
 
-    tridiag = decomp.tridiag_sym(K, reortho="none", custom_vjp=True)
-    integrand = funm.monte_carlo_funm_sym_logdet(tridiag)
-    sampler = stochtrace.sampler_signs(jnp.zeros(n), num=p)
-    estimator = stochtrace.estimator_monte_carlo(integrand, sampler)
-
-    def loss(vals, key):
+        tridiag = decomp.tridiag_sym(K, reortho="none", custom_vjp=True)
+        integrand = funm.monte_carlo_funm_sym_logdet(tridiag)
+        sampler = stochtrace.sampler_signs(jnp.zeros(n), num=p)
+        estimator = stochtrace.estimator_monte_carlo(integrand, sampler)
         # exact Jacobi scaling as in gpsparse: logdet A = Σ log a_ii + logdet(D^{-1/2} A D^{-1/2})
         d = vals[diagpos]
         s = jax.lax.rsqrt(d)
@@ -599,7 +598,12 @@ def work_matfree(spec: dict) -> dict:
         quad = y @ x
         return ld + quad, (ld, quad)
 
-    f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    # the matrix structure and y are arguments (not closed-over constants, which XLA would constant-fold)
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    def f(vals, key):
+        return grad_fn(vals, key, rows, cols, diagpos, y)
+
     vals = jnp.asarray(data)
     out = {"matfree": matfree.__version__ if hasattr(matfree, "__version__") else "?", "jax": jax.__version__, "runs": [],
            "loadavg": os.getloadavg()}
@@ -760,8 +764,8 @@ def markdown(info: dict, res: dict) -> str:
             "rel. error = RMS over disjoint groups of p probes of |estimate − exact|/|exact| (P probes in all; `groups` "
             "in the JSON); matvecs = p·K SpMM columns (Hutchinson: p × mean CG iterations); bias = error of the mean over all "
             "P probes (mostly the K-step quadrature error when it exceeds the P-probe noise sd/√P); sd = per-probe relative "
-            "standard deviation; call s = one `gpsparse.logdet` forward with 16 probes (preconditioner passed by name: `ic0` "
-            "includes the factorisation); per-probe s = median single-probe call (ic0 prebuilt). `precond = jacobi` is the exact "
+            "standard deviation; call s = one `gpsparse.logdet` forward with 16 probes (4 at n = 10⁶; preconditioner passed by "
+            "name: `ic0` includes the factorisation); per-probe s = median single-probe call (ic0 prebuilt). `precond = jacobi` is the exact "
             "diagonal scaling (free; these matrices have a nearly constant diagonal, so it changes little).\n"
         )
         for block in acc:
@@ -824,16 +828,43 @@ def markdown(info: dict, res: dict) -> str:
         if ch and not ch.get("error"):
             out.append(f"Exact (CHOLMOD): logdet {ch['logdet']:.12g}, yᵀA⁻¹y {ch['quad']:.10g}; pattern setup (lazy caches, once per "
                        f"pattern) {fmt(b.get('pattern_setup_s'))} s.\n")
-        out.append("| method | configuration | seeds | fwd s | bwd s | total s | logdet rel. err | inv_quad rel. err | peak growth MiB | process peak MiB | CG its | Lanczos (block, K) | targets met |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        # per-probe relative sd of the estimate at this n from part (a) (largest K of each preconditioner)
+        sd = {}
+        for block in res.get("accuracy", []):
+            if block.get("matrix") == b["matrix"] and block.get("n") == b["n"] and not block.get("error"):
+                for r in block["rows"]:
+                    if r["gradient"] == "adjoint" and r.get("sd_rel_per_probe") and r["K"] >= sd.get(r["precond"], (0, 0))[0]:
+                        sd[r["precond"]] = (r["K"], r["sd_rel_per_probe"])
+
+        def expected_sd(r):
+            name = r.get("name", "")
+            if name.startswith("default"):
+                pc, p = "jacobi", 16
+            elif name.startswith("matfree:") or name.startswith(("adjoint:", "hutchinson:")):
+                cfg = parse_config(name.split(":", 1)[1] if name.startswith("matfree:") else name)
+                pc, p = cfg.get("pc", "jacobi"), cfg["p"]
+                if name.startswith("matfree:"):
+                    pc = "jacobi"
+            else:
+                return None
+            return sd[str(pc)][1] / p**0.5 if str(pc) in sd else None
+
+        if sd:
+            out.append("σ/√p = per-probe relative standard deviation measured in part (a) at this n for the same preconditioner "
+                       "(Rademacher probes; the Hutchinson estimate uses the same probes and a converged quadrature), over √p: the "
+                       "spread to expect of the relative error; the error column is one to three draws of it.\n")
+        if info.get("exact_from"):
+            out.append(f"The CHOLMOD reference (values and its timing) comes from an earlier run: `{info['exact_from']}`.\n")
+        out.append("| method | configuration | seeds | fwd s | bwd s | total s | logdet rel. err | σ/√p (a) | inv_quad rel. err | peak growth MiB | process peak MiB | CG its | Lanczos (block, K) | targets met |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         if ch and not ch.get("error"):
-            out.append(f"| CHOLMOD | factor + logdet + 1 solve, no gradient | 1 | {fmt(ch['factor_logdet_s'])} | – | {fmt(ch['total_s'])} | 0 | 0 | "
+            out.append(f"| CHOLMOD | factor + logdet + 1 solve, no gradient | 1 | {fmt(ch['factor_logdet_s'])} | – | {fmt(ch['total_s'])} | 0 | – | 0 | "
                        f"{ch['peak_growth_mib']:.0f} | {ch['process_peak_mib']:.0f} | – | – | (no gradient) |")
         elif ch:
-            out.append(f"| CHOLMOD | error: {ch['error']} |||||||||||")
+            out.append(f"| CHOLMOD | error: {ch['error']} ||||||||||||")
         for r in b.get("rows", []):
             if r.get("error"):
-                out.append(f"| {r['method']} | {r['config']} | error: {r['error'][:120]} ||||||||||")
+                out.append(f"| {r['method']} | {r['config']} | error: {r['error'][:120]} |||||||||||")
                 continue
             met = []
             met.append("time ✓" if r["total_s"] <= 20 else "time ✗")
@@ -841,7 +872,7 @@ def markdown(info: dict, res: dict) -> str:
             met.append("mem ✓" if r["process_peak_mib"] <= 3 * 1024 else "mem ✗")
             out.append(
                 f"| {r['method']} | {r['config']} | {r['seeds']} | {fmt(r.get('fwd_s'))} | {fmt(r.get('bwd_s'))} | {fmt(r['total_s'])} | "
-                f"{r['logdet_rel_max']:.1e} | {fmt(r.get('quad_rel_max'), '.1e')} | {r['peak_growth_mib']:.0f} | {r['process_peak_mib']:.0f} | "
+                f"{r['logdet_rel_max']:.1e} | {fmt(expected_sd(r), '.1e')} | {fmt(r.get('quad_rel_max'), '.1e')} | {r['peak_growth_mib']:.0f} | {r['process_peak_mib']:.0f} | "
                 f"{r.get('cg_its', '–')} | {r.get('lanczos', '–')} | {', '.join(met)} |"
             )
         if b.get("notes"):
@@ -901,9 +932,11 @@ def main(argv=None) -> None:
     parser.add_argument("--b-matrix", default="P13", choices=list(MATRICES))
     parser.add_argument("--b-configs", nargs="+", default=DEFAULT_B_CONFIGS,
                         help="default | default-hutchinson | adjoint:p=…:K=…:pc=… | hutchinson:p=…:pc=…[:rtol=…]")
-    parser.add_argument("--b-seeds", type=int, default=2, help="probe draws per configuration (the defaults get 1)")
-    parser.add_argument("--b-matfree", default="best", help="'best' (p, K of the fastest adjoint config meeting the targets), "
-                        "'p=…:K=…', or 'none'")
+    parser.add_argument("--b-seeds", type=int, default=3, help="probe draws per configuration (the defaults get 1)")
+    parser.add_argument("--b-matfree", nargs="+", default=["p=1:K=8", "p=4:K=16"],
+                        help="matfree configurations 'p=…:K=…' (Jacobi scaling, like gpsparse's adjoint rows), or 'none'")
+    parser.add_argument("--exact-from", metavar="JSON", help="reuse the CHOLMOD references of an earlier run's JSON "
+                        "(its timings are then not from this run)")
     parser.add_argument("--no-linop", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     parser.add_argument("--quick", action="store_true", help="small sizes everywhere (< 1 min)")
@@ -917,7 +950,7 @@ def main(argv=None) -> None:
         args.a_sizes, args.a_probes, args.a_big, args.a_steps = ["1e4"], [4], "", [10, 40]
         args.hutch_rtols, args.hutch_probes, args.matrices = [1e-4], 4, ["P13"]
         args.grad_m, args.grad_seeds = 12, 2
-        args.b_size, args.b_configs, args.b_seeds, args.b_matfree = "1e4", ["adjoint:p=2:K=16:pc=jacobi", "hutchinson:p=2:pc=jacobi"], 1, "none"
+        args.b_size, args.b_configs, args.b_seeds, args.b_matfree = "1e4", ["adjoint:p=2:K=16:pc=jacobi", "hutchinson:p=2:pc=jacobi"], 1, ["none"]
         args.b_one_process = True
         if args.out == "benchmarks/results/logdet":
             args.out = "benchmarks/results/logdet_quick"
@@ -934,8 +967,14 @@ def main(argv=None) -> None:
         info["snapshot"] = {k: v for k, v in snap.items() if k != "path"}
         base = dict(threads=args.threads, cache=cache)
 
+        if args.exact_from:
+            with open(args.exact_from) as f:
+                res["exact"].update(json.load(f)["results"]["exact"])
+            info["exact_from"] = args.exact_from
+
         def exact(name: str, m: int) -> dict:
             key = f"{name}@{m * m}"
+            cached_matrix(cache, name, m)
             if key not in res["exact"]:
                 cached_matrix(cache, name, m)
                 r = run_worker(dict(base, kind="cholmod", matrix=name, m=m, dense_check=m * m <= 10_000), args.threads, snap["path"], args.timeout)[0]
@@ -946,6 +985,62 @@ def main(argv=None) -> None:
                       + (f", dense {r['dense_logdet']:.12g}" if r.get("dense_logdet") is not None else "") + ")", flush=True)
             return res["exact"][key]
 
+        if "b" in args.parts:
+            m = int(round(float(args.b_size) ** 0.5))
+            n = m * m
+            ex = exact(args.b_matrix, m)
+            b = {"matrix": args.b_matrix, "n": n, "cholmod": ex, "rows": [], "notes": []}
+            res["b"] = b
+            cases = []
+            for text in args.b_configs:
+                cfg = parse_config(text)
+                seeds = 1 if cfg["name"].startswith("default") else args.b_seeds
+                cases.append(dict(kind="gpsparse", name=text, config=cfg, seeds=seeds))
+            if not args.no_linop:
+                cases.append(dict(kind="linop-base", name="linop-base", seeds=args.b_seeds))
+                cases.append(dict(kind="linop-cg", name="linop-cg", seeds=args.b_seeds))
+            # one process per configuration (clean memory figures), or all in one with --b-one-process
+            groups = [cases] if args.b_one_process else [[case] for case in cases]
+            for group in groups:
+                spec = dict(base, kind="b", matrix=args.b_matrix, m=m, cases=group)
+                raws = run_worker(spec, args.threads, snap["path"], args.timeout * len(group), count=len(group))
+                for case, raw in zip(group, raws):
+                    b.setdefault("pattern_setup_s", raw.get("pattern_setup_s"))
+                    method = {"gpsparse": "gpsparse", "linop-base": "linear_operator (base method, gpsparse _solve)",
+                              "linop-cg": "linear_operator (linear_cg)"}[case["kind"]]
+                    config = case["name"]
+                    if case["kind"] == "gpsparse":
+                        if config == "default":
+                            config = "defaults: adjoint, 16 probes, 64 steps, jacobi"
+                        elif config == "default-hutchinson":
+                            config = "defaults + gradient=hutchinson (16 probes, jacobi, rtol 1e-6)"
+                    elif case["kind"] == "linop-base":
+                        config = "10 Gaussian probes, ≤ 20 quadrature steps, gpsparse CG rtol 1e-6"
+                    else:
+                        config = "10 Gaussian probes, ≤ 20 quadrature steps, cg_tolerance 1, max 1000 its"
+                    row = summarise_b(method, config, raw, ex["logdet"], ex["quad"])
+                    row["name"] = case["name"]
+                    b["rows"].append(row)
+                    if row.get("error"):
+                        print(f"# (b) {case['name']}: ERROR {row['error']}", flush=True)
+                    else:
+                        print(f"# (b) {case['name']}: total {row['total_s']:.2f} s, logdet rel err {row['logdet_rel_max']:.1e}, "
+                              f"process peak {row['process_peak_mib']:.0f} MiB", flush=True)
+            # matfree (JAX) at the probes and depths given (Jacobi scaling, Rademacher probes, no re-orthogonalisation)
+            for mf in args.b_matfree:
+                if mf == "none":
+                    continue
+                cfg = parse_config("adjoint:" + mf)
+                spec = dict(base, kind="matfree", matrix=args.b_matrix, m=m, p=cfg["p"], K=cfg["K"], seeds=args.b_seeds)
+                raw = run_worker(spec, args.threads, snap["path"], args.timeout)[0]
+                row = summarise_b("matfree (JAX)", f"SLQ p={cfg['p']}, K={cfg['K']}, Jacobi scaling, custom_vjp adjoint; jax CG rtol 1e-6",
+                                  raw, ex["logdet"], ex["quad"])
+                row["name"] = f"matfree:{mf}"
+                b["rows"].append(row)
+                if not row.get("error"):
+                    b["notes"].append(f"matfree {mf}: jit compilation + first call {row.get('compile_and_first_s', float('nan')):.1f} s "
+                                      "(not included in its total); matvec = `jax.ops.segment_sum` over the COO entries.")
+                print(f"# (b) matfree {mf}: {row.get('error') or 'total %.2f s' % row['total_s']}", flush=True)
         if "a" in args.parts:
             for size, P in zip(args.a_sizes, args.a_probes + [args.a_probes[-1]] * len(args.a_sizes)):
                 m = int(round(float(size) ** 0.5))
@@ -992,69 +1087,6 @@ def main(argv=None) -> None:
                 res["gradient"].append(r)
                 print(f"# gradient {name}: {'error ' + r['error'] if r.get('error') else 'done'}", flush=True)
 
-        if "b" in args.parts:
-            m = int(round(float(args.b_size) ** 0.5))
-            n = m * m
-            ex = exact(args.b_matrix, m)
-            b = {"matrix": args.b_matrix, "n": n, "cholmod": ex, "rows": [], "notes": []}
-            res["b"] = b
-            cases = []
-            for text in args.b_configs:
-                cfg = parse_config(text)
-                seeds = 1 if cfg["name"].startswith("default") else args.b_seeds
-                cases.append(dict(kind="gpsparse", name=text, config=cfg, seeds=seeds))
-            if not args.no_linop:
-                cases.append(dict(kind="linop-base", name="linop-base", seeds=args.b_seeds))
-                cases.append(dict(kind="linop-cg", name="linop-cg", seeds=args.b_seeds))
-            # one process per configuration (clean memory figures), or all in one with --b-one-process
-            groups = [cases] if args.b_one_process else [[case] for case in cases]
-            for group in groups:
-                spec = dict(base, kind="b", matrix=args.b_matrix, m=m, cases=group)
-                raws = run_worker(spec, args.threads, snap["path"], args.timeout * len(group), count=len(group))
-                for case, raw in zip(group, raws):
-                    b.setdefault("pattern_setup_s", raw.get("pattern_setup_s"))
-                    method = {"gpsparse": "gpsparse", "linop-base": "linear_operator (base method, gpsparse _solve)",
-                              "linop-cg": "linear_operator (linear_cg)"}[case["kind"]]
-                    config = case["name"]
-                    if case["kind"] == "gpsparse":
-                        if config == "default":
-                            config = "defaults: adjoint, 16 probes, 64 steps, jacobi"
-                        elif config == "default-hutchinson":
-                            config = "defaults + gradient=hutchinson (16 probes, jacobi, rtol 1e-6)"
-                    elif case["kind"] == "linop-base":
-                        config = "10 Gaussian probes, ≤ 20 quadrature steps, gpsparse CG rtol 1e-6"
-                    else:
-                        config = "10 Gaussian probes, ≤ 20 quadrature steps, cg_tolerance 1, max 1000 its"
-                    row = summarise_b(method, config, raw, ex["logdet"], ex["quad"])
-                    row["name"] = case["name"]
-                    b["rows"].append(row)
-                    if row.get("error"):
-                        print(f"# (b) {case['name']}: ERROR {row['error']}", flush=True)
-                    else:
-                        print(f"# (b) {case['name']}: total {row['total_s']:.2f} s, logdet rel err {row['logdet_rel_max']:.1e}, "
-                              f"process peak {row['process_peak_mib']:.0f} MiB", flush=True)
-            # matfree at the probes and depth of the fastest adjoint configuration that met the targets
-            mf = args.b_matfree
-            if mf == "best":
-                ok = [r for r in b["rows"] if r["method"] == "gpsparse" and not r.get("error") and r["name"].startswith("adjoint")
-                      and r["logdet_rel_max"] <= 1e-3]
-                ok.sort(key=lambda r: r["total_s"])
-                mf = None
-                if ok:
-                    cfg = parse_config(ok[0]["name"])
-                    mf = f"p={cfg['p']}:K={cfg['K']}"
-            if mf and mf != "none":
-                cfg = parse_config("adjoint:" + mf)
-                spec = dict(base, kind="matfree", matrix=args.b_matrix, m=m, p=cfg["p"], K=cfg["K"], seeds=1)
-                raw = run_worker(spec, args.threads, snap["path"], args.timeout)[0]
-                row = summarise_b("matfree (JAX)", f"SLQ p={cfg['p']}, K={cfg['K']}, Jacobi scaling, custom_vjp adjoint; jax CG rtol 1e-6",
-                                  raw, ex["logdet"], ex["quad"])
-                row["name"] = "matfree"
-                b["rows"].append(row)
-                if not row.get("error"):
-                    b["notes"].append(f"matfree: jit compilation + first call {row.get('compile_and_first_s', float('nan')):.1f} s "
-                                      "(not included in its total); matvec = `jax.ops.segment_sum` over the COO entries.")
-                print(f"# (b) matfree: {row.get('error') or 'total %.2f s' % row['total_s']}", flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     info["wall_s"] = time.perf_counter() - t_start
