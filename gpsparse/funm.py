@@ -12,7 +12,7 @@ r"""Lanczos as a differentiable operation, and matrix functions ``f(A) v`` with 
       Q̄ = ‖v‖ ȳ (f(T)e₁)ᵀ,   (ᾱ, β̄) = ‖v‖ · DK(Qᵀȳ),   ‖v‖‾ = ȳᵀ Q f(T) e₁,
 
   (``DK``: the Daleckii–Krein gradient of ``wᵀ f(T) e₁``,
-  :func:`gpsparse.quadrature.apply_with_grad``) and runs the Lanczos adjoint
+  :func:`gpsparse.quadrature.apply_with_grad`) and runs the Lanczos adjoint
   once. No autograd tape of the loop is kept: memory O(n·p·K).
 """
 

@@ -22,6 +22,9 @@ autograd graph when they are built, and every apply runs under
 ``r`` does. Gradients of a preconditioned quantity flow only through the
 parts that use ``A`` itself (see ``DESIGN.md``, section "Preconditioning").
 
+Shapes: ``r`` is ``(*batch, n, k)`` (at least 2-D); the result has the same
+shape (Jacobi broadcasts its own batch dimensions against ``r``'s).
+
 Classes
 -------
 :class:`Preconditioner`
@@ -31,9 +34,6 @@ Classes
 :class:`IncompleteCholeskyPreconditioner`
     ``M = L Lᵀ`` with ``L`` the zero fill-in incomplete Cholesky factor,
     IC(0).
-
-Shapes: ``r`` is ``(*batch, n, k)`` (at least 2-D); the result has the same
-shape (Jacobi broadcasts its own batch dimensions against ``r``'s).
 
 Backends
 --------
