@@ -287,12 +287,7 @@ class SparseLinearOperator(LinearOperator):
             return self._new(self.values + other.values)
         if other.pattern.size != self.pattern.size:
             raise RuntimeError(f"cannot add sparse operators of sizes {tuple(self.shape)} and {tuple(other.shape)}")
-        keys = torch.cat([self.pattern.keys, other.pattern.keys])
-        union, inverse = torch.unique(keys, return_inverse=True)
-        n = self.pattern.size[1]
-        symmetric = self.pattern.symmetric and other.pattern.symmetric
-        pattern, order = SparsityPattern.from_indices(union // n, union % n, self.pattern.size, symmetric=symmetric)
-        position = torch.argsort(order)[inverse]
+        pattern, position = _union_structure(self.pattern, other.pattern)
         batch = torch.broadcast_shapes(self.values.shape[:-1], other.values.shape[:-1])
         values = self.values.new_zeros(*batch, pattern.nnz)
         values = values.index_add(-1, position[: self.pattern.nnz], self.values.expand(*batch, -1))
@@ -530,6 +525,29 @@ class SparseLinearOperator(LinearOperator):
         if not num_tridiag:
             return solution
         return solution, _tridiag_matrices(info, num_tridiag, batch)
+
+
+def _union_structure(a: SparsityPattern, b: SparsityPattern) -> tuple[SparsityPattern, Tensor]:
+    """Pattern of ``A + B`` and the positions of ``a``'s then ``b``'s entries in it (cached on ``a``).
+
+    The cache holds the last few partner patterns by identity (a strong
+    reference, so an ``id`` is never reused while cached): a training loop
+    adding the same two patterns every step (``P = Q + WᵀD⁻¹W``) merges them
+    once.
+    """
+    cache = a.__dict__.setdefault("_union_cache", {})
+    hit = cache.get(id(b))
+    if hit is not None and hit[0] is b:
+        return hit[1], hit[2]
+    keys = torch.cat([a.keys, b.keys])
+    union, inverse = torch.unique(keys, return_inverse=True)
+    n = a.size[1]
+    pattern, order = SparsityPattern.from_indices(union // n, union % n, a.size, symmetric=a.symmetric and b.symmetric)
+    position = torch.argsort(order)[inverse]
+    if len(cache) >= 4:
+        cache.pop(next(iter(cache)))
+    cache[id(b)] = (b, pattern, position)
+    return pattern, position
 
 
 def _logdet_config() -> LogdetConfig:
