@@ -14,6 +14,12 @@ Class attributes that differ from the suite's defaults, and why:
 ``sqrt_inv_matmul`` runs on gpsparse's Lanczos ``f(A)v`` (``inv_sqrt``); on
 this fixture linear_operator's own contour-integral quadrature misses the
 suite's gradient tolerance (error ~8e-3, the same for ``DenseLinearOperator``).
+
+``KnownLogdetSparseLinearOperator`` runs the same suite with the same
+attributes: its representation has two tensors (values and the closed-form
+log-determinant), which every rebuild inside linear_operator's Functions
+must carry; the suite's ``inv_quad_logdet`` checks compare the closed form
+with ``torch.logdet`` of the dense matrix.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from linear_operator.test.linear_operator_test_case import LinearOperatorTestCas
 from matrices import lattice_precision_13pt, random_spd, scipy_to_torch
 
 from gpsparse import SparseLinearOperator
+from gpsparse.kernels.lattice import neumann_eigenvalues, neumann_laplacian
+from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.pattern import SparsityPattern
 
 
@@ -108,3 +116,33 @@ class TestSparseLinearOperatorRectangular(RectangularLinearOperatorTestCase, uni
 
     def evaluate_linear_op(self, linear_op):
         return linear_op.to_dense()
+
+
+def _known_logdet_operator(batch_shape=()):
+    # Q = τ(κ²I + L)² on a 4 × 5 lattice with cells 1 × 0.7: distinct eigenvalues (see _spd_operator), float32 leaves.
+    sizes, spacing = (4, 5), (1.0, 0.7)
+    structure = MaternPrecision(neumann_laplacian(sizes, spacing), 2, eigenvalues=neumann_eigenvalues(sizes, spacing))
+    count = int(torch.Size(batch_shape).numel())
+    kappa2 = torch.linspace(0.8, 1.6, count).reshape(batch_shape)
+    tau = torch.linspace(0.5, 0.3, count).reshape(batch_shape)
+    return structure.operator(kappa2, tau)
+
+
+class TestKnownLogdetSparseLinearOperator(LinearOperatorTestCase, unittest.TestCase):
+    seed = 0
+    should_test_sample = True
+    should_call_cg = False
+    should_call_lanczos = False
+
+    def create_linear_op(self):
+        return _known_logdet_operator()
+
+    def evaluate_linear_op(self, linear_op):
+        return linear_op.to_dense()
+
+
+class TestKnownLogdetSparseLinearOperatorBatch(TestKnownLogdetSparseLinearOperator):
+    seed = 1
+
+    def create_linear_op(self):
+        return _known_logdet_operator((2,))
