@@ -12,6 +12,19 @@ latent field has the sparse precision ``P = Q + Wᵀ D⁻¹ W``, so
 (exact up to 1024 test points, a stochastic diagonal estimator beyond or
 under ``gpytorch.settings.fast_pred_var()``; see there for its error).
 
+*Nodes that depend on the inputs.* GPyTorch evaluates the cross-covariance
+as ``k(x*, x)``; a kernel whose latent nodes are built from its inputs (the
+1-D Markov kernels of :mod:`gpsparse.kernels.markov`) returns it over the
+nodes of the *joint* inputs, ``W*_J Q_J⁻¹ W_Jᵀ``. When ``Q_J`` is not the
+training precision (another size, pattern or values), the posterior is
+formed on the joint nodes,
+
+    P_J = Q_J + W_Jᵀ D⁻¹ W_J,   mean* = μ* + W*_J P_J⁻¹ W_Jᵀ D⁻¹ (y − μ),   covar* = W*_J P_J⁻¹ W*_Jᵀ
+
+(one solve per prediction call, exact: the joint prior restricted to the
+training rows is the training prior). Kernels with fixed nodes (lattices,
+graphs) keep the cached path above.
+
 ``gpytorch.settings.skip_posterior_variances()`` returns a zero covariance.
 Samples (``rsample``) are ``W* P^{-1/2} z`` by Lanczos ``f(P)v``. Solves use
 :func:`gpsparse.settings.solver_defaults` (``rtol = 1e-6``), not GPyTorch's
@@ -21,6 +34,7 @@ Samples (``rsample``) are ``W* P^{-1/2} z`` by Lanczos ``f(P)v``. Solves use
 from __future__ import annotations
 
 import gpytorch
+import torch
 from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrategy
 from linear_operator.operators import LinearOperator, ZeroLinearOperator
 from torch import Tensor
@@ -41,8 +55,11 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
     def __init__(self, train_inputs, train_prior_dist, train_labels, likelihood, root=None, inv_root=None):
         super().__init__(train_inputs, train_prior_dist, train_labels, likelihood, root=root, inv_root=inv_root)
         self._alpha: Tensor | None = None
+        self._train_op: NoisySparsePrecisionLinearOperator | None = None
 
     def _train_operator(self) -> NoisySparsePrecisionLinearOperator:
+        if self._train_op is not None:
+            return self._train_op
         op = self.lik_train_train_covar
         op = op.evaluate_kernel() if hasattr(op, "evaluate_kernel") else op
         if not isinstance(op, NoisySparsePrecisionLinearOperator):
@@ -50,6 +67,7 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
                 "SparsePrecisionPredictionStrategy needs a Gaussian likelihood on a sparse-precision kernel "
                 f"(got a training covariance of type {type(op).__name__})"
             )
+        self._train_op = op
         return op
 
     def posterior_weights(self) -> Tensor:
@@ -63,26 +81,65 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         return self._alpha
 
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
-        test_train = _evaluate(test_train_covar)
-        test_test = _evaluate(test_test_covar)
-        if not isinstance(test_train, SparsePrecisionLinearOperator):
-            raise TypeError(f"expected a sparse-precision cross-covariance, got {type(test_train).__name__}")
-        w_test = test_train.interp
-        mean = test_mean + _apply(w_test, self.posterior_weights().unsqueeze(-1)).squeeze(-1)
-        return mean, self._posterior_covariance(test_test, w_test)
+        mean, precision, w_test = self._posterior(test_mean, _cross_covariance(test_train_covar))
+        return mean, self._posterior_covariance(_evaluate(test_test_covar), precision, w_test)
 
     def exact_predictive_mean(self, test_mean: Tensor, test_train_covar) -> Tensor:
-        w_test = _evaluate(test_train_covar).interp
-        return test_mean + _apply(w_test, self.posterior_weights().unsqueeze(-1)).squeeze(-1)
+        return self._posterior(test_mean, _cross_covariance(test_train_covar))[0]
 
     def exact_predictive_covar(self, test_test_covar, test_train_covar) -> LinearOperator:
-        return self._posterior_covariance(_evaluate(test_test_covar), _evaluate(test_train_covar).interp)
+        _, precision, w_test = self._posterior(None, _cross_covariance(test_train_covar))
+        return self._posterior_covariance(_evaluate(test_test_covar), precision, w_test)
 
-    def _posterior_covariance(self, test_test: LinearOperator, w_test) -> LinearOperator:
+    def _posterior(self, test_mean: Tensor | None, cross: SparsePrecisionLinearOperator):
+        """``(mean*, P, W*)``: cached training posterior when ``cross`` lives on the training nodes, else joint."""
+        op = self._train_operator()
+        w_test = cross.interp
+        if _same_nodes(cross, op):
+            if test_mean is None:
+                return None, op.posterior_precision(), w_test
+            mean = test_mean + _apply(w_test, self.posterior_weights().unsqueeze(-1)).squeeze(-1)
+            return mean, op.posterior_precision(), w_test
+        # The joint nodes: P_J = Q_J + W_Jᵀ D⁻¹ W_J with the training rows W_J of the cross-covariance.
+        joint = NoisySparsePrecisionLinearOperator(cross.Q, op.noise, interp=cross._right)
+        precision = joint.posterior_precision()
+        if test_mean is None:
+            return None, precision, w_test
+        residual = (self.train_labels - self.train_prior_dist.mean).unsqueeze(-1)
+        scaled = residual / op.noise.unsqueeze(-1)
+        rhs = scaled if joint.interp is None else joint.interp._transpose_nonbatch()._matmul(scaled)
+        weights = precision.solve(rhs)
+        return test_mean + _apply(w_test, weights).squeeze(-1), precision, w_test
+
+    def _posterior_covariance(self, test_test: LinearOperator, precision, w_test) -> LinearOperator:
         if gpytorch.settings.skip_posterior_variances.on():
             return ZeroLinearOperator(*test_test.shape, dtype=test_test.dtype, device=test_test.device)
-        P = self._train_operator().posterior_precision()
-        return SparsePrecisionLinearOperator(P, interp=w_test)
+        return SparsePrecisionLinearOperator(precision, interp=w_test)
+
+
+def _cross_covariance(test_train_covar) -> SparsePrecisionLinearOperator:
+    cross = _evaluate(test_train_covar)
+    if not isinstance(cross, SparsePrecisionLinearOperator):
+        raise TypeError(f"expected a sparse-precision cross-covariance, got {type(cross).__name__}")
+    return cross
+
+
+def _same_nodes(cross: SparsePrecisionLinearOperator, op: NoisySparsePrecisionLinearOperator) -> bool:
+    """Whether the cross-covariance's ``Q`` and training rows are the training operator's (O(nnz) comparison)."""
+    return _same_sparse(cross.Q, op.Q) and _same_sparse(cross._right, op.interp)
+
+
+def _same_sparse(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if a is b:
+        return True
+    if a.shape != b.shape or a.pattern.nnz != b.pattern.nnz:
+        return False
+    same_pattern = a.pattern is b.pattern or (
+        torch.equal(a.pattern.crow, b.pattern.crow) and torch.equal(a.pattern.col, b.pattern.col)
+    )
+    return same_pattern and torch.equal(a.values.detach(), b.values.detach())
 
 
 def _evaluate(op):

@@ -1,0 +1,171 @@
+"""One training step (−MLL + backward) of a 1-D GP: MarkovMaternKernel (banded precision) vs GPyTorch's dense Matérn.
+
+Model: stock GPyTorch ExactGP, ConstantMean, ScaleKernel(kernel), GaussianLikelihood, float64;
+inputs a shuffled jittered grid t_i = (i + U/2)·0.3 (smallest gap 0.15, so λ·Δ ≥ 0.17 for
+ℓ = 2 and no CloseInputsWarning), y = sin(t/3) + 0.2 ε. For every n and ν the script times
+``loss = −ExactMarginalLogLikelihood(model(x), y); loss.backward()`` (gradients w.r.t.
+lengthscale, outputscale, noise and mean) in a fresh subprocess: the first call (which also
+sorts the inputs and builds the patterns, band layouts and union structures) and the median
+of the following ``--repeats`` calls (a training loop's steady state; the dense model caches
+nothing, so it is timed once), with the peak RSS of the subprocess. The dense reference is gpytorch.kernels.MaternKernel under exact Cholesky
+(max_cholesky_size = ∞) at the sizes it can hold; the accuracy column is
+|MLL − MLL_dense| / |MLL_dense| for the same data.
+
+    python benchmarks/markov_benchmark.py [--sizes 1e4 1e5 1e6] [--dense-sizes 1e4] [--threads 1]
+
+Writes benchmarks/results/markov_cpu_1thread.md and .json (the tag follows --threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NUS = (0.5, 1.5, 2.5)
+
+
+def worker(spec: dict) -> dict:
+    import gpytorch
+    import torch
+
+    from gpsparse.kernels.markov import MarkovMaternKernel
+
+    torch.set_num_threads(spec["threads"])
+    n, nu = spec["n"], spec["nu"]
+    gen = torch.Generator().manual_seed(0)
+    t = (torch.arange(n, dtype=torch.float64) + 0.5 * torch.rand(n, generator=gen, dtype=torch.float64)) * 0.3
+    x = t[torch.randperm(n, generator=gen)][:, None]
+    y = torch.sin(x[:, 0] / 3) + 0.2 * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    class Model(gpytorch.models.ExactGP):
+        def __init__(self, kernel):
+            super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(kernel)
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
+
+    kernel = MarkovMaternKernel(nu=nu) if spec["kernel"] == "markov" else gpytorch.kernels.MaternKernel(nu=nu)
+    model = Model(kernel).double()
+    model.covar_module.base_kernel.lengthscale = 2.0
+    model.covar_module.outputscale = 1.5
+    model.likelihood.noise = 0.05
+    model.train()
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+
+    def step() -> tuple[float, float]:
+        model.zero_grad()
+        start = time.perf_counter()
+        with gpytorch.settings.max_cholesky_size(10**9):
+            loss = -mll(model(x), y)
+        loss.backward()
+        return time.perf_counter() - start, float(loss)
+
+    first, value = step()
+    steady = [step()[0] for _ in range(spec["repeats"])]
+    grads = [float(p.grad.reshape(-1)[0]) for p in model.parameters()]
+    return {
+        "mll": -value,
+        "first_s": first,
+        "steady_s": statistics.median(steady) if steady else None,
+        "grads": grads,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_case(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(spec["threads"])
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return {"error": (lines[-1] if lines else f"exit code {out.returncode}")[:200]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def header(threads: int) -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return (
+        f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; threads {threads} (torch, BLAS, numba); "
+        f"load average at start {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
+    parser.add_argument("--dense-sizes", type=float, nargs="*", default=[1e4])
+    parser.add_argument("--nus", type=float, nargs="+", default=list(NUS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls after the first")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    out = args.out or Path(__file__).parent / "results" / f"markov_cpu_{args.threads}thread"
+    sizes = sorted({int(s) for s in args.sizes} | {int(s) for s in args.dense_sizes})
+    dense_sizes = {int(s) for s in args.dense_sizes}
+    lines = [header(args.threads), ""]
+    lines += [
+        "| n | kernel | ν | −MLL / n | rel. diff vs dense | first call s | steady s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    rows = []
+    for n in sizes:
+        for nu in args.nus:
+            dense = None
+            kinds = (["dense"] if n in dense_sizes else []) + (["markov"] if n in {int(s) for s in args.sizes} else [])
+            for kind in kinds:
+                repeats = args.repeats if kind == "markov" else 0  # dense: nothing is cached between calls
+                spec = {"n": n, "nu": nu, "kernel": kind, "threads": args.threads, "repeats": repeats}
+                res = run_case(spec, args.timeout)
+                res.update(n=n, nu=nu, kernel=kind)
+                rows.append(res)
+                name = "MarkovMaternKernel" if kind == "markov" else "gpytorch MaternKernel (dense)"
+                if "error" in res:
+                    line = f"| {n:,} | {name} | {nu} | — | — | — | — | {res['error']} |"
+                else:
+                    if kind == "dense":
+                        dense = res["mll"]
+                    rel = "—" if dense is None or kind == "dense" else f"{abs(res['mll'] - dense) / abs(dense):.1e}"
+                    steady = "—" if res["steady_s"] is None else f"{res['steady_s']:.2f}"
+                    line = (
+                        f"| {n:,} | {name} | {nu} | {-res['mll']:.10g} | {rel} | {res['first_s']:.2f} | {steady} | "
+                        f"{res['peak_mib']:.0f} |"
+                    )
+                print(line, flush=True)
+                lines.append(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print(f"written {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
