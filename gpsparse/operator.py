@@ -402,7 +402,7 @@ class SparseLinearOperator(LinearOperator):
 
     def _slq_inv_quad_logdet(self, inv_quad_rhs: Tensor | None, reduce_inv_quad: bool):
         check_finite(self.values, "sparse matrix values")
-        config = _logdet_config()
+        config = _logdet_config(self.pattern.size[0], self.device.type)
         n, nnz = self.pattern.size[0], self.pattern.nnz
         rhs = None
         if inv_quad_rhs is not None:
@@ -550,16 +550,22 @@ def _union_structure(a: SparsityPattern, b: SparsityPattern) -> tuple[SparsityPa
     return pattern, position
 
 
-def _logdet_config() -> LogdetConfig:
-    """gpsparse's log-determinant settings, with linear_operator's probe/step counts where a user changed them."""
+def _logdet_config(num_rows: int = 0, device_type: str = "cpu") -> LogdetConfig:
+    """gpsparse's log-determinant settings for an operator of ``num_rows`` rows (size-aware defaults,
+    :func:`gpsparse.settings.logdet_defaults`), with linear_operator's probe/step counts where a user
+    changed them."""
     s = gs_settings.current()
     probes = lo_settings.num_trace_samples.value()
     steps = lo_settings.max_lanczos_quadrature_iterations.value()
+
+    def setting(name):
+        return gs_settings.logdet_setting(name, num_rows, device_type)
+
     return LogdetConfig(
-        num_probes=probes if probes != _LO_DEFAULT_PROBES else s.num_probes,
+        num_probes=probes if probes != _LO_DEFAULT_PROBES else setting("num_probes"),
         num_lanczos=steps if steps != _LO_DEFAULT_STEPS else s.num_lanczos,
-        gradient=s.logdet_gradient,
-        preconditioner=s.logdet_preconditioner,
+        gradient=setting("logdet_gradient"),
+        preconditioner=setting("logdet_preconditioner"),
         rtol=s.rtol,
     )
 

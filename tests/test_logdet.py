@@ -243,6 +243,27 @@ class patch_probes:
         self._patch.stop()
 
 
+def test_size_aware_defaults_keep_explicit_choices():
+    from gpsparse.operator import _logdet_config
+
+    small, large = _logdet_config(10_000), _logdet_config(100_000)
+    assert (small.gradient, small.num_probes, small.preconditioner) == ("adjoint", 16, "jacobi")
+    assert (large.gradient, large.num_probes, large.preconditioner) == ("hutchinson", 4, "ic0")
+    assert _logdet_config(100_000, "cuda").preconditioner == "jacobi"
+    with gpsparse.settings.logdet_defaults(num_probes=9), gpsparse.settings.logdet_defaults(method="slq"):
+        config = _logdet_config(10**6)  # explicit choices survive nesting; the rest stays size-aware
+    assert (config.gradient, config.num_probes, config.preconditioner) == ("hutchinson", 9, "ic0")
+    with gpsparse.settings.logdet_defaults(gradient="adjoint"):
+        config = _logdet_config(10**6)  # an explicit adjoint keeps the small-size probes and scaling
+    assert (config.gradient, config.num_probes, config.preconditioner) == ("adjoint", 16, "jacobi")
+    with gpsparse.settings.logdet_defaults(preconditioner=None):
+        assert _logdet_config(10**6).preconditioner is None
+    with gpsparse.settings.logdet_defaults(large_size=0):
+        assert _logdet_config(10**6).gradient == "adjoint"
+    with pytest.raises(ValueError, match="large_size"):
+        gpsparse.settings.logdet_defaults(large_size=-1)
+
+
 def test_reads_linear_operator_settings_when_user_set():
     import linear_operator
 
