@@ -33,8 +33,8 @@ from pathlib import Path
 
 CONFIGS = {
     "exact-cholmod": dict(method="cholesky"),
-    "slq-adjoint": dict(gradient="adjoint", num_probes=8, num_lanczos=64),
-    "slq-hutchinson-jacobi": dict(gradient="hutchinson", num_probes=8),
+    "slq-adjoint": dict(gradient="adjoint", num_probes=8, num_lanczos=64, preconditioner="jacobi"),
+    "slq-hutchinson-jacobi": dict(gradient="hutchinson", num_probes=8, preconditioner="jacobi"),
     "slq-hutchinson-ic0": dict(gradient="hutchinson", num_probes=4, preconditioner="ic0"),
     "slq-stale-cholesky": dict(gradient="adjoint", num_probes=8, num_lanczos=8, preconditioner="cholesky"),
     "dense-gpytorch": dict(method="dense"),
