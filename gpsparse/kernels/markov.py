@@ -451,7 +451,7 @@ def precision_pattern(num_nodes: int, order: int, device=None) -> SparsityPatter
     Examples
     --------
     >>> precision_pattern(3, 2)
-    SparsityPattern(size=(6, 6), nnz=28, device=cpu, symmetric=True)
+    SparsityPattern(size=(6, 6), nnz=28, device=cpu, symmetric)
     """
     n, s = int(num_nodes), int(order)
     node = torch.arange(n * s, device=device) // s
