@@ -33,8 +33,10 @@ process noise is
     K_m = q \frac{m!}{2^{m+1}} \sum_{j+k=m} a_j a_k^T,
 
 where ``P(m + 1, y) = e^{−y} Σ_{i>m} y^i/i!`` is the regularised lower
-incomplete gamma function (a series for ``x < 1``, where ``1 − e^{−y} Σ_{i≤m}``
-would cancel, and that closed form beyond). The stationary covariance is
+incomplete gamma function (for the top order a series for ``x < 1``, where
+``1 − e^{−y} Σ_{i≤m}`` would cancel, and that closed form beyond; lower
+orders by the stable downward recurrence
+``P(m, y) = P(m + 1, y) + e^{−y} y^m/m!``). The stationary covariance is
 ``P∞ = Σ_m K_m``. The chain ``z_0 ~ N(0, P∞)``, ``z_{k+1} = A_k z_k + ε_k``,
 ``ε_k ~ N(0, Σ_k)`` has the precision ``Q = Lᵀ S⁻¹ L`` (``L`` block
 bidiagonal with ``I`` and ``−A_k``, ``S = blockdiag(P∞, Σ_0, …)``):
@@ -629,8 +631,8 @@ class MarkovMaternKernel(SparsePrecisionKernel):
     :class:`CloseInputsWarning` is issued once per input set when ``λΔ_min``
     is below 1e-3 (ν = 3/2) or 0.1 (ν = 5/2); round or merge near-duplicate
     inputs, or use ν = 1/2 (or 3/2) there. GPyTorch's dense ``MaternKernel``
-    computes distances as ``√(x² + x'² − 2xx')``, itself accurate only to
-    ``~1e-8·|x|``.
+    computes distances as ``√(x² + x'² − 2xx')``, itself only accurate to
+    ``~1e-8·|x|`` for close pairs.
 
     Raises
     ------
@@ -646,7 +648,7 @@ class MarkovMaternKernel(SparsePrecisionKernel):
     >>> import torch, gpytorch
     >>> from gpsparse.kernels.markov import MarkovMaternKernel
     >>> kernel = gpytorch.kernels.ScaleKernel(MarkovMaternKernel(nu=1.5)).double()
-    >>> x = torch.rand(1000, 1, dtype=torch.float64) * 100
+    >>> x = torch.randperm(1000).double()[:, None] / 10   # any order; λ·Δ ≥ 0.17 here
     >>> K = kernel(x).evaluate_kernel()       # W Q⁻¹ Wᵀ with a banded Q (2000 × 2000 state precision)
     >>> K.Q.shape, type(K).__name__
     (torch.Size([2000, 2000]), 'SparsePrecisionLinearOperator')
