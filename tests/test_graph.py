@@ -673,3 +673,13 @@ def test_marginal_likelihood_and_backward_at_100k_nodes_slq():
     report = _run_size_script(316, 316)
     assert abs(report["logdet_q_error"]) < 0.01
     assert report["peak_mib"] < 4096, report  # Lanczos bases of the log-determinant adjoints: ~0.8 GB each
+
+
+def test_dense_spectrum_respects_the_dense_size_limit():
+    from gpsparse.errors import DenseSizeError
+
+    edges = torch.stack([torch.arange(99), torch.arange(1, 100)])
+    with gpsparse.settings.max_dense_size(50 * 50), pytest.raises(DenseSizeError, match="max_dense_size"):
+        GraphMaternKernel(edges, 100)
+    with gpsparse.settings.max_dense_size(50 * 50):
+        assert GraphMaternKernel(edges, 100, normalization="none", max_eigen_nodes=10).eigenvalues is None

@@ -37,6 +37,9 @@ from gpytorch.priors import Prior
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
+from gpsparse import settings as gs_settings
+from gpsparse.errors import DenseSizeError
+from gpsparse.kernels._inputs import input_version, same_input
 from gpsparse.kernels.base import SparsePrecisionKernel
 from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.operator import SparseLinearOperator
@@ -452,6 +455,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
         self.normalized = bool(normalized)
         self.eigenvalues = None
         if self.num_nodes <= max_eigen_nodes:
+            _check_dense_eigen(self.num_nodes)
             self.eigenvalues = np.clip(np.linalg.eigvalsh(self.laplacian.toarray()), 0.0, None)
         if normalization == "auto":
             normalization = "exact" if self.eigenvalues is not None else "stochastic"
@@ -578,7 +582,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
         pattern, _ = SparsityPattern.from_indices(torch.arange(m, device=device), ids.to(device), (m, self.num_nodes))
         selection = SparseLinearOperator(torch.ones(m, dtype=dtype, device=device), pattern=pattern)
         xd = x.detach()
-        entry = _SelectionEntry(x=xd.clone(), x_ref=weakref.ref(x), x_version=_version(x), selection=selection)
+        entry = _SelectionEntry(x=xd.clone(), x_ref=weakref.ref(x), x_version=input_version(x), selection=selection)
         self._selection_cache.insert(0, entry)
         del self._selection_cache[self.input_cache_size :]
         return selection
@@ -634,16 +638,16 @@ def _cross_diagonal(Q: SparseLinearOperator, w1: SparseLinearOperator, w2: Spars
     return torch.cat(out, -1) if out else Q.values.new_zeros(*Q.batch_shape, 0)
 
 
-def _version(x: Tensor) -> int:
-    """The in-place version counter of ``x`` (``-1`` for inference tensors, which have none)."""
-    try:
-        return x._version
-    except RuntimeError:
-        return -1
+def _check_dense_eigen(num_nodes: int) -> None:
+    """The spectrum comes from a dense N × N eigendecomposition: refuse it above ``settings.max_dense_size``."""
+    limit = gs_settings.current().max_dense_size
+    if num_nodes * num_nodes > limit:
+        raise DenseSizeError(
+            f"the Laplacian spectrum of a graph with {num_nodes:,} nodes needs a dense {num_nodes:,} × {num_nodes:,} "
+            f"matrix, above gpsparse.settings.max_dense_size = {limit:,} elements; lower max_eigen_nodes "
+            "(normalization='stochastic') or raise the limit"
+        )
 
 
 def _same_tensor(entry: _SelectionEntry, x: Tensor) -> bool:
-    if entry.x_version >= 0 and entry.x_ref() is x and _version(x) == entry.x_version:
-        return True
-    copy = entry.x
-    return x.shape == copy.shape and x.device == copy.device and torch.equal(x.detach(), copy.to(x.dtype))
+    return same_input(entry.x_ref, entry.x_version, entry.x.to(x.dtype), x)  # node ids compare across dtypes

@@ -31,6 +31,7 @@ from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
 from torch import Tensor
 
+from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
 from gpsparse.kernels.base import SparsePrecisionKernel
 from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.known_logdet import KnownLogdetSparseLinearOperator
@@ -481,13 +482,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
                     f"LatticeMaternKernel was built for {self.dim}-dimensional inputs (bounds of {self.dim} "
                     f"dimensions) but got {name} of dimension {x.shape[-1]}"
                 )
-        try:
-            torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"batch shapes of x1 {tuple(x1.shape[:-2])}, x2 {tuple(x2.shape[:-2])} and the kernel "
-                f"{tuple(self.batch_shape)} do not broadcast"
-            ) from None
+        check_batch_shapes(x1, x2, self.batch_shape)
 
     # --------------------------------------------------------- interpolation
     def interpolation(self, x: Tensor) -> SparseLinearOperator:
@@ -539,7 +534,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         return _InterpEntry(
             x=x.detach().clone(),
             x_ref=weakref.ref(x),
-            x_version=_version(x),
+            x_version=input_version(x),
             dtype=dtype,
             pattern=pattern,
             corner=corner,
@@ -630,16 +625,5 @@ def _single_member(x: Tensor) -> Tensor:
     return flat[0]
 
 
-def _version(x: Tensor) -> int:
-    """The in-place version counter of ``x`` (``-1`` for inference tensors, which have none)."""
-    try:
-        return x._version
-    except RuntimeError:
-        return -1
-
-
 def _same_tensor(entry: _InterpEntry, x: Tensor) -> bool:
-    if entry.x_version >= 0 and entry.x_ref() is x and _version(x) == entry.x_version:
-        return True
-    copy = entry.x
-    return x.shape == copy.shape and x.dtype == copy.dtype and x.device == copy.device and torch.equal(x.detach(), copy)
+    return same_input(entry.x_ref, entry.x_version, entry.x, x)

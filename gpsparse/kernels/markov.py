@@ -71,8 +71,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
 from gpsparse.kernels.base import SparsePrecisionKernel
-from gpsparse.kernels.wendland import _same_tensor, _version
 from gpsparse.operator import SparseLinearOperator
 from gpsparse.pattern import SparsityPattern
 from gpsparse.precision import SparsePrecisionLinearOperator
@@ -715,13 +715,7 @@ class MarkovMaternKernel(SparsePrecisionKernel):
             if not bool(torch.isfinite(x.detach()).all()):
                 bad = "NaN" if bool(torch.isnan(x.detach()).any()) else "Inf"
                 raise ValueError(f"MarkovMaternKernel inputs contain {bad} ({name})")
-        try:
-            torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"batch shapes of x1 {tuple(x1.shape[:-2])}, x2 {tuple(x2.shape[:-2])} and the kernel "
-                f"{tuple(self.batch_shape)} do not broadcast"
-            ) from None
+        check_batch_shapes(x1, x2, self.batch_shape)
 
     def _warn_if_close(self, entry: _NodeEntry, rate: Tensor) -> None:
         """One :class:`CloseInputsWarning` per input set, repeated only when ``λ`` has dropped 10× since."""
@@ -745,9 +739,9 @@ class MarkovMaternKernel(SparsePrecisionKernel):
         for k, entry in enumerate(self._node_cache):
             if (other is None) != (entry.x2 is None):
                 continue
-            if not _same_tensor(entry.x1_ref, entry.x1_version, entry.x1, x1):
+            if not same_input(entry.x1_ref, entry.x1_version, entry.x1, x1):
                 continue
-            if other is not None and not _same_tensor(entry.x2_ref, entry.x2_version, entry.x2, other):
+            if other is not None and not same_input(entry.x2_ref, entry.x2_version, entry.x2, other):
                 continue
             self._node_cache.insert(0, self._node_cache.pop(k))
             return entry
@@ -773,8 +767,8 @@ class MarkovMaternKernel(SparsePrecisionKernel):
             x2=None if x2 is None else x2.detach().clone(),
             x1_ref=weakref.ref(x1),
             x2_ref=None if x2 is None else weakref.ref(x2),
-            x1_version=_version(x1),
-            x2_version=-1 if x2 is None else _version(x2),
+            x1_version=input_version(x1),
+            x2_version=-1 if x2 is None else input_version(x2),
             representative=representative,
             precision=precision_pattern(n, s, device=flat.device),
             select1=_selection_pattern(node[:m1], s, n),

@@ -18,6 +18,7 @@ from gpytorch.priors import Prior
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
 from gpsparse.neighbors import radius_pairs
 from gpsparse.operator import SparseLinearOperator
 from gpsparse.pattern import SparsityPattern
@@ -266,13 +267,7 @@ class WendlandKernel(Kernel):
             raise ValueError(
                 f"WendlandKernel was built with ard_num_dims={self.ard_num_dims} but got inputs of dimension {d}"
             )
-        try:
-            torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], self.batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"batch shapes of x1 {tuple(x1.shape[:-2])}, x2 {tuple(x2.shape[:-2])} and the kernel "
-                f"{tuple(self.batch_shape)} do not broadcast"
-            ) from None
+        check_batch_shapes(x1, x2, self.batch_shape)
         for name, x in (("x1", x1), ("x2", x2)):
             if x.numel() and not bool(torch.isfinite(x.detach()).all()):
                 bad = "NaN" if bool(torch.isnan(x.detach()).any()) else "Inf"
@@ -344,8 +339,8 @@ class WendlandKernel(Kernel):
             x2=None if symmetric else x2d.clone(),
             x1_ref=weakref.ref(x1),
             x2_ref=None if symmetric else weakref.ref(x2),
-            x1_version=_version(x1),
-            x2_version=_version(x2),
+            x1_version=input_version(x1),
+            x2_version=input_version(x2),
             search_radius=search_radius.detach().clone(),
             pattern=pattern,
             squared=squared,
@@ -366,23 +361,9 @@ def _same_inputs(entry: _PatternEntry, x1: Tensor, x2: Tensor | None) -> bool:
     """Whether ``(x1, x2)`` (``x2 = None``: symmetric) are the inputs the entry was built for."""
     if (x2 is None) != (entry.x2 is None):
         return False
-    if not _same_tensor(entry.x1_ref, entry.x1_version, entry.x1, x1):
+    if not same_input(entry.x1_ref, entry.x1_version, entry.x1, x1):
         return False
-    return x2 is None or _same_tensor(entry.x2_ref, entry.x2_version, entry.x2, x2)
-
-
-def _version(x: Tensor) -> int:
-    """The in-place version counter of ``x`` (``-1`` for inference tensors, which have none)."""
-    try:
-        return x._version
-    except RuntimeError:
-        return -1
-
-
-def _same_tensor(ref: weakref.ref, version: int, copy: Tensor, x: Tensor) -> bool:
-    if version >= 0 and ref() is x and _version(x) == version:
-        return True
-    return x.shape == copy.shape and x.dtype == copy.dtype and x.device == copy.device and torch.equal(x.detach(), copy)
+    return x2 is None or same_input(entry.x2_ref, entry.x2_version, entry.x2, x2)
 
 
 def _distinct_members(x: Tensor) -> list[Tensor]:
