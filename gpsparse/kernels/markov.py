@@ -83,6 +83,7 @@ __all__ = [
     "matern_state_space",
     "matern_transition_and_noise",
     "matern_precision",
+    "matern_covariance",
     "precision_pattern",
     "CloseInputsWarning",
     "SUPPORTED_NU",
