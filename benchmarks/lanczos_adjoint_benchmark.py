@@ -8,14 +8,14 @@ m × m lattice, n = m²), K Lanczos steps from p fixed Rademacher probes, no pre
 float64; gradient with respect to the nnz stored values. Methods:
 
 * ``adjoint`` — ``gpsparse.logdet(op, probes=z, num_lanczos=K, preconditioner=None)``
-  (adjoint gradient: Daleckii–Krein cotangents on T, ``gpsparse.tridiag.lanczos_adjoint``,
+  (adjoint gradient: Daleckii–Krein cotangents on T, ``gpsparse.core.lanczos.lanczos_adjoint``,
   one sampled product at the nonzeros);
 * ``lanczos-fn`` — ``gpsparse.lanczos(op, z, K)`` (the differentiable decomposition, autograd
   Function with the Lanczos adjoint as backward) and the same loss computed in torch from
   ``dec.alpha``/``dec.beta`` (autograd through the K × K ``eigh``);
 * ``unrolled`` — plain torch autograd through the Lanczos loop: gpsparse's own forward loop
-  ``gpsparse.tridiag._lanczos(..., differentiable=True)`` (no in-place writes; the oracle
-  of the adjoint tests) with the differentiable SpMM ``gpsparse.functions.SparseMatmul``
+  ``gpsparse.core.lanczos._lanczos(..., differentiable=True)`` (no in-place writes; the oracle
+  of the adjoint tests) with the differentiable SpMM ``gpsparse.autograd.sparse.SparseMatmul``
   (backward: a transposed SpMM and a sampled product per step), same loss.
 
 All three run the same forward recurrence (re-orthogonalisation off unless ``--reorth``
@@ -40,8 +40,8 @@ How things are measured
   ``quadrature_with_grad``, ``lanczos_adjoint``, ``sampled_product``,
   ``symmetrize_values_grad``); nothing in the library is modified.
 * Floors, same process, just before the case: ``SpMM`` = median time of one
-  ``gpsparse.sparse_ops.spmm`` with p columns into a reused buffer (the forward does K of
-  them); ``SDDMM`` = ``gpsparse.sparse_ops.sampled_product`` with p·K columns, for
+  ``gpsparse.core.sparse_ops.spmm`` with p columns into a reused buffer (the forward does K of
+  them); ``SDDMM`` = ``gpsparse.core.sparse_ops.sampled_product`` with p·K columns, for
   row-major (contiguous ``(n, pK)``) and column-major factors (the layout
   ``lanczos_adjoint`` returns).
 * The library is copied to a temporary snapshot at start so that all workers of one run
@@ -72,7 +72,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 
 import numpy as np
 
@@ -178,10 +177,10 @@ def worker(spec: dict):
     torch.set_num_threads(spec["threads"])
     import gpsparse
     from gpsparse import SparseLinearOperator, SparsityPattern
-    from gpsparse.functions import SparseMatmul
-    from gpsparse.quadrature import FUNCTIONS, quadrature, rademacher
-    from gpsparse.sparse_ops import sampled_product, spmm
-    from gpsparse.tridiag import _lanczos
+    from gpsparse.autograd.sparse import SparseMatmul
+    from gpsparse.core.lanczos import _lanczos
+    from gpsparse.core.quadrature import FUNCTIONS, quadrature, rademacher
+    from gpsparse.core.sparse_ops import sampled_product, spmm
 
     tol = math.sqrt(torch.finfo(torch.float64).eps)
     log = FUNCTIONS["log"]

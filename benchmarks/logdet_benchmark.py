@@ -238,10 +238,10 @@ def _ic0(torch, pattern, values):
 
 
 class CGCounter:
-    """Records ``SolverInfo.iterations`` of every ``gpsparse.krylov.cg`` call (wrapped in this process only)."""
+    """Records ``SolverInfo.iterations`` of every ``gpsparse.core.krylov.cg`` call (wrapped in this process only)."""
 
     def __init__(self):
-        import gpsparse.krylov as krylov
+        import gpsparse.core.krylov as krylov
 
         self.calls: list[int] = []
         original = krylov.cg
@@ -263,7 +263,7 @@ def work_accuracy(spec: dict) -> dict:
     torch = _torch_setup(spec["threads"])
     import gpsparse
     from gpsparse import SparseLinearOperator
-    from gpsparse.quadrature import rademacher
+    from gpsparse.core.quadrature import rademacher
 
     counter = CGCounter()
     crow, col, data = cached_matrix(spec["cache"], spec["matrix"], spec["m"])
@@ -369,7 +369,7 @@ def work_gradient(spec: dict) -> dict:
     # the adjoint is the gradient of the estimate: directional derivative against central finite differences
     # of the estimate itself (fixed probes, no preconditioner), at this n and on a 12 × 12 lattice, where K
     # approaches the dimension of the Krylov space
-    from gpsparse.quadrature import rademacher
+    from gpsparse.core.quadrature import rademacher
 
     def fd_rows(pattern_, values_, Ks):
         n_ = pattern_.size[0]
@@ -466,7 +466,6 @@ def work_b(spec: dict):
     torch = _torch_setup(spec["threads"])
     from linear_operator.operators import LinearOperator
 
-    import gpsparse
     from gpsparse import SparseLinearOperator
 
     class LinearCGOperator(SparseLinearOperator):

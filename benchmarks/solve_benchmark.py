@@ -23,8 +23,8 @@ How things are measured
 * Times: ``time.perf_counter`` around the call (CPU, synchronous); forward and
   forward+backward come from the same call (the forward time is read when ``solve``
   returns); median over the repeats. A case stops at ``--case-timeout`` (SIGALRM).
-* Iterations and the per-iteration split: the worker replaces ``gpsparse.krylov.cg`` /
-  ``minres`` / ``bicgstab`` (looked up at call time by ``gpsparse.solver_config.run_solver``)
+* Iterations and the per-iteration split: the worker replaces ``gpsparse.core.krylov.cg`` /
+  ``minres`` / ``bicgstab`` (looked up at call time by ``gpsparse.core.solver.run_solver``)
   by thin wrappers that time the matvec and preconditioner callables they are given and
   read ``SolverInfo.iterations``; ``build_preconditioner`` and
   ``IncompleteCholeskyPreconditioner.from_matrix`` are wrapped the same way (construction
@@ -222,10 +222,10 @@ class Instrumentation:
     """Wraps gpsparse's Krylov cores and preconditioner construction (in this process only)."""
 
     def __init__(self):
-        import gpsparse.functions as functions
-        import gpsparse.krylov as krylov
-        import gpsparse.solver_config as solver_config
-        from gpsparse.preconditioners import IncompleteCholeskyPreconditioner
+        import gpsparse.autograd.sparse as functions
+        import gpsparse.core.krylov as krylov
+        import gpsparse.core.solver as solver_config
+        from gpsparse.core.preconditioners import IncompleteCholeskyPreconditioner
 
         self.records: list[dict] = []
         self.builds: list[float] = []
@@ -311,11 +311,12 @@ def worker_group(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import gpsparse
-    from gpsparse import SparseLinearOperator, SparsityPattern
-    from gpsparse.solve import matrix_parts
     from torchsparsegradutils import sparse_generic_solve
     from torchsparsegradutils.utils import MINRESSettings, linear_cg, minres
+
+    import gpsparse
+    from gpsparse import SparseLinearOperator, SparsityPattern
+    from gpsparse.linalg.solve import matrix_parts
 
     inst = Instrumentation()
     m, k = spec["m"], spec["k"]
@@ -460,9 +461,9 @@ def profile_core(matrix: str, n_req: float, k: int, method: str, iterations: int
     import torch
     from torch.profiler import profile
 
-    import gpsparse.krylov as krylov
+    import gpsparse.core.krylov as krylov
     from gpsparse import SparsityPattern
-    from gpsparse.solver_config import buffered_matvec
+    from gpsparse.core.solver import buffered_matvec
 
     torch.set_num_threads(threads)
     m = int(round(n_req**0.5))
@@ -478,7 +479,7 @@ def profile_core(matrix: str, n_req: float, k: int, method: str, iterations: int
         core(matvec, rhs, max_iters=iterations, rtol=0.0)
         wall = time.perf_counter() - t0
     head = (
-        f"# gpsparse.krylov.{method}, {matrix}, n = {m}² , k = {k}, {iterations} iterations, {threads} thread(s), "
+        f"# gpsparse.core.krylov.{method}, {matrix}, n = {m}² , k = {k}, {iterations} iterations, {threads} thread(s), "
         f"load average {os.getloadavg()[0]:.2f}: {wall / iterations * 1e3:.1f} ms per iteration "
         f"(profiler on; addmm = the SpMM)\n"
     )
@@ -789,7 +790,7 @@ def markdown(info: dict, rows: list[dict], args) -> str:
     if tens:
         out.append("\n## Torch tensor input: per-call conversion (CG, no preconditioner)\n")
         out.append(
-            "`gpsparse.solve(A_coo, B)` converts the tensor at every call (`gpsparse.solve.matrix_parts`: sorting the "
+            "`gpsparse.solve(A_coo, B)` converts the tensor at every call (`gpsparse.linalg.solve.matrix_parts`: sorting the "
             "indices, the transpose permutation, symmetry detection); `convert s` times that call alone.\n"
         )
         out.append("| matrix | n | k | convert s | fwd s (tensor) | fwd s (op) | fwd+bwd s (tensor) | fwd+bwd s (op) | peak MiB (tensor) | peak MiB (op) |")

@@ -23,7 +23,10 @@ settings
 """
 
 from gpsparse import settings
-from gpsparse.cholmod import CholeskyPreconditioner
+from gpsparse.core.cholmod import CholeskyPreconditioner
+from gpsparse.core.krylov import SolverInfo, bicgstab, cg, minres
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
 from gpsparse.errors import (
     ConvergenceWarning,
     DenseSizeError,
@@ -32,14 +35,11 @@ from gpsparse.errors import (
     NotPositiveDefiniteError,
     SolverBreakdownError,
 )
-from gpsparse.funm import funm, lanczos
-from gpsparse.krylov import SolverInfo, bicgstab, cg, minres
-from gpsparse.logdet import logdet
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
-from gpsparse.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
-from gpsparse.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
-from gpsparse.solve import solve
+from gpsparse.linalg.funm import funm, lanczos
+from gpsparse.linalg.slq import logdet
+from gpsparse.linalg.solve import solve
+from gpsparse.operators.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __version__ = "0.1.0"
 
@@ -68,3 +68,6 @@ __all__ = [
     "DenseSizeError",
     "ConvergenceWarning",
 ]
+
+# As `import gpytorch` loads gpytorch.kernels: `import gpsparse; gpsparse.kernels.LatticeMaternKernel` works.
+from gpsparse import kernels  # noqa: E402, F401  (kernels import the operators above)

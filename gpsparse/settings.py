@@ -227,7 +227,7 @@ def variance_defaults(*, method: str | None = None, num_probes: int | None = Non
     ``method``: "auto" (exact up to ``exact_limit`` points, default 1024, and
     stochastic beyond or under ``gpytorch.settings.fast_pred_var()``), "exact"
     or "stochastic" (``num_probes`` Rademacher probes, default 64). See
-    :func:`gpsparse.precision.covariance_diagonal`.
+    :func:`gpsparse.operators.precision.covariance_diagonal`.
     """
     if method is not None and method not in ("auto", "exact", "stochastic"):
         raise ValueError(f"method must be 'auto', 'exact' or 'stochastic', got {method!r}")

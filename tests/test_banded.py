@@ -1,4 +1,4 @@
-"""gpsparse.banded against dense float64 torch.linalg, gradcheck and closed forms."""
+"""gpsparse.core.banded against dense float64 torch.linalg, gradcheck and closed forms."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import tolerance
 
-import gpsparse.banded as banded
-from gpsparse.banded import banded_inverse_band, banded_logdet, banded_solve, bandwidth
+import gpsparse.core.banded as banded
+from gpsparse.core.banded import banded_inverse_band, banded_logdet, banded_solve, bandwidth
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.sparse_ops import symmetrize_values_grad
 from gpsparse.errors import NotPositiveDefiniteError
-from gpsparse.pattern import SparsityPattern
-from gpsparse.sparse_ops import symmetrize_values_grad
 
 BANDWIDTHS = [1, 2, 4]
 

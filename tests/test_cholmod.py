@@ -17,9 +17,9 @@ import scipy.sparse as sp
 import torch
 from helpers import tolerance
 
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.preconditioners import Preconditioner
 from gpsparse.errors import NotPositiveDefiniteError
-from gpsparse.pattern import SparsityPattern
-from gpsparse.preconditioners import Preconditioner
 
 requires_cholmod = pytest.mark.skipif(
     importlib.util.find_spec("sksparse") is None,
@@ -111,7 +111,7 @@ def symmetrised(grad_dense: torch.Tensor, pattern: SparsityPattern) -> torch.Ten
 
 
 def test_missing_scikit_sparse_raises_import_error(monkeypatch):
-    from gpsparse import cholmod
+    from gpsparse.core import cholmod
 
     monkeypatch.setitem(sys.modules, "sksparse", None)  # `import sksparse` raises ImportError
     monkeypatch.setitem(sys.modules, "sksparse.cholmod", None)
@@ -133,14 +133,14 @@ def test_missing_scikit_sparse_raises_import_error(monkeypatch):
 
 @requires_cholmod
 def test_available():
-    from gpsparse.cholmod import cholmod_available
+    from gpsparse.core.cholmod import cholmod_available
 
     assert cholmod_available()
 
 
 @requires_cholmod
 def test_logdet_value_and_gradient(spd):
-    from gpsparse.cholmod import cholesky_logdet
+    from gpsparse.core.cholmod import cholesky_logdet
 
     values, pattern, dense = spd
     values = values.clone().requires_grad_()
@@ -153,7 +153,7 @@ def test_logdet_value_and_gradient(spd):
 
 @requires_cholmod
 def test_logdet_gradient_matches_dense_autograd(spd):
-    from gpsparse.cholmod import cholesky_logdet
+    from gpsparse.core.cholmod import cholesky_logdet
 
     values, pattern, _ = spd
     weight = 0.7
@@ -168,7 +168,7 @@ def test_logdet_gradient_matches_dense_autograd(spd):
 
 @requires_cholmod
 def test_selected_inverse(spd):
-    from gpsparse.cholmod import cholesky_selected_inverse
+    from gpsparse.core.cholmod import cholesky_selected_inverse
 
     values, pattern, dense = spd
     out = cholesky_selected_inverse(values, pattern)
@@ -178,7 +178,7 @@ def test_selected_inverse(spd):
 @requires_cholmod
 def test_selected_inverse_supernodal_blocks_match_columns():
     """The dense supernodal blocks and the column-by-column recurrence give the same Z on L's pattern."""
-    from gpsparse import cholmod
+    from gpsparse.core import cholmod
 
     values, pattern, _ = as_pattern(lattice_precision(30))
     analysis, _ = cholmod._analysis(pattern, "test")
@@ -195,7 +195,7 @@ def test_selected_inverse_supernodal_blocks_match_columns():
 @requires_cholmod
 def test_selected_inverse_larger_lattice_against_unit_solves():
     """n = 4900 (wide supernodes): entries of A⁻¹ at the pattern against solves with unit vectors."""
-    from gpsparse.cholmod import cholesky_selected_inverse, cholesky_solve
+    from gpsparse.core.cholmod import cholesky_selected_inverse, cholesky_solve
 
     values, pattern, _ = as_pattern(lattice_precision(70, kappa=0.1))
     n = pattern.size[0]
@@ -211,7 +211,7 @@ def test_selected_inverse_larger_lattice_against_unit_solves():
 
 @requires_cholmod
 def test_logdet_gradcheck_tiny():
-    from gpsparse.cholmod import cholesky_logdet
+    from gpsparse.core.cholmod import cholesky_logdet
 
     values, pattern, _ = as_pattern(lattice_precision(3))
     perm = pattern.transpose_perm
@@ -224,7 +224,7 @@ def test_logdet_gradcheck_tiny():
 
 @requires_cholmod
 def test_batched_logdet():
-    from gpsparse.cholmod import cholesky_logdet
+    from gpsparse.core.cholmod import cholesky_logdet
 
     values, pattern, dense = as_pattern(lattice_precision(12))
     scale = torch.tensor([[1.0, 2.0, 0.5], [3.0, 1.5, 0.25]], dtype=torch.float64)
@@ -241,7 +241,7 @@ def test_batched_logdet():
 
 @requires_cholmod
 def test_float32_in_float32_out():
-    from gpsparse.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, dense = as_pattern(lattice_precision(8))
     v32 = values.float().requires_grad_()
@@ -257,7 +257,7 @@ def test_float32_in_float32_out():
 
 @requires_cholmod
 def test_symbolic_analysis_cached_per_pattern_and_released():
-    from gpsparse import cholmod
+    from gpsparse.core import cholmod
 
     values, pattern, dense = as_pattern(lattice_precision(10))
     cholmod.cholesky_logdet(values, pattern)
@@ -282,7 +282,7 @@ def test_symbolic_analysis_cached_per_pattern_and_released():
 
 def test_cuda_round_trip(device):
     pytest.importorskip("sksparse")
-    from gpsparse.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, dense = as_pattern(lattice_precision(6))
     values = values.to(device).requires_grad_()
@@ -303,7 +303,7 @@ def test_cuda_round_trip(device):
 @requires_cholmod
 @pytest.mark.parametrize("shape", [(), (3,)], ids=["vector", "k3"])
 def test_solve_values_and_gradients(spd, shape):
-    from gpsparse.cholmod import cholesky_solve
+    from gpsparse.core.cholmod import cholesky_solve
 
     values, pattern, dense = spd
     n = pattern.size[0]
@@ -328,7 +328,7 @@ def test_solve_values_and_gradients(spd, shape):
 
 @requires_cholmod
 def test_solve_batched_and_broadcast():
-    from gpsparse.cholmod import cholesky_solve
+    from gpsparse.core.cholmod import cholesky_solve
 
     values, pattern, dense = as_pattern(lattice_precision(10))
     n = pattern.size[0]
@@ -354,7 +354,7 @@ def test_solve_batched_and_broadcast():
 
 @requires_cholmod
 def test_solve_gradcheck_tiny():
-    from gpsparse.cholmod import cholesky_solve
+    from gpsparse.core.cholmod import cholesky_solve
 
     values, pattern, _ = as_pattern(lattice_precision(3))
     perm = pattern.transpose_perm
@@ -378,7 +378,7 @@ def test_solve_gradcheck_tiny():
     ids=["sparse_csr", "values_pattern", "tuple", "supernodal-900"],
 )
 def test_preconditioner_contract(build, m):
-    from gpsparse.cholmod import CholeskyPreconditioner
+    from gpsparse.core.cholmod import CholeskyPreconditioner
 
     values, pattern, dense = as_pattern(lattice_precision(m))
     n = m * m
@@ -408,7 +408,7 @@ def test_preconditioner_contract(build, m):
 
 @requires_cholmod
 def test_preconditioner_reads_lower_triangle_of_sparse_input():
-    from gpsparse.cholmod import CholeskyPreconditioner
+    from gpsparse.core.cholmod import CholeskyPreconditioner
 
     _, _, dense = as_pattern(lattice_precision(5))
     P = CholeskyPreconditioner.from_matrix(dense.tril().to_sparse())
@@ -418,7 +418,7 @@ def test_preconditioner_reads_lower_triangle_of_sparse_input():
 
 @requires_cholmod
 def test_preconditioner_batched_and_to():
-    from gpsparse.cholmod import CholeskyPreconditioner
+    from gpsparse.core.cholmod import CholeskyPreconditioner
 
     values, pattern, dense = as_pattern(lattice_precision(6))
     scale = torch.tensor([1.0, 4.0], dtype=torch.float64)
@@ -437,7 +437,7 @@ def test_preconditioner_batched_and_to():
 
 @requires_cholmod
 def test_preconditioner_errors():
-    from gpsparse.cholmod import CholeskyPreconditioner
+    from gpsparse.core.cholmod import CholeskyPreconditioner
 
     _, _, dense = as_pattern(lattice_precision(4))
     with pytest.raises(TypeError, match="dense tensor"):
@@ -461,7 +461,7 @@ def test_preconditioner_errors():
     ids=["simplicial", "supernodal"],
 )
 def test_not_positive_definite(matrix, path):
-    from gpsparse.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, _ = as_pattern(matrix())
     n = pattern.size[0]
@@ -473,7 +473,7 @@ def test_not_positive_definite(matrix, path):
 
 @requires_cholmod
 def test_input_errors():
-    from gpsparse.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, _ = as_pattern(lattice_precision(4))
     with pytest.raises(ValueError, match="declared symmetric"):
@@ -506,7 +506,7 @@ def test_size_one_million():
     eigenvalues of the Neumann lattice Laplacian are closed-form) and against
     solves with unit vectors at a few columns. Prints the timings (``-s``).
     """
-    from gpsparse.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
 
     m, kappa = 1000, 0.5
     values, pattern, _ = as_pattern_large(lattice_5pt(m, kappa))

@@ -3,12 +3,12 @@
 Class attributes that differ from the suite's defaults, and why:
 
 * ``should_call_cg = False`` — solves and inverse quadratic forms run on
-  gpsparse's own CG (``gpsparse.krylov.cg``), never on
+  gpsparse's own CG (``gpsparse.core.krylov.cg``), never on
   ``linear_operator.utils.linear_cg`` (whose loose training tolerance and
   dense-gradient path are what gpsparse replaces).
 
 * ``should_call_lanczos = False`` — root decompositions run on gpsparse's
-  differentiable Lanczos (``gpsparse.funm.lanczos``), not
+  differentiable Lanczos (``gpsparse.lanczos``), not
   ``linear_operator.utils.lanczos.lanczos_tridiag``.
 
 ``sqrt_inv_matmul`` runs on gpsparse's Lanczos ``f(A)v`` (``inv_sqrt``); on
@@ -34,9 +34,9 @@ from linear_operator.test.linear_operator_test_case import LinearOperatorTestCas
 from matrices import lattice_precision_13pt, random_spd, scipy_to_torch
 
 from gpsparse import SparseLinearOperator
+from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels.lattice import neumann_eigenvalues, neumann_laplacian
 from gpsparse.kernels.spde import MaternPrecision
-from gpsparse.pattern import SparsityPattern
 
 
 def _spd_operator(batch_shape=()):

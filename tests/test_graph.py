@@ -20,7 +20,7 @@ from helpers import tolerance
 import gpsparse
 from gpsparse import SparseLinearOperator, SparsePrecisionLinearOperator
 from gpsparse.kernels.graph import GraphMaternKernel, graph_laplacian
-from gpsparse.known_logdet import KnownLogdetSparseLinearOperator
+from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
 
 DIRECT = tolerance(torch.float64, "direct")
 ITERATIVE = tolerance(torch.float64, "iterative")

@@ -1,4 +1,4 @@
-"""Tests of the Krylov cores (``gpsparse.krylov``) against dense float64 ``torch.linalg``."""
+"""Tests of the Krylov cores (``gpsparse.core.krylov``) against dense float64 ``torch.linalg``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpsparse.core.krylov import SolverInfo, bicgstab, cg, default_max_iters, minres
 from gpsparse.errors import NotPositiveDefiniteError, SolverBreakdownError
-from gpsparse.krylov import SolverInfo, bicgstab, cg, default_max_iters, minres
 
 SOLVERS = {"cg": cg, "minres": minres, "bicgstab": bicgstab}
 DTYPES = [torch.float64, torch.float32]

@@ -22,8 +22,8 @@ from scipy.special import gamma, ive, kv
 import gpsparse
 from gpsparse import SparseLinearOperator, SparsePrecisionLinearOperator
 from gpsparse.kernels.lattice import LatticeMaternKernel, lattice_variance, neumann_eigenvalues, neumann_laplacian
-from gpsparse.known_logdet import KnownLogdetSparseLinearOperator
-from gpsparse.prediction import SparsePrecisionPredictionStrategy
+from gpsparse.kernels.prediction import SparsePrecisionPredictionStrategy
+from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
 
 F64 = torch.float64
 TOL = tolerance(F64, "direct")
@@ -221,9 +221,9 @@ def test_precision_values_and_exact_logdet_match_dense(case):
         assert Q._is_banded()  # half-bandwidth α: gpsparse's exact banded path
 
 
-@pytest.mark.skipif(not gpsparse.cholmod.cholmod_available(), reason="scikit-sparse (CHOLMOD) not installed")
+@pytest.mark.skipif(not gpsparse.core.cholmod.cholmod_available(), reason="scikit-sparse (CHOLMOD) not installed")
 def test_exact_logdet_matches_cholmod_on_a_larger_lattice():
-    from gpsparse.cholmod import cholesky_logdet
+    from gpsparse.core.cholmod import cholesky_logdet
 
     k = kernel((0.0, 0.0), (3.0, 2.0), (61, 51), alpha=3, lengthscale=0.4)
     Q = k.precision()

@@ -8,7 +8,7 @@ from matrices import build, lattice_precision_13pt, random_spd, scipy_to_torch
 
 import gpsparse
 from gpsparse import NotPositiveDefiniteError, SparseLinearOperator
-from gpsparse.logdet import logdet
+from gpsparse.linalg.slq import logdet
 
 
 def _leaf(coo):
@@ -236,7 +236,7 @@ class patch_probes:
         def fake(shape, *, generator, dtype, device):
             return self.probes.to(dtype).expand(shape[0], *self.probes.shape).clone()
 
-        self._patch = patch("gpsparse.operator.rademacher", side_effect=fake)
+        self._patch = patch("gpsparse.operators.sparse.rademacher", side_effect=fake)
         self._patch.start()
 
     def __exit__(self, *exc):
@@ -244,7 +244,7 @@ class patch_probes:
 
 
 def test_size_aware_defaults_keep_explicit_choices():
-    from gpsparse.operator import _logdet_config
+    from gpsparse.operators.sparse import _logdet_config
 
     small, large = _logdet_config(10_000), _logdet_config(100_000)
     assert (small.gradient, small.num_probes, small.preconditioner) == ("adjoint", 16, "jacobi")
@@ -267,7 +267,7 @@ def test_size_aware_defaults_keep_explicit_choices():
 def test_reads_linear_operator_settings_when_user_set():
     import linear_operator
 
-    from gpsparse.operator import _logdet_config
+    from gpsparse.operators.sparse import _logdet_config
 
     assert _logdet_config().num_probes == gpsparse.settings.current().num_probes
     with linear_operator.settings.num_trace_samples(7), linear_operator.settings.max_lanczos_quadrature_iterations(11):

@@ -25,7 +25,7 @@ from helpers import tolerance
 
 import gpsparse
 from gpsparse import NoisySparsePrecisionLinearOperator, SparseLinearOperator, SparsePrecisionLinearOperator
-from gpsparse.banded import bandwidth
+from gpsparse.core.banded import bandwidth
 from gpsparse.kernels.markov import (
     CloseInputsWarning,
     MarkovMaternKernel,
@@ -312,7 +312,7 @@ def test_scale_kernel_and_noise_take_the_exact_banded_path():
     assert isinstance(noisy, NoisySparsePrecisionLinearOperator)
     y = torch.sin(x[:, 0])
     with (
-        patch("gpsparse.krylov.cg", side_effect=AssertionError("CG used")),
+        patch("gpsparse.core.krylov.cg", side_effect=AssertionError("CG used")),
         patch.object(SparseLinearOperator, "to_dense", side_effect=AssertionError("densified")),
     ):
         loss = -likelihood(prior).log_prob(y)
@@ -510,7 +510,7 @@ SIZE_SCRIPT = textwrap.dedent(
     likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    with patch("gpsparse.krylov.cg", side_effect=AssertionError("CG used")):
+    with patch("gpsparse.core.krylov.cg", side_effect=AssertionError("CG used")):
         prior = gpytorch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64), covar(x))
         loss = -likelihood(prior).log_prob(y) / n
         loss.backward()

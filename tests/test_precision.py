@@ -11,7 +11,7 @@ import torch
 from matrices import lattice_laplacian, scipy_to_torch
 
 import gpsparse
-import gpsparse.cholmod
+import gpsparse.core.cholmod
 from gpsparse import NoisySparsePrecisionLinearOperator, SparseLinearOperator, SparsePrecisionLinearOperator
 
 M = 20  # 20 × 20 lattice, N = 400
@@ -206,8 +206,8 @@ def test_banded_markov_model_is_exact_without_krylov():
     y = torch.randn(W.shape[0], 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     Ky = SparsePrecisionLinearOperator(Q, interp=W).add_diagonal(noise)
     with (
-        patch("gpsparse.krylov.cg", side_effect=AssertionError("CG called")),
-        patch("gpsparse.tridiag.lanczos", side_effect=AssertionError("Lanczos called")),
+        patch("gpsparse.core.krylov.cg", side_effect=AssertionError("CG called")),
+        patch("gpsparse.core.lanczos.lanczos", side_effect=AssertionError("Lanczos called")),
         linear_operator.settings.max_cholesky_size(0),
     ):
         quad, logdet = Ky.inv_quad_logdet(y, logdet=True)
@@ -223,7 +223,7 @@ def test_banded_markov_model_is_exact_without_krylov():
     torch.testing.assert_close(noise.grad, noise_r.grad, rtol=1e-7, atol=1e-9)
 
 
-requires_cholmod = pytest.mark.skipif(not gpsparse.cholmod.cholmod_available(), reason="scikit-sparse not installed")
+requires_cholmod = pytest.mark.skipif(not gpsparse.core.cholmod.cholmod_available(), reason="scikit-sparse not installed")
 
 
 @requires_cholmod
@@ -239,7 +239,7 @@ def test_exact_cholesky_path_matches_dense():
     with (
         gpsparse.settings.logdet_defaults(method="cholesky"),
         linear_operator.settings.max_cholesky_size(0),
-        patch("gpsparse.krylov.cg", side_effect=AssertionError("CG called")),
+        patch("gpsparse.core.krylov.cg", side_effect=AssertionError("CG called")),
     ):
         quad, logdet = Ky.inv_quad_logdet(y, logdet=True)
     (quad + logdet).backward()

@@ -1,4 +1,4 @@
-"""Tests of gpsparse.preconditioners against dense float64 torch.linalg references."""
+"""Tests of gpsparse.core.preconditioners against dense float64 torch.linalg references."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 from helpers import tolerance
 
-import gpsparse.preconditioners as pc_module
-from gpsparse.errors import NotPositiveDefiniteError
-from gpsparse.preconditioners import (
+import gpsparse.core.preconditioners as pc_module
+from gpsparse.core.preconditioners import (
     IncompleteCholeskyPreconditioner,
     JacobiPreconditioner,
     Preconditioner,
 )
+from gpsparse.errors import NotPositiveDefiniteError
 
 DTYPES = [torch.float64, torch.float32]
 HAS_NUMBA = pc_module._numba is not None

@@ -202,7 +202,7 @@ def test_ic0_retries_with_a_shift_when_pivots_break_down():
     """IC(0) breaks down on this SPD non-M-matrix; the solver retries with a diagonal shift and converges."""
     from matrices import lattice_precision_13pt, scipy_to_torch
 
-    from gpsparse.preconditioners import IncompleteCholeskyPreconditioner
+    from gpsparse.core.preconditioners import IncompleteCholeskyPreconditioner
 
     A = scipy_to_torch(lattice_precision_13pt(24, kappa=0.05, noise=100.0))
     with pytest.raises(NotPositiveDefiniteError):

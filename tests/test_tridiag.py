@@ -1,4 +1,4 @@
-"""Tests of the Lanczos core and its adjoint (``gpsparse.tridiag``).
+"""Tests of the Lanczos core and its adjoint (``gpsparse.core.lanczos``).
 
 Gradient oracles, in the order of STYLE.md: the same forward loop run under
 plain autograd (``_lanczos(..., differentiable=True)``), dense float64
@@ -15,9 +15,9 @@ import doctest
 import pytest
 import torch
 
-import gpsparse.tridiag as lanczos_module
+import gpsparse.core.lanczos as lanczos_module
+from gpsparse.core.lanczos import LanczosDecomposition, _lanczos, lanczos, lanczos_adjoint
 from gpsparse.errors import SolverBreakdownError
-from gpsparse.tridiag import LanczosDecomposition, _lanczos, lanczos, lanczos_adjoint
 from tests.matrices import lattice_precision_5pt, random_spd
 
 F64 = torch.float64

@@ -13,8 +13,8 @@ import torch
 from helpers import tolerance
 
 from gpsparse import SparseLinearOperator
+from gpsparse.core.neighbors import radius_pairs
 from gpsparse.kernels import WendlandKernel, wendland_phi31
-from gpsparse.neighbors import radius_pairs
 
 TOL = tolerance(torch.float64, "direct")
 
@@ -61,7 +61,7 @@ def test_radius_pairs_equal_brute_force(d, symmetric):
 
 
 def test_radius_pairs_chunked_search_is_identical(monkeypatch):
-    import gpsparse.neighbors as neighbors
+    import gpsparse.core.neighbors as neighbors
 
     x = _points(600, 2, seed=3)
     full = radius_pairs(x, radius=0.1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gpytorch
 
-from gpsparse.prediction import SparsePrecisionPredictionStrategy
+from gpsparse.kernels.prediction import SparsePrecisionPredictionStrategy
 
 __all__ = ["SparsePrecisionKernel"]
 
@@ -14,11 +14,11 @@ class SparsePrecisionKernel(gpytorch.kernels.Kernel):
 
     Subclasses implement ``forward(x1, x2, diag=False, **params)`` returning
     ``SparsePrecisionLinearOperator(Q, interp=W(x1), right_interp=W(x2))``
-    (and the variances ``gpsparse.precision.covariance_diagonal(Q, W(x1))``
+    (and the variances ``gpsparse.operators.precision.covariance_diagonal(Q, W(x1))``
     for ``diag=True``). This base class hooks GPyTorch's prediction: through
     ``Kernel.prediction_strategy`` (which ``ScaleKernel`` forwards to its base
     kernel), ``model.eval(); likelihood(model(x_test))`` uses
-    :class:`~gpsparse.prediction.SparsePrecisionPredictionStrategy` — means
+    :class:`~gpsparse.kernels.prediction.SparsePrecisionPredictionStrategy` — means
     and variances through the sparse posterior precision, never a dense
     matrix.
     """

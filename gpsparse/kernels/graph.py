@@ -38,13 +38,13 @@ from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from gpsparse import settings as gs_settings
+from gpsparse.core.pattern import SparsityPattern
 from gpsparse.errors import DenseSizeError
 from gpsparse.kernels._inputs import input_version, same_input
 from gpsparse.kernels.base import SparsePrecisionKernel
 from gpsparse.kernels.spde import MaternPrecision
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
-from gpsparse.precision import SparsePrecisionLinearOperator, covariance_diagonal
+from gpsparse.operators.precision import SparsePrecisionLinearOperator, covariance_diagonal
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = ["GraphMaternKernel", "graph_laplacian"]
 
@@ -277,8 +277,8 @@ class GraphMaternKernel(SparsePrecisionKernel):
     ``SparsePrecisionLinearOperator(Q, interp=W(x1), right_interp=W(x2))``
     with ``W`` the ``n × N`` selection matrix of the ids; GPyTorch's Gaussian
     likelihood turns ``K + σ²I`` into the sparse posterior precision
-    ``P = Q + σ⁻² WᵀW`` (:mod:`gpsparse.precision`), and prediction goes
-    through :mod:`gpsparse.prediction`.
+    ``P = Q + σ⁻² WᵀW`` (:mod:`gpsparse.operators.precision`), and prediction goes
+    through :mod:`gpsparse.kernels.prediction`.
 
     Parameters
     ----------
@@ -363,13 +363,13 @@ class GraphMaternKernel(SparsePrecisionKernel):
       ``ℓ^{2ν}``), strongly coupling outputscale and lengthscale.
 
     *Log-determinant.* With the eigenvalues (``N ≤ max_eigen_nodes``)
-    ``Q`` is a :class:`~gpsparse.known_logdet.KnownLogdetSparseLinearOperator`
+    ``Q`` is a :class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`
     with the exact ``log det Q = N log τ + ν Σ_k log(κ² + λ_k)``; otherwise
     ``log det Q`` goes through :class:`~gpsparse.SparseLinearOperator`'s
     paths (banded, CHOLMOD, SLQ).
 
     *diag=True* returns the marginal variances ``diag(W Q⁻¹ Wᵀ)`` from
-    :func:`gpsparse.precision.covariance_diagonal` (one solve in ``Q`` per
+    :func:`gpsparse.operators.precision.covariance_diagonal` (one solve in ``Q`` per
     row up to ``gpsparse.settings.variance_defaults``' exact limit, a
     stochastic estimate beyond); with ``x1 ≠ x2`` the entries
     ``[Q⁻¹]_{x1_i, x2_i}``, one solve per row.

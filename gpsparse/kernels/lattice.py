@@ -11,11 +11,11 @@ arbitrary points read the lattice through sparse multilinear interpolation
 
 An adapter (DESIGN.md §1): the numerics are those of
 :class:`~gpsparse.SparseLinearOperator` and
-:mod:`gpsparse.precision`; this module builds the lattice, the
+:mod:`gpsparse.operators.precision`; this module builds the lattice, the
 normalisation ``τ``, the interpolation and validates inputs. The precision
 structure is :class:`~gpsparse.kernels.spde.MaternPrecision` with the
 closed-form Laplacian spectrum, so ``log det Q`` is exact
-(:class:`~gpsparse.known_logdet.KnownLogdetSparseLinearOperator`).
+(:class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
 from torch import Tensor
 
+from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
 from gpsparse.kernels.base import SparsePrecisionKernel
 from gpsparse.kernels.spde import MaternPrecision
-from gpsparse.known_logdet import KnownLogdetSparseLinearOperator
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
-from gpsparse.precision import SparsePrecisionLinearOperator, covariance_diagonal
+from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
+from gpsparse.operators.precision import SparsePrecisionLinearOperator, covariance_diagonal
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = ["LatticeMaternKernel", "neumann_laplacian", "neumann_eigenvalues", "lattice_variance"]
 
@@ -226,12 +226,12 @@ class LatticeMaternKernel(SparsePrecisionKernel):
 
     *Log-determinant.* The Neumann Laplacian has closed-form eigenvalues
     (:func:`neumann_eigenvalues`), so ``log det Q = N log τ + α Σ_k log(κ² + λ_k)``
-    is exact and O(N) (:class:`~gpsparse.known_logdet.KnownLogdetSparseLinearOperator`);
+    is exact and O(N) (:class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`);
     the marginal likelihood only estimates ``log det`` of the posterior
-    precision ``P = Q + Wᵀ D⁻¹ W`` (:mod:`gpsparse.precision`). In 1-D ``Q``
+    precision ``P = Q + Wᵀ D⁻¹ W`` (:mod:`gpsparse.operators.precision`). In 1-D ``Q``
     and ``P`` are banded (half-bandwidth α ≤ 6, the default
     ``max_banded_bandwidth``), so every solve and log-determinant is exact
-    (:mod:`gpsparse.banded`).
+    (:mod:`gpsparse.core.banded`).
 
     Parameters
     ----------
@@ -310,7 +310,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     grad get weights recomputed differentiably (piecewise linear in ``x``).
 
     ``diag=True`` returns ``diag(W Q⁻¹ Wᵀ)`` through
-    :func:`gpsparse.precision.covariance_diagonal` (exact solves up to
+    :func:`gpsparse.operators.precision.covariance_diagonal` (exact solves up to
     :func:`gpsparse.settings.variance_defaults`' ``exact_limit`` points, a
     stochastic estimator beyond); for ``x1 ≠ x2`` by polarisation
     ``(diag((W₁+W₂)Q⁻¹(W₁+W₂)ᵀ) − diag((W₁−W₂)Q⁻¹(W₁−W₂)ᵀ))/4``. Inputs with

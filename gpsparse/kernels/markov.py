@@ -6,7 +6,7 @@ nodes ``t_0 < … < t_{n−1}`` the states form a Markov chain, so their joint
 precision is block tridiagonal (``s × s`` blocks, half-bandwidth ``2s − 1 ≤ 5``)
 and the covariance of the observations is ``W Q⁻¹ Wᵀ`` with ``W`` selecting
 the first state component — the exact Matérn covariance, never formed.
-gpsparse's banded Cholesky (:mod:`gpsparse.banded`) then gives exact
+gpsparse's banded Cholesky (:mod:`gpsparse.core.banded`) then gives exact
 log-determinants, solves and gradients in ``O(n)``.
 
 This module has two layers: pure tensor functions building the state-space
@@ -71,11 +71,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
 from gpsparse.kernels.base import SparsePrecisionKernel
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
-from gpsparse.precision import SparsePrecisionLinearOperator
+from gpsparse.operators.precision import SparsePrecisionLinearOperator
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = [
     "MarkovMaternKernel",

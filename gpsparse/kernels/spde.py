@@ -22,7 +22,7 @@ log-determinant is exact and O(N),
     \log\det Q = N \log τ + α \sum_k \log(κ² + λ_k),
 
 and :meth:`MaternPrecision.operator` returns a
-:class:`~gpsparse.known_logdet.KnownLogdetSparseLinearOperator`.
+:class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from gpsparse.known_logdet import KnownLogdetSparseLinearOperator
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = ["MaternPrecision"]
 
@@ -117,7 +117,7 @@ class MaternPrecision:
     def operator(self, kappa2: Tensor, tau: Tensor) -> SparseLinearOperator:
         """``Q`` for ``κ² (*batch)`` and ``τ (*batch)`` (broadcast), values ``(*batch, nnz)``.
 
-        A :class:`~gpsparse.known_logdet.KnownLogdetSparseLinearOperator`
+        A :class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`
         when the eigenvalues are known.
         """
         kappa2, tau = torch.broadcast_tensors(kappa2, tau)

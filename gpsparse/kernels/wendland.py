@@ -1,6 +1,6 @@
 r"""The compactly supported Wendland covariance φ₃,₁ as a sparse GPyTorch kernel.
 
-An adapter (DESIGN.md §1): the neighbour search is :mod:`gpsparse.neighbors`,
+An adapter (DESIGN.md §1): the neighbour search is :mod:`gpsparse.core.neighbors`,
 the matrix is a :class:`~gpsparse.SparseLinearOperator`; this module only
 validates inputs, caches the sparsity pattern and computes the stored values.
 """
@@ -18,10 +18,10 @@ from gpytorch.priors import Prior
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from gpsparse.core.neighbors import radius_pairs
+from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
-from gpsparse.neighbors import radius_pairs
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = ["WendlandKernel", "wendland_phi31"]
 
@@ -95,7 +95,7 @@ class WendlandKernel(Kernel):
 
     ``forward`` returns a :class:`~gpsparse.SparseLinearOperator` whose
     pattern holds every pair within the current radius, found by a grid
-    neighbour search (:func:`gpsparse.neighbors.radius_pairs`, O(n · neighbours),
+    neighbour search (:func:`gpsparse.core.neighbors.radius_pairs`, O(n · neighbours),
     never an ``n × m`` distance matrix), and whose values are a differentiable
     function of ``ρ`` (and of the inputs when they require grad). For
     ``x1 is x2`` (or equal tensors) the pattern is declared symmetric and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gpsparse.pattern import SparsityPattern
+from gpsparse.core.pattern import SparsityPattern
 
 __all__ = ["sparse_parts", "check_finite", "detect_symmetric", "declare_symmetry", "symmetrized"]
 
@@ -25,7 +25,7 @@ def sparse_parts(matrix: Tensor, *, symmetric: bool | None = None) -> tuple[Tens
     symmetric : bool or None
         Declare the matrix symmetric (``True``), general (``False``), or detect
         it (``None``: pattern equals its transpose and values are exactly
-        symmetric). See :class:`~gpsparse.pattern.SparsityPattern`.
+        symmetric). See :class:`~gpsparse.core.pattern.SparsityPattern`.
 
     Raises
     ------

@@ -1,7 +1,7 @@
 """``SparseLinearOperator``: a linear_operator ``LinearOperator`` backed by a sparse matrix.
 
 An adapter (DESIGN.md §1): it validates, lays out operands and delegates to
-the Functions in :mod:`gpsparse.functions`; it has no numerics of its own.
+the Functions in :mod:`gpsparse.autograd.sparse`; it has no numerics of its own.
 
 Every path linear_operator or GPyTorch reaches is overridden so that nothing
 densifies: products are CSR SpMMs, gradients are sampled products at the
@@ -21,19 +21,19 @@ from linear_operator import settings as lo_settings
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, LinearOperator
 from torch import Tensor
 
-from gpsparse import krylov
 from gpsparse import settings as gs_settings
-from gpsparse.banded import banded_logdet, banded_solve, bandwidth
-from gpsparse.batching import flatten_operands
-from gpsparse.convert import check_finite, declare_symmetry, sparse_parts, symmetrized
+from gpsparse.autograd.sparse import SparseInvQuad, SparseMatmul
+from gpsparse.core import krylov
+from gpsparse.core.banded import banded_logdet, banded_solve, bandwidth
+from gpsparse.core.batching import flatten_operands
+from gpsparse.core.convert import check_finite, declare_symmetry, sparse_parts, symmetrized
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.quadrature import rademacher
+from gpsparse.core.solver import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
+from gpsparse.core.sparse_ops import sampled_product, symmetrize_values_grad
 from gpsparse.errors import DenseSizeError
-from gpsparse.functions import SparseInvQuad, SparseMatmul
-from gpsparse.logdet import LogdetConfig, slq_apply
-from gpsparse.pattern import SparsityPattern
-from gpsparse.quadrature import rademacher
-from gpsparse.solve import check_operand, solve_parts
-from gpsparse.solver_config import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
-from gpsparse.sparse_ops import sampled_product, symmetrize_values_grad
+from gpsparse.linalg.slq import LogdetConfig, slq_apply
+from gpsparse.linalg.solve import check_operand, solve_parts
 
 __all__ = ["SparseLinearOperator"]
 
@@ -53,7 +53,7 @@ class SparseLinearOperator(LinearOperator):
     Notes
     -----
     *Symmetry.* A pattern declared symmetric (see
-    :class:`~gpsparse.pattern.SparsityPattern`) makes the operator symmetric:
+    :class:`~gpsparse.core.pattern.SparsityPattern`) makes the operator symmetric:
     transposition returns an equal operator, solves use CG, and every
     gradient with respect to ``values`` is symmetrised,
     ``g ← (g + g[transpose_perm]) / 2``, the gradient for a symmetric matrix
@@ -95,7 +95,7 @@ class SparseLinearOperator(LinearOperator):
         """Wrap a 2-D torch sparse COO or CSR tensor; gradients flow back to ``matrix.values()``.
 
         ``symmetric=None`` detects symmetry (pattern and values, to rounding);
-        see :func:`gpsparse.convert.sparse_parts` for errors.
+        see :func:`gpsparse.core.convert.sparse_parts` for errors.
         """
         values, pattern = sparse_parts(matrix, symmetric=symmetric)
         return cls(values, pattern=pattern)
@@ -330,7 +330,7 @@ class SparseLinearOperator(LinearOperator):
         if self._is_banded():
             result = banded_solve(self.values, self.pattern, right_tensor)
         elif self._uses_cholesky():
-            from gpsparse.cholmod import cholesky_solve
+            from gpsparse.core.cholmod import cholesky_solve
 
             result = cholesky_solve(self.values, self.pattern, right_tensor)
         else:
@@ -362,9 +362,9 @@ class SparseLinearOperator(LinearOperator):
 
         * Banded operators (half-bandwidth ≤ ``max_banded_bandwidth`` of
           :func:`gpsparse.settings.solver_defaults`, e.g. 1-D Markov
-          precisions): exact banded Cholesky (:mod:`gpsparse.banded`), O(N·b²).
+          precisions): exact banded Cholesky (:mod:`gpsparse.core.banded`), O(N·b²).
         * Under ``logdet_defaults(method="cholesky")``: exact sparse Cholesky
-          (:mod:`gpsparse.cholmod`, CHOLMOD), gradients by selected inversion.
+          (:mod:`gpsparse.core.cholmod`, CHOLMOD), gradients by selected inversion.
         * Without ``logdet``: gpsparse's CG (:meth:`inv_quad`), at every size.
         * With ``logdet``, for ``n ≤`` linear_operator's ``max_cholesky_size``
           (and within :func:`gpsparse.settings.max_dense_size`): an exact
@@ -391,7 +391,7 @@ class SparseLinearOperator(LinearOperator):
                 quad = self.inv_quad(inv_quad_rhs, reduce_inv_quad)
             if self._is_banded():
                 return quad, banded_logdet(self.values, self.pattern)
-            from gpsparse.cholmod import cholesky_logdet
+            from gpsparse.core.cholmod import cholesky_logdet
 
             return quad, cholesky_logdet(self.values, self.pattern)
         n = self.pattern.size[0]
@@ -441,7 +441,7 @@ class SparseLinearOperator(LinearOperator):
 
     def _lanczos_roots(self, initial_vectors: Tensor | None) -> tuple[Tensor, Tensor]:
         """Roots and inverse roots ``(p, *batch, n, K)`` from ``K = max_root_decomposition_size`` Lanczos steps."""
-        from gpsparse.funm import lanczos as differentiable_lanczos
+        from gpsparse.linalg.funm import lanczos as differentiable_lanczos
 
         self._require_symmetric("a Lanczos root decomposition")
         n = self.pattern.size[0]
@@ -470,7 +470,7 @@ class SparseLinearOperator(LinearOperator):
         a dense Cholesky root is used, as linear_operator does. Lanczos depth:
         :func:`gpsparse.settings.logdet_defaults`' ``num_lanczos``.
         """
-        from gpsparse.funm import funm
+        from gpsparse.linalg.funm import funm
 
         n = self.pattern.size[0]
         if n <= lo_settings.max_cholesky_size.value() and math.prod(self.shape) <= gs_settings.current().max_dense_size:
@@ -487,7 +487,7 @@ class SparseLinearOperator(LinearOperator):
         ``min(n, num_lanczos)`` of :func:`gpsparse.settings.logdet_defaults`
         (exact when it reaches the Krylov dimension).
         """
-        from gpsparse.funm import funm
+        from gpsparse.linalg.funm import funm
 
         self._require_symmetric("sqrt_inv_matmul")
         steps = min(self.pattern.size[0], gs_settings.current().num_lanczos)
@@ -602,7 +602,7 @@ _FULL_RANK_TOL = 0.0
 
 
 def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
-    from gpsparse.quadrature import tridiagonal
+    from gpsparse.core.quadrature import tridiagonal
 
     return tridiagonal(alpha, beta)
 

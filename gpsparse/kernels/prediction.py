@@ -8,7 +8,7 @@ latent field has the sparse precision ``P = Q + Wᵀ D⁻¹ W``, so
     covar* = W* P⁻¹ W*ᵀ                            (a SparsePrecisionLinearOperator with precision P)
 
 — the posterior is again a sparse-precision covariance. Its variances
-``diag(W* P⁻¹ W*ᵀ)`` come from :func:`gpsparse.precision.covariance_diagonal`
+``diag(W* P⁻¹ W*ᵀ)`` come from :func:`gpsparse.operators.precision.covariance_diagonal`
 (exact up to 1024 test points, a stochastic diagonal estimator beyond or
 under ``gpytorch.settings.fast_pred_var()``; see there for its error).
 
@@ -39,7 +39,7 @@ from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrateg
 from linear_operator.operators import LinearOperator, ZeroLinearOperator
 from torch import Tensor
 
-from gpsparse.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
+from gpsparse.operators.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
 
 __all__ = ["SparsePrecisionPredictionStrategy"]
 

@@ -6,7 +6,7 @@ inputs (values, right-hand sides, initial guess), as in lineax. It is hashable
 and travels into autograd Functions unchanged, so the backward pass solves
 with the same settings as the forward.
 
-The stopping rule is the cores' (``gpsparse.krylov``): per column
+The stopping rule is the cores' (``gpsparse.core.krylov``): per column
 ``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``.
 """
 
@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from gpsparse import krylov
+from gpsparse.core import krylov
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
+from gpsparse.core.sparse_ops import spmm
 from gpsparse.errors import ConvergenceWarning, NonConvergenceError, NotPositiveDefiniteError
-from gpsparse.pattern import SparsityPattern
-from gpsparse.preconditioners import IncompleteCholeskyPreconditioner, JacobiPreconditioner, Preconditioner
-from gpsparse.sparse_ops import spmm
 
 __all__ = ["SolverConfig", "run_solver", "METHODS", "PRECONDITIONERS"]
 
@@ -105,7 +105,7 @@ def stale_cholesky(values: Tensor, pattern: SparsityPattern):
     steps, while the factorisation cost is paid only now and then.
     """
     from gpsparse import settings
-    from gpsparse.cholmod import CholeskyPreconditioner
+    from gpsparse.core.cholmod import CholeskyPreconditioner
 
     entry = pattern.__dict__.get("_stale_cholesky")
     refresh = settings.current().cholesky_refresh

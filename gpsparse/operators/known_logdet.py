@@ -23,8 +23,8 @@ import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
 
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = ["KnownLogdetSparseLinearOperator"]
 
@@ -53,7 +53,7 @@ class KnownLogdetSparseLinearOperator(SparseLinearOperator):
     Examples
     --------
     >>> import torch
-    >>> from gpsparse.pattern import SparsityPattern
+    >>> from gpsparse.core.pattern import SparsityPattern
     >>> pattern, _ = SparsityPattern.from_indices(torch.arange(3), torch.arange(3), (3, 3))
     >>> pattern = pattern.with_symmetric(True)
     >>> values = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)

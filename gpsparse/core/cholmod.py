@@ -13,7 +13,7 @@ symmetric positive definite matrices that fit a sparse direct factorisation
   adjoint; its diagonal entries are e.g. posterior marginal variances when
   ``A`` is a posterior precision);
 * :class:`CholeskyPreconditioner` — ``M = A`` factorised exactly, for the
-  :class:`~gpsparse.preconditioners.Preconditioner` contract.
+  :class:`~gpsparse.core.preconditioners.Preconditioner` contract.
 
 Requirements and conventions
 ----------------------------
@@ -25,7 +25,7 @@ Requirements and conventions
 * ``values`` ``(*batch, nnz)`` on a pattern declared symmetric
   (``pattern.symmetric``); the values must be symmetric. CHOLMOD reads the
   **lower triangle** of ``A``. Value gradients are symmetrised
-  (:func:`~gpsparse.sparse_ops.symmetrize_values_grad`), the convention of
+  (:func:`~gpsparse.core.sparse_ops.symmetrize_values_grad`), the convention of
   every symmetric operator in gpsparse.
 * Computation in float64 on the CPU. float32 inputs are converted and the
   results converted back; CUDA inputs are copied to the host and the results
@@ -35,7 +35,7 @@ Requirements and conventions
 Reuse of the symbolic analysis
 ------------------------------
 The fill-reducing ordering and the symbolic factorisation depend only on the
-pattern. They are computed once per :class:`~gpsparse.pattern.SparsityPattern`
+pattern. They are computed once per :class:`~gpsparse.core.pattern.SparsityPattern`
 object and cached in a :class:`weakref.WeakKeyDictionary` (dropped with the
 pattern; a pattern moved with ``to()`` is a new object and is analysed
 again); later factorisations on the same pattern object run only the numeric
@@ -107,11 +107,11 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from gpsparse.batching import flatten_operands
+from gpsparse.core.batching import flatten_operands
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.preconditioners import Preconditioner, _as_sparse, _check_dtype
+from gpsparse.core.sparse_ops import sampled_product, symmetrize_values_grad
 from gpsparse.errors import NotPositiveDefiniteError
-from gpsparse.pattern import SparsityPattern
-from gpsparse.preconditioners import Preconditioner, _as_sparse, _check_dtype
-from gpsparse.sparse_ops import sampled_product, symmetrize_values_grad
 
 try:  # compiles the selected-inversion kernels; numba is a hard dependency, but stay importable without it
     import numba as _numba
@@ -143,7 +143,7 @@ def _import_cholmod():
     try:
         from sksparse import cholmod
     except ImportError as err:
-        raise ImportError(f"gpsparse.cholmod: {_INSTALL_HINT} ({err})") from err
+        raise ImportError(f"gpsparse.core.cholmod: {_INSTALL_HINT} ({err})") from err
     return cholmod
 
 
@@ -506,7 +506,7 @@ def _selected_inverse(factor: Any, analysis: _Analysis) -> np.ndarray:
         positions = np.empty(analysis.row.size, dtype=np.int64)
         _lookup_kernel(indptr, indices, analysis.row, analysis.col, pinv, positions)
         if positions.size and positions.min() < 0:  # pragma: no cover - L's pattern contains A's
-            raise RuntimeError("gpsparse.cholmod: an entry of A is missing from the pattern of its Cholesky factor")
+            raise RuntimeError("gpsparse.core.cholmod: an entry of A is missing from the pattern of its Cholesky factor")
         analysis.lookup = lookup = (indptr.copy(), positions, _supernodes(indptr, indices))
     z = np.empty_like(lvals)
     with _blas_threads():
@@ -611,7 +611,7 @@ def cholesky_logdet(values: Tensor, pattern: SparsityPattern) -> Tensor:
     Examples
     --------
     >>> import torch
-    >>> from gpsparse.pattern import SparsityPattern
+    >>> from gpsparse.core.pattern import SparsityPattern
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64).to_sparse_csr()
     >>> pattern = SparsityPattern(A.crow_indices(), A.col_indices(), (2, 2), symmetric=True)
     >>> values = A.values().requires_grad_()
@@ -662,7 +662,7 @@ def cholesky_solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor) -> Ten
     Examples
     --------
     >>> import torch
-    >>> from gpsparse.pattern import SparsityPattern
+    >>> from gpsparse.core.pattern import SparsityPattern
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64).to_sparse_csr()
     >>> pattern = SparsityPattern(A.crow_indices(), A.col_indices(), (2, 2), symmetric=True)
     >>> b = torch.tensor([5.0, 4.0], dtype=torch.float64)
@@ -741,7 +741,7 @@ class CholeskyPreconditioner(Preconditioner):
     :attr:`batch_shape`. Applies run on the CPU in float64; the preconditioner
     keeps the device and dtype it was built with (or given by :meth:`to`) and
     converts ``r`` and the result (CUDA tensors are copied to the host and back).
-    Not differentiable (see :class:`~gpsparse.preconditioners.Preconditioner`).
+    Not differentiable (see :class:`~gpsparse.core.preconditioners.Preconditioner`).
 
     Examples
     --------

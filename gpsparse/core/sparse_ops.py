@@ -1,4 +1,4 @@
-"""Sparse products on a :class:`~gpsparse.pattern.SparsityPattern` (core layer).
+"""Sparse products on a :class:`~gpsparse.core.pattern.SparsityPattern` (core layer).
 
 Two kernels carry every sparse operation in gpsparse:
 
@@ -12,7 +12,7 @@ Two kernels carry every sparse operation in gpsparse:
 Batches are handled by laying ``B`` copies of the pattern on a block diagonal
 (:meth:`SparsityPattern.block_diagonal`), so each call is one torch kernel
 (MKL on CPU, cuSPARSE on CUDA). Both functions are plain tensor code without
-autograd support of their own; :mod:`gpsparse.functions` pairs them.
+autograd support of their own; :mod:`gpsparse.autograd.sparse` pairs them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gpsparse.pattern import SparsityPattern, csr_tensor
+from gpsparse.core.pattern import SparsityPattern, csr_tensor
 
 __all__ = ["spmm", "sampled_product", "symmetrize_values_grad"]
 

@@ -1,7 +1,7 @@
 """Autograd Functions: a core forward paired with a named core adjoint.
 
 Every Function here takes values already laid out as ``(B, nnz)`` and dense
-operands as ``(B, n, k)`` (the batch flattened, see :mod:`gpsparse.batching`),
+operands as ``(B, n, k)`` (the batch flattened, see :mod:`gpsparse.core.batching`),
 and returns the gradient with respect to the values as a ``(B, nnz)`` tensor
 aligned with them — never anything ``n × n``.
 
@@ -15,7 +15,7 @@ upstream gradient):
   ``∂/∂b_c = 2 x_c ḡ_c``, ``∂/∂a[e] = −Σ_c ḡ_c x_c[i_e] x_c[j_e]``.
 
 For a pattern declared symmetric the value gradients are symmetrised
-(:func:`gpsparse.sparse_ops.symmetrize_values_grad`).
+(:func:`gpsparse.core.sparse_ops.symmetrize_values_grad`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 from torch import Tensor
 from torch.autograd import Function
 
-from gpsparse.pattern import SparsityPattern
-from gpsparse.solver_config import SolverConfig, build_preconditioner, run_solver
-from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.solver import SolverConfig, build_preconditioner, run_solver
+from gpsparse.core.sparse_ops import sampled_product, spmm, symmetrize_values_grad
 
 __all__ = ["SparseMatmul", "SparseSolve", "SparseInvQuad", "transpose_values"]
 

@@ -45,7 +45,7 @@ LAPACK's banded Cholesky ``Q = L Lᵀ`` (``?pbtrf``); ``L`` has the same band.
 Both value gradients are therefore symmetric, ``g == g[..., transpose_perm]``:
 they equal ``symmetrize_values_grad`` of the unsymmetrised formulas
 (``(Q⁻¹)[i_e, j_e]`` and ``−Σ_c (Q⁻¹G)[i_e,c] X[j_e,c]``), the project's
-convention for symmetric patterns (:class:`~gpsparse.pattern.SparsityPattern`),
+convention for symmetric patterns (:class:`~gpsparse.core.pattern.SparsityPattern`),
 and they are the exact gradients of these functions of the values (the
 forward pass uses ``(A + Aᵀ)/2``), so ``gradcheck`` holds for any values.
 
@@ -86,8 +86,8 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from gpsparse.core.pattern import SparsityPattern
 from gpsparse.errors import NotPositiveDefiniteError
-from gpsparse.pattern import SparsityPattern
 
 try:  # optional accelerator for the selected inversion
     import numba as _numba
@@ -148,7 +148,7 @@ def bandwidth(pattern: SparsityPattern) -> int:
     Examples
     --------
     >>> import torch
-    >>> from gpsparse.pattern import SparsityPattern
+    >>> from gpsparse.core.pattern import SparsityPattern
     >>> p, _ = SparsityPattern.from_indices(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 0, 2, 2]), (3, 3))
     >>> bandwidth(p)
     1
@@ -464,7 +464,7 @@ def banded_logdet(values: Tensor, pattern: SparsityPattern) -> Tensor:
     Examples
     --------
     >>> import torch
-    >>> from gpsparse.pattern import SparsityPattern
+    >>> from gpsparse.core.pattern import SparsityPattern
     >>> n = 5
     >>> i = torch.arange(n)
     >>> row = torch.cat([i, i[1:], i[:-1]]); col = torch.cat([i, i[:-1], i[1:]])
@@ -521,7 +521,7 @@ def banded_solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor) -> Tenso
     Examples
     --------
     >>> import torch
-    >>> from gpsparse.pattern import SparsityPattern
+    >>> from gpsparse.core.pattern import SparsityPattern
     >>> n = 4
     >>> i = torch.arange(n)
     >>> row = torch.cat([i, i[1:], i[:-1]]); col = torch.cat([i, i[:-1], i[1:]])

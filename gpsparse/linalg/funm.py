@@ -2,7 +2,7 @@ r"""Lanczos as a differentiable operation, and matrix functions ``f(A) v`` with 
 
 * :func:`lanczos` — ``(Q, α, β)`` of ``A`` from start vectors ``v``, as an
   autograd Function whose backward is the Lanczos adjoint
-  (:func:`gpsparse.tridiag.lanczos_adjoint`, Krämer et al. 2024): one SpMM
+  (:func:`gpsparse.core.lanczos.lanczos_adjoint`, Krämer et al. 2024): one SpMM
   per step, the value gradient a sampled product at the nonzeros.
 * :func:`funm` — ``f(A) v ≈ ‖v‖ Q f(T) e₁`` (Lanczos approximation,
   exact when ``num_lanczos`` reaches the Krylov dimension) for ``f`` in
@@ -12,7 +12,7 @@ r"""Lanczos as a differentiable operation, and matrix functions ``f(A) v`` with 
       Q̄ = ‖v‖ ȳ (f(T)e₁)ᵀ,   (ᾱ, β̄) = ‖v‖ · DK(Qᵀȳ),   ‖v‖‾ = ȳᵀ Q f(T) e₁,
 
   (``DK``: the Daleckii–Krein gradient of ``wᵀ f(T) e₁``,
-  :func:`gpsparse.quadrature.apply_with_grad`) and runs the Lanczos adjoint
+  :func:`gpsparse.core.quadrature.apply_with_grad`) and runs the Lanczos adjoint
   once. No autograd tape of the loop is kept: memory O(n·p·K).
 """
 
@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from gpsparse.pattern import SparsityPattern
-from gpsparse.quadrature import FUNCTIONS, apply_with_grad
-from gpsparse.sparse_ops import sampled_product, spmm, symmetrize_values_grad
-from gpsparse.tridiag import LanczosDecomposition, lanczos_adjoint
-from gpsparse.tridiag import lanczos as lanczos_core
+from gpsparse.core.lanczos import LanczosDecomposition, lanczos_adjoint
+from gpsparse.core.lanczos import lanczos as lanczos_core
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.quadrature import FUNCTIONS, apply_with_grad
+from gpsparse.core.sparse_ops import sampled_product, spmm, symmetrize_values_grad
 
 __all__ = ["lanczos", "funm", "LanczosFunction", "FunmFunction"]
 
@@ -105,8 +105,8 @@ class FunmFunction(Function):
 
 
 def _layout(A, v: Tensor):
-    from gpsparse.batching import flatten_operands
-    from gpsparse.solve import check_operand, matrix_parts
+    from gpsparse.core.batching import flatten_operands
+    from gpsparse.linalg.solve import check_operand, matrix_parts
 
     values, pattern = matrix_parts(A)
     if not pattern.symmetric:

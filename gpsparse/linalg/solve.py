@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from gpsparse.batching import flatten_operands
-from gpsparse.convert import check_finite, sparse_parts
-from gpsparse.functions import SparseSolve
-from gpsparse.pattern import SparsityPattern
-from gpsparse.solver_config import PreconditionerSpec, SolverConfig
+from gpsparse.autograd.sparse import SparseSolve
+from gpsparse.core.batching import flatten_operands
+from gpsparse.core.convert import check_finite, sparse_parts
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.solver import PreconditionerSpec, SolverConfig
 
 __all__ = ["solve", "matrix_parts", "check_operand"]
 
@@ -39,7 +39,7 @@ def solve(
         ``cg`` (symmetric positive definite), ``minres`` (symmetric
         indefinite) or ``bicgstab`` (non-symmetric).
     preconditioner : None, "jacobi", "ic0", Preconditioner or callable
-        See :class:`~gpsparse.solver_config.SolverConfig`.
+        See :class:`~gpsparse.core.solver.SolverConfig`.
     rtol, atol : float
         Stop a column when ``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``.
     max_iters : int, optional
@@ -120,7 +120,7 @@ def solve_parts(
 
 def matrix_parts(A) -> tuple[Tensor, SparsityPattern]:
     """``(values, pattern)`` of a torch sparse tensor or a SparseLinearOperator."""
-    from gpsparse.operator import SparseLinearOperator
+    from gpsparse.operators.sparse import SparseLinearOperator
 
     if isinstance(A, SparseLinearOperator):
         check_finite(A.values, "sparse matrix values")

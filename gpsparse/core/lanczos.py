@@ -136,8 +136,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gpsparse.core.krylov import _checked
 from gpsparse.errors import SolverBreakdownError
-from gpsparse.krylov import _checked
 
 __all__ = ["LanczosDecomposition", "lanczos", "lanczos_adjoint"]
 

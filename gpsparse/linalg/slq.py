@@ -13,8 +13,8 @@ and only the second term carries gradients.
 Two gradients with respect to the stored values:
 
 * ``"adjoint"`` — the exact gradient of the estimate above: the quadrature
-  gives cotangents on ``(α, β)`` (Daleckii–Krein, :mod:`gpsparse.quadrature`),
-  the Lanczos adjoint (:func:`gpsparse.tridiag.lanczos_adjoint`, Krämer et al.
+  gives cotangents on ``(α, β)`` (Daleckii–Krein, :mod:`gpsparse.core.quadrature`),
+  the Lanczos adjoint (:func:`gpsparse.core.lanczos.lanczos_adjoint`, Krämer et al.
   2024) turns them into ``∂/∂Ã = Σ_k λ_k q_kᵀ``, and
   ``∂/∂a[e] = Σ_k (C⁻ᵀλ_k)[i_e] (C⁻ᵀq_k)[j_e]`` is a sampled product at the
   nonzeros. With fixed probes the estimate is a smooth deterministic
@@ -38,14 +38,14 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from gpsparse import krylov
+from gpsparse.core import krylov
+from gpsparse.core.lanczos import lanczos, lanczos_adjoint
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.preconditioners import Preconditioner
+from gpsparse.core.quadrature import FUNCTIONS, quadrature, quadrature_with_grad, rademacher
+from gpsparse.core.solver import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
+from gpsparse.core.sparse_ops import sampled_product, symmetrize_values_grad
 from gpsparse.errors import NotPositiveDefiniteError
-from gpsparse.pattern import SparsityPattern
-from gpsparse.preconditioners import Preconditioner
-from gpsparse.quadrature import FUNCTIONS, quadrature, quadrature_with_grad, rademacher
-from gpsparse.solver_config import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
-from gpsparse.sparse_ops import sampled_product, symmetrize_values_grad
-from gpsparse.tridiag import lanczos, lanczos_adjoint
 
 __all__ = ["logdet", "LogdetConfig", "slq_logdet", "slq_apply", "diagonal_scaling", "SLQLogdet", "SLQInvQuadLogdet"]
 
@@ -416,7 +416,7 @@ def logdet(
     >>> torch.allclose(est, torch.tensor(6.0, dtype=torch.float64).log())
     True
     """
-    from gpsparse.solve import matrix_parts
+    from gpsparse.linalg.solve import matrix_parts
 
     config = LogdetConfig(
         num_probes=num_probes,

@@ -26,9 +26,9 @@ from linear_operator.operators import DiagLinearOperator, LinearOperator
 from torch import Tensor
 
 from gpsparse import settings as gs_settings
+from gpsparse.core.pattern import SparsityPattern
 from gpsparse.errors import DenseSizeError
-from gpsparse.operator import SparseLinearOperator
-from gpsparse.pattern import SparsityPattern
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = [
     "SparsePrecisionLinearOperator",
@@ -344,7 +344,7 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
 
 def _prior_samples(Q: SparseLinearOperator, interp, num_samples: int) -> Tensor:
     """``W Q^{-1/2} z`` for ``z ~ N(0, I)``: samples of ``N(0, W Q⁻¹ Wᵀ)`` (Lanczos ``f(Q)v``)."""
-    from gpsparse.funm import funm
+    from gpsparse.linalg.funm import funm
 
     n = Q.shape[-1]
     base = torch.randn(*Q.batch_shape, n, num_samples, dtype=Q.dtype, device=Q.device)
@@ -427,7 +427,7 @@ def covariance_diagonal(Q: SparseLinearOperator, interp, *, method: str | None =
         method = "exact" if exact else "stochastic"
     if method == "exact":
         return diag_inverse_quadratic(Q, interp)
-    from gpsparse.funm import funm
+    from gpsparse.linalg.funm import funm
 
     n = Q.shape[-1]
     gen_device = generator.device if generator is not None else "cpu"
@@ -441,7 +441,7 @@ def diag_inverse_quadratic(Q: SparseLinearOperator, interp: SparseLinearOperator
 
     Cost: ``m`` solves in total, batched ``block`` at a time; intended for
     ``m`` up to a few thousand (prediction variances use their own
-    estimators at scale, :mod:`gpsparse.prediction`).
+    estimators at scale, :mod:`gpsparse.kernels.prediction`).
     """
     n = Q.shape[-1]
     m = n if interp is None else interp.shape[-2]
