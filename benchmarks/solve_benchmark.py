@@ -316,7 +316,7 @@ def worker_group(spec: dict) -> None:
 
     import gpsparse
     from gpsparse import SparseLinearOperator, SparsityPattern
-    from gpsparse.linalg.solve import matrix_parts
+    from gpsparse.linalg.functional import matrix_parts
 
     inst = Instrumentation()
     m, k = spec["m"], spec["k"]
@@ -790,7 +790,7 @@ def markdown(info: dict, rows: list[dict], args) -> str:
     if tens:
         out.append("\n## Torch tensor input: per-call conversion (CG, no preconditioner)\n")
         out.append(
-            "`gpsparse.solve(A_coo, B)` converts the tensor at every call (`gpsparse.linalg.solve.matrix_parts`: sorting the "
+            "`gpsparse.solve(A_coo, B)` converts the tensor at every call (`gpsparse.linalg.functional.matrix_parts`: sorting the "
             "indices, the transpose permutation, symmetry detection); `convert s` times that call alone.\n"
         )
         out.append("| matrix | n | k | convert s | fwd s (tensor) | fwd s (op) | fwd+bwd s (tensor) | fwd+bwd s (op) | peak MiB (tensor) | peak MiB (op) |")

@@ -3,7 +3,7 @@
 Public API
 ----------
 solve
-    Iterative sparse solve with sparse gradients (CG, MINRES, BiCGSTAB).
+    Sparse solve with sparse gradients (exact banded / CHOLMOD roads, else CG, MINRES, BiCGSTAB).
 SparseLinearOperator
     A linear_operator ``LinearOperator`` backed by a sparse matrix.
 SparsityPattern
@@ -12,8 +12,9 @@ SparsePrecisionLinearOperator, NoisySparsePrecisionLinearOperator
     Covariances ``W Q⁻¹ Wᵀ`` (+ noise) of Gaussian Markov random fields.
 cg, minres, bicgstab, SolverInfo
     Krylov cores on a matvec closure.
-logdet
-    Stochastic Lanczos quadrature log-determinant with adjoint or Hutchinson gradients.
+logdet, inv_quad_logdet
+    Log-determinants (and inverse quadratic forms): exact banded / CHOLMOD roads where they
+    apply, else stochastic Lanczos quadrature with adjoint or Hutchinson gradients.
 lanczos, funm
     Differentiable Lanczos decomposition and f(A)v (sqrt, inv_sqrt, log, exp, inv) with adjoint gradients.
 JacobiPreconditioner, IncompleteCholeskyPreconditioner, Preconditioner
@@ -35,9 +36,7 @@ from gpsparse.errors import (
     NotPositiveDefiniteError,
     SolverBreakdownError,
 )
-from gpsparse.linalg.funm import funm, lanczos
-from gpsparse.linalg.slq import logdet
-from gpsparse.linalg.solve import solve
+from gpsparse.linalg import funm, inv_quad_logdet, lanczos, logdet, solve
 from gpsparse.operators.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
 from gpsparse.operators.sparse import SparseLinearOperator
 
@@ -46,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "solve",
     "logdet",
+    "inv_quad_logdet",
     "lanczos",
     "funm",
     "SparseLinearOperator",

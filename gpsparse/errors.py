@@ -8,6 +8,8 @@ strictness, a :class:`NonConvergenceError`.
 
 from __future__ import annotations
 
+from linear_operator.utils.warnings import NumericalWarning
+
 
 class GPSparseError(Exception):
     """Base class of every exception raised by gpsparse."""
@@ -35,5 +37,11 @@ class DenseSizeError(GPSparseError, RuntimeError):
     :data:`gpsparse.settings.max_dense_size`."""
 
 
-class ConvergenceWarning(UserWarning):
-    """An iterative method stopped at ``max_iters`` above its tolerance."""
+class ConvergenceWarning(NumericalWarning):
+    """An iterative method stopped at ``max_iters`` above its tolerance.
+
+    A subclass of linear_operator's ``NumericalWarning`` (itself a
+    ``RuntimeWarning``), so that ``warnings.filterwarnings("ignore",
+    category=NumericalWarning)`` silences gpsparse's and linear_operator's
+    numerical warnings together.
+    """

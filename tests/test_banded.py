@@ -1,9 +1,11 @@
-"""gpsparse.core.banded against dense float64 torch.linalg, gradcheck and closed forms."""
+"""gpsparse.core.banded and gpsparse.autograd.banded against dense float64 torch.linalg, gradcheck and closed forms."""
 
 from __future__ import annotations
 
+import gc
 import math
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import torch
 from helpers import tolerance
 
 import gpsparse.core.banded as banded
-from gpsparse.core.banded import banded_inverse_band, banded_logdet, banded_solve, bandwidth
+from gpsparse.autograd.banded import banded_logdet, banded_solve
+from gpsparse.core.banded import banded_inverse_band, bandwidth
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.core.sparse_ops import symmetrize_values_grad
 from gpsparse.errors import NotPositiveDefiniteError
@@ -78,6 +81,21 @@ def test_bandwidth(b):
 def test_bandwidth_of_nonsymmetric_pattern():
     pattern, _ = SparsityPattern.from_indices(torch.tensor([0, 1, 3]), torch.tensor([0, 3, 0]), (4, 4))
     assert bandwidth(pattern) == 3
+
+
+def test_layout_and_bandwidth_cached_on_the_pattern_and_released():
+    def missing():
+        raise AssertionError("nothing cached on the pattern")
+
+    pattern, _, _ = band_pattern(20, 2)
+    layout = banded._layout(pattern)
+    assert banded._layout(pattern) is layout
+    assert pattern.derived("banded.layout", missing) is layout
+    assert pattern.derived("bandwidth", missing) == 2 == bandwidth(pattern)
+    released = weakref.ref(layout)
+    del pattern, layout
+    gc.collect()
+    assert released() is None  # the cache lives on the pattern: the layout goes with it
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import gc
 import importlib.util
 import sys
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -111,6 +112,7 @@ def symmetrised(grad_dense: torch.Tensor, pattern: SparsityPattern) -> torch.Ten
 
 
 def test_missing_scikit_sparse_raises_import_error(monkeypatch):
+    from gpsparse.autograd import cholmod as cholmod_autograd
     from gpsparse.core import cholmod
 
     monkeypatch.setitem(sys.modules, "sksparse", None)  # `import sksparse` raises ImportError
@@ -119,9 +121,9 @@ def test_missing_scikit_sparse_raises_import_error(monkeypatch):
     assert cholmod.cholmod_available() is False
     match = r'pip install "gpsparse\[cholmod\]".*libsuitesparse-dev'
     with pytest.raises(ImportError, match=match):
-        cholmod.cholesky_logdet(values, pattern)
+        cholmod_autograd.cholesky_logdet(values, pattern)
     with pytest.raises(ImportError, match=match):
-        cholmod.cholesky_solve(values, pattern, torch.ones(9, dtype=torch.float64))
+        cholmod_autograd.cholesky_solve(values, pattern, torch.ones(9, dtype=torch.float64))
     with pytest.raises(ImportError, match=match):
         cholmod.CholeskyPreconditioner.from_matrix(values, pattern)
 
@@ -140,7 +142,7 @@ def test_available():
 
 @requires_cholmod
 def test_logdet_value_and_gradient(spd):
-    from gpsparse.core.cholmod import cholesky_logdet
+    from gpsparse.autograd.cholmod import cholesky_logdet
 
     values, pattern, dense = spd
     values = values.clone().requires_grad_()
@@ -153,7 +155,7 @@ def test_logdet_value_and_gradient(spd):
 
 @requires_cholmod
 def test_logdet_gradient_matches_dense_autograd(spd):
-    from gpsparse.core.cholmod import cholesky_logdet
+    from gpsparse.autograd.cholmod import cholesky_logdet
 
     values, pattern, _ = spd
     weight = 0.7
@@ -168,7 +170,7 @@ def test_logdet_gradient_matches_dense_autograd(spd):
 
 @requires_cholmod
 def test_selected_inverse(spd):
-    from gpsparse.core.cholmod import cholesky_selected_inverse
+    from gpsparse.autograd.cholmod import cholesky_selected_inverse
 
     values, pattern, dense = spd
     out = cholesky_selected_inverse(values, pattern)
@@ -178,24 +180,24 @@ def test_selected_inverse(spd):
 @requires_cholmod
 def test_selected_inverse_supernodal_blocks_match_columns():
     """The dense supernodal blocks and the column-by-column recurrence give the same Z on L's pattern."""
-    from gpsparse.core import cholmod
+    from gpsparse.core import cholmod, selinv
 
     values, pattern, _ = as_pattern(lattice_precision(30))
     analysis, _ = cholmod._analysis(pattern, "test")
     L = cholmod._factorize(analysis, values, "test").L()
-    starts = cholmod._supernodes(L.indptr, L.indices)
+    starts = selinv._supernodes(L.indptr, L.indices)
     assert np.diff(starts).max() > 8  # the factor has wide supernodes: the dense path runs
     data = np.ascontiguousarray(L.data)
     z_blocks, z_columns = np.empty_like(data), np.empty_like(data)
-    cholmod._takahashi_kernel(L.indptr, L.indices, data, z_blocks, starts, 2)
-    cholmod._takahashi_kernel(L.indptr, L.indices, data, z_columns, starts, 2**62)
+    selinv._takahashi_kernel(L.indptr, L.indices, data, z_blocks, starts, 2)
+    selinv._takahashi_kernel(L.indptr, L.indices, data, z_columns, starts, 2**62)
     np.testing.assert_allclose(z_blocks, z_columns, rtol=1e-10, atol=1e-13)
 
 
 @requires_cholmod
 def test_selected_inverse_larger_lattice_against_unit_solves():
     """n = 4900 (wide supernodes): entries of A⁻¹ at the pattern against solves with unit vectors."""
-    from gpsparse.core.cholmod import cholesky_selected_inverse, cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_selected_inverse, cholesky_solve
 
     values, pattern, _ = as_pattern(lattice_precision(70, kappa=0.1))
     n = pattern.size[0]
@@ -211,7 +213,7 @@ def test_selected_inverse_larger_lattice_against_unit_solves():
 
 @requires_cholmod
 def test_logdet_gradcheck_tiny():
-    from gpsparse.core.cholmod import cholesky_logdet
+    from gpsparse.autograd.cholmod import cholesky_logdet
 
     values, pattern, _ = as_pattern(lattice_precision(3))
     perm = pattern.transpose_perm
@@ -224,7 +226,7 @@ def test_logdet_gradcheck_tiny():
 
 @requires_cholmod
 def test_batched_logdet():
-    from gpsparse.core.cholmod import cholesky_logdet
+    from gpsparse.autograd.cholmod import cholesky_logdet
 
     values, pattern, dense = as_pattern(lattice_precision(12))
     scale = torch.tensor([[1.0, 2.0, 0.5], [3.0, 1.5, 0.25]], dtype=torch.float64)
@@ -241,7 +243,7 @@ def test_batched_logdet():
 
 @requires_cholmod
 def test_float32_in_float32_out():
-    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, dense = as_pattern(lattice_precision(8))
     v32 = values.float().requires_grad_()
@@ -257,32 +259,39 @@ def test_float32_in_float32_out():
 
 @requires_cholmod
 def test_symbolic_analysis_cached_per_pattern_and_released():
+    from gpsparse.autograd.cholmod import cholesky_logdet, cholesky_solve
     from gpsparse.core import cholmod
 
+    def cached(p):  # the analysis cached on the pattern; fails if there is none
+        def missing():
+            raise AssertionError("no symbolic analysis cached on the pattern")
+
+        return p.derived(cholmod._ANALYSIS_KEY, missing)
+
     values, pattern, dense = as_pattern(lattice_precision(10))
-    cholmod.cholesky_logdet(values, pattern)
-    analysis = cholmod._ANALYSES[pattern]
-    cholmod.cholesky_solve(values * 2, pattern, torch.ones(100, dtype=torch.float64))
-    assert cholmod._ANALYSES[pattern] is analysis
+    cholesky_logdet(values, pattern)
+    analysis = cached(pattern)
+    cholesky_solve(values * 2, pattern, torch.ones(100, dtype=torch.float64))
+    assert cached(pattern) is analysis
     # the gradients reuse the factor-pattern lookup built by the first backward
     for scale in (1.0, 2.0):
         v = (scale * values).requires_grad_()
-        cholmod.cholesky_logdet(v, pattern).backward()
+        cholesky_logdet(v, pattern).backward()
         torch.testing.assert_close(v.grad, at_pattern(torch.linalg.inv(scale * dense), pattern), **DIRECT)
     assert analysis.lookup is not None
-    # a pattern with the same indices but another object gets its own entry
+    # a pattern with the same indices but another object gets its own analysis
     other = SparsityPattern(pattern.crow, pattern.col, pattern.size, symmetric=True)
-    cholmod.cholesky_logdet(values, other)
-    assert cholmod._ANALYSES[other] is not analysis
-    count = len(cholmod._ANALYSES)
-    del other, analysis
+    cholesky_logdet(values, other)
+    assert cached(other) is not analysis
+    released = weakref.ref(cached(other))
+    del other
     gc.collect()
-    assert len(cholmod._ANALYSES) <= count - 1  # the cache does not keep its pattern alive (others may go too)
+    assert released() is None  # the cache lives on the pattern: its analysis goes with it
 
 
 def test_cuda_round_trip(device):
     pytest.importorskip("sksparse")
-    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, dense = as_pattern(lattice_precision(6))
     values = values.to(device).requires_grad_()
@@ -303,7 +312,7 @@ def test_cuda_round_trip(device):
 @requires_cholmod
 @pytest.mark.parametrize("shape", [(), (3,)], ids=["vector", "k3"])
 def test_solve_values_and_gradients(spd, shape):
-    from gpsparse.core.cholmod import cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_solve
 
     values, pattern, dense = spd
     n = pattern.size[0]
@@ -328,7 +337,7 @@ def test_solve_values_and_gradients(spd, shape):
 
 @requires_cholmod
 def test_solve_batched_and_broadcast():
-    from gpsparse.core.cholmod import cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_solve
 
     values, pattern, dense = as_pattern(lattice_precision(10))
     n = pattern.size[0]
@@ -354,7 +363,7 @@ def test_solve_batched_and_broadcast():
 
 @requires_cholmod
 def test_solve_gradcheck_tiny():
-    from gpsparse.core.cholmod import cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_solve
 
     values, pattern, _ = as_pattern(lattice_precision(3))
     perm = pattern.transpose_perm
@@ -461,7 +470,7 @@ def test_preconditioner_errors():
     ids=["simplicial", "supernodal"],
 )
 def test_not_positive_definite(matrix, path):
-    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, _ = as_pattern(matrix())
     n = pattern.size[0]
@@ -473,7 +482,7 @@ def test_not_positive_definite(matrix, path):
 
 @requires_cholmod
 def test_input_errors():
-    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_logdet, cholesky_solve
 
     values, pattern, _ = as_pattern(lattice_precision(4))
     with pytest.raises(ValueError, match="declared symmetric"):
@@ -506,7 +515,7 @@ def test_size_one_million():
     eigenvalues of the Neumann lattice Laplacian are closed-form) and against
     solves with unit vectors at a few columns. Prints the timings (``-s``).
     """
-    from gpsparse.core.cholmod import cholesky_logdet, cholesky_solve
+    from gpsparse.autograd.cholmod import cholesky_logdet, cholesky_solve
 
     m, kappa = 1000, 0.5
     values, pattern, _ = as_pattern_large(lattice_5pt(m, kappa))

@@ -570,3 +570,39 @@ def test_converged_columns_satisfy_stopping_rule(method, n, k, log_cond, rtol, a
     true = torch.linalg.vector_norm(b - a @ x, dim=0)
     drift = F64["drift"] * (torch.linalg.matrix_norm(a, ord=2) * torch.linalg.vector_norm(x, dim=0) + bnorm)
     assert (true[ok] <= bound[ok] + drift[ok] * 10.0**log_cond).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# package layout and docstring examples
+# --------------------------------------------------------------------------------------------------
+
+
+def test_package_attributes_are_the_solvers():
+    """``getattr(krylov, method)`` (the solver's lookup) gives the functions, not the submodules."""
+    import gpsparse.core.krylov as krylov
+
+    for name in ("cg", "minres", "bicgstab"):
+        assert callable(getattr(krylov, name)) and getattr(krylov, name).__name__ == name
+
+
+KRYLOV_MODULES = ["cg", "minres", "bicgstab", "problem"]
+
+
+@pytest.mark.parametrize("module", [f"gpsparse.core.krylov.{m}" for m in KRYLOV_MODULES] + ["gpsparse.core.columns"])
+def test_docstring_examples(module):
+    import doctest
+    import sys
+
+    failures, _ = doctest.testmod(sys.modules[module], verbose=False)
+    assert failures == 0
+
+
+@pytest.mark.parametrize("shape", [(50, 1), (50, 3), (2, 50, 1), (2, 50, 40), (50, 40)])
+def test_column_dot_matches_sum(shape):
+    from gpsparse.core.columns import column_dot
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    expected = (a * b).sum(-2)
+    torch.testing.assert_close(column_dot(a, b), expected)
+    torch.testing.assert_close(column_dot(a, b, buffer=torch.empty(shape, dtype=torch.float64)), expected)

@@ -25,11 +25,12 @@ from helpers import tolerance
 
 import gpsparse
 from gpsparse import NoisySparsePrecisionLinearOperator, SparseLinearOperator, SparsePrecisionLinearOperator
+from gpsparse.autograd.markov import _PrecisionValues, _RegularizedGamma
+from gpsparse.core import markov as core
 from gpsparse.core.banded import bandwidth
 from gpsparse.kernels.markov import (
     CloseInputsWarning,
     MarkovMaternKernel,
-    _RegularizedGamma,
     matern_covariance,
     matern_precision,
     matern_state_space,
@@ -108,6 +109,25 @@ def test_regularized_gamma_gradcheck_across_the_branch_point():
     assert torch.autograd.gradcheck(lambda v: _RegularizedGamma.apply(v, 4), (x,))
     values = _RegularizedGamma.apply(x.detach(), 4)
     assert bool(((values >= 0) & (values <= 1)).all()) and bool((values[:-1] >= values[1:]).all())
+
+
+@pytest.mark.parametrize("nu", NUS)
+def test_custom_backwards_match_plain_autograd_of_the_core(nu):
+    # the oracle: the same core forwards (default gamma = plain regularized_gamma) under plain autograd
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(7, generator=gen, dtype=torch.float64) * 3 + 1e-3
+    top = 2 * int(nu + 0.5) - 2
+    w = torch.randn(top + 1, 7, generator=gen, dtype=torch.float64)
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad((core.regularized_gamma(leaf, top) * w).sum(), leaf)
+    (got,) = torch.autograd.grad((_RegularizedGamma.apply(leaf, top) * w).sum(), leaf)
+    torch.testing.assert_close(got, expected, **TOL)
+    p_inv = matern_state_space(nu).stationary_inverse
+    values = core.assemble_precision_values(leaf, nu, p_inv)
+    g = torch.randn(values.shape, generator=gen, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((values * g).sum(), leaf)
+    (got,) = torch.autograd.grad((_PrecisionValues.apply(leaf, float(nu), p_inv) * g).sum(), leaf)
+    torch.testing.assert_close(got, expected, **TOL)
 
 
 # -------------------------------------------------------------- precision

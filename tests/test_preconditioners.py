@@ -6,11 +6,17 @@ import pytest
 import torch
 from helpers import tolerance
 
-import gpsparse.core.preconditioners as pc_module
+import gpsparse.core.preconditioners as pc_package
+import gpsparse.core.preconditioners.ic0 as pc_module  # the IC(0) module: its numba switch and CPU solve flag
+import gpsparse.core.preconditioners.registry as registry
 from gpsparse.core.preconditioners import (
+    IC_SHIFTS,
     IncompleteCholeskyPreconditioner,
     JacobiPreconditioner,
     Preconditioner,
+    build_preconditioner,
+    incomplete_cholesky_with_shift,
+    stale_cholesky,
 )
 from gpsparse.errors import NotPositiveDefiniteError
 
@@ -535,3 +541,123 @@ def test_ic0_reduces_cg_iterations():
     assert ic0 < jacobi / 4, (plain, jacobi, ic0)
     with pytest.raises(NotPositiveDefiniteError, match="shift"):
         IncompleteCholeskyPreconditioner.from_matrix(A)
+
+
+# ---------------------------------------------------------------------------
+# The registry: names → builders, build_preconditioner, the stale CHOLMOD factor
+# ---------------------------------------------------------------------------
+
+
+def _on_pattern(A: torch.Tensor):
+    """``(pattern, values (1, nnz))`` of a sparse ``A``."""
+    from gpsparse.core.pattern import SparsityPattern
+
+    coo = A.to_sparse_coo().coalesce()
+    pattern, order = SparsityPattern.from_indices(coo.indices()[0], coo.indices()[1], tuple(coo.shape))
+    return pattern, coo.values()[order].unsqueeze(0)
+
+
+def test_registry_names_follow_the_builders():
+    from gpsparse.core import config
+
+    assert registry.PRECONDITIONER_NAMES == tuple(registry.PRECONDITIONER_BUILDERS) == ("jacobi", "ic0", "cholesky")
+    assert pc_package.PRECONDITIONER_NAMES is registry.PRECONDITIONER_NAMES
+    assert config.DEFAULT_CHOLESKY_REFRESH == registry.DEFAULT_CHOLESKY_REFRESH
+    with pytest.raises(TypeError):
+        registry.PRECONDITIONER_BUILDERS["new"] = None  # read-only: add entries in registry.py
+
+
+def test_build_preconditioner_passes_objects_through_and_rejects_unknown_names():
+    pattern, values = _on_pattern(laplacian_1d(4))
+    P = JacobiPreconditioner(torch.ones(4, dtype=torch.float64))
+
+    def fn(r):
+        return r
+
+    for spec in (None, P, fn):
+        assert build_preconditioner(spec, values, pattern) is spec
+    with pytest.raises(ValueError, match="unknown preconditioner 'nope'"):
+        build_preconditioner("nope", values, pattern)
+
+
+def test_build_jacobi_and_ic0_from_values():
+    A = laplacian_1d(6, kappa2=0.5)
+    pattern, values = _on_pattern(A)
+    r = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values = values.requires_grad_()
+    jacobi = build_preconditioner("jacobi", values, pattern)
+    assert isinstance(jacobi, JacobiPreconditioner) and jacobi.batch_shape == (1,)
+    torch.testing.assert_close(jacobi(r.unsqueeze(0))[0], JacobiPreconditioner.from_matrix(A)(r), rtol=0, atol=0)
+    assert not jacobi.diagonal.requires_grad
+    ic0 = build_preconditioner("ic0", values, pattern)
+    assert isinstance(ic0, IncompleteCholeskyPreconditioner)
+    torch.testing.assert_close(ic0(r), IncompleteCholeskyPreconditioner.from_matrix(A)(r), rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="single"):
+        build_preconditioner("ic0", values.detach().expand(2, -1), pattern)
+
+
+def test_incomplete_cholesky_with_shift_takes_the_first_shift_that_works():
+    A = lattice_13pt(24, kappa2=1e-3, tau=1.0, noise_precision=1e-2)  # IC(0) breaks down without a shift
+    with pytest.raises(NotPositiveDefiniteError):
+        IncompleteCholeskyPreconditioner.from_matrix(A)
+    P = incomplete_cholesky_with_shift(A)
+    first = next(s for s in IC_SHIFTS[1:] if _factorises(A, s))
+    expected = IncompleteCholeskyPreconditioner.from_matrix(A, shift=first)
+    torch.testing.assert_close(P.factor.values(), expected.factor.values(), rtol=0, atol=0)
+    negative = _coo([0, 1], [0, 1], [-1.0, 1.0], 2).to_sparse_csr()
+    with pytest.raises(NotPositiveDefiniteError, match=f"diagonal shift of {IC_SHIFTS[-1]}"):
+        incomplete_cholesky_with_shift(negative)
+
+
+def _factorises(A, shift) -> bool:
+    try:
+        IncompleteCholeskyPreconditioner.from_matrix(A, shift=shift)
+    except NotPositiveDefiniteError:
+        return False
+    return True
+
+
+@pytest.fixture
+def fake_cholmod(monkeypatch):
+    """Replace the CHOLMOD factorisation by a Jacobi stand-in that counts calls (no scikit-sparse needed)."""
+    from gpsparse.core import cholmod
+
+    calls = []
+
+    def from_matrix(values, pattern):
+        calls.append(values.clone())
+        pos = pattern.diagonal_positions
+        return JacobiPreconditioner(values[:, pos])
+
+    monkeypatch.setattr(cholmod.CholeskyPreconditioner, "from_matrix", staticmethod(from_matrix))
+    return calls
+
+
+def test_stale_cholesky_refreshes_every_cholesky_refresh_uses(fake_cholmod):
+    pattern, values = _on_pattern(laplacian_1d(5, kappa2=1.0))
+    factors = []
+    for step in range(7):
+        factors.append(build_preconditioner("cholesky", values + step, pattern, cholesky_refresh=3))
+    assert len(fake_cholmod) == 3  # uses 1, 4 and 7 factorise
+    assert factors[0] is factors[1] is factors[2] and factors[3] is factors[5] and factors[6] is not factors[5]
+    torch.testing.assert_close(fake_cholmod[1], values + 3)  # refactorised from the current values
+    assert "_stale_cholesky" not in pattern.__dict__  # cached through pattern.derived, not the instance dict
+    build_preconditioner("cholesky", (values + 1).expand(2, -1), pattern, cholesky_refresh=3)
+    assert len(fake_cholmod) == 4  # a new batch size refactorises
+    pattern.drop_derived("preconditioners.stale_cholesky")
+    stale_cholesky(values, pattern)
+    assert len(fake_cholmod) == 5
+    for _ in range(registry.DEFAULT_CHOLESKY_REFRESH - 1):
+        stale_cholesky(values, pattern)
+    assert len(fake_cholmod) == 5  # the default refresh
+    with pytest.raises(ValueError, match="cholesky_refresh"):
+        build_preconditioner("cholesky", values, pattern, cholesky_refresh=0)
+
+
+@pytest.mark.parametrize("module", ["base", "jacobi", "ic0", "registry"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    failures, _ = doctest.testmod(importlib.import_module(f"gpsparse.core.preconditioners.{module}"), verbose=False)
+    assert failures == 0

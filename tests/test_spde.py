@@ -110,7 +110,7 @@ def test_exact_logdet_value_and_gradients_match_dense(alpha, which):
 
 @pytest.mark.skipif(not cholmod_available(), reason="scikit-sparse (CHOLMOD) not installed")
 def test_exact_logdet_matches_cholmod_on_a_larger_lattice():
-    from gpsparse.core.cholmod import cholesky_logdet
+    from gpsparse.autograd.cholmod import cholesky_logdet
 
     m1, m2, h1, h2 = 40, 30, 0.1, 0.13
     lap = sp.kron(sp.csr_matrix(path_laplacian(m1, h1)), sp.identity(m2)) + sp.kron(

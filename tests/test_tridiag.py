@@ -16,7 +16,11 @@ import pytest
 import torch
 
 import gpsparse.core.lanczos as lanczos_module
-from gpsparse.core.lanczos import LanczosDecomposition, _lanczos, lanczos, lanczos_adjoint
+import gpsparse.core.lanczos_adjoint as lanczos_adjoint_module
+import gpsparse.core.quadrature as quadrature_module
+from gpsparse.core.lanczos import LanczosDecomposition, _lanczos, lanczos
+from gpsparse.core.lanczos_adjoint import lanczos_adjoint
+from gpsparse.core.quadrature import pad_tridiagonal, tridiagonal
 from gpsparse.errors import SolverBreakdownError
 from tests.matrices import lattice_precision_5pt, random_spd
 
@@ -498,9 +502,63 @@ def test_K_equal_one():
     torch.testing.assert_close(sym(left @ right.T), expected)
 
 
-def test_docstring_examples():
-    failures, _ = doctest.testmod(lanczos_module, verbose=False)
+@pytest.mark.parametrize(
+    "module", [lanczos_module, lanczos_adjoint_module, quadrature_module], ids=lambda m: m.__name__
+)
+def test_docstring_examples(module):
+    failures, _ = doctest.testmod(module, verbose=False)
     assert failures == 0
+
+
+def test_lanczos_adjoint_still_importable_from_lanczos():
+    from gpsparse.core.lanczos import lanczos_adjoint as reexported
+
+    assert reexported is lanczos_adjoint
+
+
+# --------------------------------------------------------------------------------------------------
+# the tridiagonal builder
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tridiagonal_matches_dense_construction():
+    g = torch.Generator().manual_seed(3)
+    alpha, beta = torch.randn(2, 3, 5, generator=g, dtype=F64), torch.randn(2, 3, 4, generator=g, dtype=F64)
+    T = tridiagonal(alpha, beta)
+    expected = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+    assert torch.equal(T, expected)
+    assert tridiagonal(alpha[..., :1], beta[..., :0]).shape == (2, 3, 1, 1)
+    assert tridiagonal(alpha[..., :0], beta[..., :0]).shape == (2, 3, 0, 0)
+
+
+def test_tridiagonal_steps_pad_with_identity():
+    """Entries beyond each column's steps become the identity block (linear_operator's CG format)."""
+    g = torch.Generator().manual_seed(4)
+    alpha, beta = torch.randn(2, 3, 5, generator=g, dtype=F64), torch.randn(2, 3, 4, generator=g, dtype=F64)
+    steps = torch.tensor([[5, 2, 0], [1, 4, 3]])
+    T = tridiagonal(alpha, beta, steps)
+    for b in range(2):
+        for c in range(3):
+            j = int(steps[b, c])
+            block = torch.diag_embed(alpha[b, c, :j])
+            if j > 1:
+                block = block + torch.diag_embed(beta[b, c, : j - 1], 1) + torch.diag_embed(beta[b, c, : j - 1], -1)
+            expected = torch.block_diag(block, torch.eye(5 - j, dtype=F64))
+            assert torch.equal(T[b, c], expected), (b, c)
+    # steps broadcast: a scalar, or one count per batch entry
+    assert torch.equal(tridiagonal(alpha, beta, 2), tridiagonal(alpha, beta, torch.full((2, 3), 2)))
+    per_batch = torch.tensor([[3], [1]])
+    assert torch.equal(tridiagonal(alpha, beta, per_batch), tridiagonal(alpha, beta, per_batch.expand(2, 3)))
+    # the inputs are not modified and padding is idempotent
+    a2, b2 = pad_tridiagonal(alpha, beta, steps)
+    assert torch.equal(tridiagonal(a2, b2), T) and torch.equal(tridiagonal(a2, b2, steps), T)
+
+
+def test_decomposition_tridiagonal_is_the_builder():
+    A = spd_with_spectrum(torch.linspace(1.0, 3.0, 12, dtype=F64))
+    dec = lanczos(matvec_of(A), torch.randn(12, 2, generator=torch.Generator().manual_seed(1), dtype=F64), 6)
+    assert torch.equal(dec.tridiagonal(), tridiagonal(dec.alpha, dec.beta))
+    assert torch.equal(dec.tridiagonal(), tridiagonal(dec.alpha, dec.beta, dec.steps))
 
 
 # --------------------------------------------------------------------------------------------------

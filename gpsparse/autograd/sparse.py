@@ -15,7 +15,7 @@ upstream gradient):
   ``∂/∂b_c = 2 x_c ḡ_c``, ``∂/∂a[e] = −Σ_c ḡ_c x_c[i_e] x_c[j_e]``.
 
 For a pattern declared symmetric the value gradients are symmetrised
-(:func:`gpsparse.core.sparse_ops.symmetrize_values_grad`).
+(:func:`gpsparse.core.sparse_ops.values_grad`).
 """
 
 from __future__ import annotations
@@ -25,25 +25,13 @@ from typing import Any
 from torch import Tensor
 from torch.autograd import Function
 
+from gpsparse.core.config import SolverConfig
 from gpsparse.core.pattern import SparsityPattern
-from gpsparse.core.solver import SolverConfig, build_preconditioner, run_solver
-from gpsparse.core.sparse_ops import sampled_product, spmm, symmetrize_values_grad
+from gpsparse.core.preconditioners import build_preconditioner
+from gpsparse.core.solver import run_solver
+from gpsparse.core.sparse_ops import spmm, transpose_values, values_grad
 
-__all__ = ["SparseMatmul", "SparseSolve", "SparseInvQuad", "transpose_values"]
-
-
-def transpose_values(values: Tensor, pattern: SparsityPattern) -> tuple[Tensor, SparsityPattern]:
-    """Values and pattern of ``Aᵀ`` (no copy for symmetric patterns)."""
-    if pattern.symmetric:
-        return values, pattern
-    return values[..., pattern.transpose_perm], pattern.transposed
-
-
-def _values_grad(pattern: SparsityPattern, left: Tensor, right: Tensor, scale: float = 1.0) -> Tensor:
-    grad = sampled_product(pattern, left, right)
-    if scale != 1.0:
-        grad = grad.mul_(scale)
-    return symmetrize_values_grad(grad, pattern)
+__all__ = ["SparseMatmul", "SparseSolve", "SparseInvQuad"]
 
 
 class SparseMatmul(Function):
@@ -61,7 +49,7 @@ class SparseMatmul(Function):
         pattern = ctx.pattern
         grad_values = grad_rhs = None
         if ctx.needs_input_grad[0]:
-            grad_values = _values_grad(pattern, grad_out, rhs)
+            grad_values = values_grad(pattern, grad_out, rhs)
         if ctx.needs_input_grad[1]:
             values_t, pattern_t = transpose_values(values, pattern)
             grad_rhs = spmm(values_t, pattern_t, grad_out)
@@ -76,7 +64,9 @@ class SparseSolve(Function):
         ctx: Any, values: Tensor, rhs: Tensor, pattern: SparsityPattern, config: SolverConfig, x0: Tensor | None
     ) -> Tensor:
         ctx.pattern, ctx.config = pattern, config
-        preconditioner = build_preconditioner(config.preconditioner, values, pattern)
+        preconditioner = build_preconditioner(
+            config.preconditioner, values, pattern, cholesky_refresh=config.cholesky_refresh
+        )
         # M is symmetric, so it serves Aᵀ as well when A is symmetric or M is Jacobi (diag Aᵀ = diag A).
         ctx.preconditioner = preconditioner if pattern.symmetric or config.preconditioner == "jacobi" else None
         solution = run_solver(config, values, pattern, rhs, x0=x0, preconditioner=preconditioner, what="solve")
@@ -93,7 +83,7 @@ class SparseSolve(Function):
         adjoint = run_solver(
             config, values_t, pattern_t, grad_out, preconditioner=ctx.preconditioner, what="backward solve with Aᵀ"
         )
-        grad_values = _values_grad(pattern, adjoint, solution, -1.0) if ctx.needs_input_grad[0] else None
+        grad_values = values_grad(pattern, adjoint, solution, -1.0) if ctx.needs_input_grad[0] else None
         return grad_values, adjoint, None, None, None
 
 
@@ -113,6 +103,6 @@ class SparseInvQuad(Function):
     def backward(ctx: Any, grad_out: Tensor):
         (solution,) = ctx.saved_tensors
         weighted = solution * grad_out.unsqueeze(-2)
-        grad_values = _values_grad(ctx.pattern, weighted, solution, -1.0) if ctx.needs_input_grad[0] else None
+        grad_values = values_grad(ctx.pattern, weighted, solution, -1.0) if ctx.needs_input_grad[0] else None
         grad_rhs = 2.0 * weighted if ctx.needs_input_grad[1] else None
         return grad_values, grad_rhs, None, None

@@ -1,17 +1,21 @@
-"""Exact sparse Cholesky through CHOLMOD (scikit-sparse), with sparse gradients.
+"""Exact sparse Cholesky through CHOLMOD (scikit-sparse): the numerics.
 
 The exact counterpart of the stochastic / Krylov paths of gpsparse for
 symmetric positive definite matrices that fit a sparse direct factorisation
-(2-D lattices up to ~10⁶ unknowns on a laptop):
+(2-D lattices up to ~10⁶ unknowns on a laptop). This module holds the
+optional import, the cached symbolic analysis, the numeric factorisation,
+the selected-inversion driver and :class:`CholeskyPreconditioner`; the
+differentiable entry points are in :mod:`gpsparse.autograd.cholmod`:
 
-* :func:`cholesky_logdet` — ``log det A``; gradient ``(A⁻¹)[i_e, j_e]`` at the
-  stored entries by **selected inversion** (Takahashi, Fagan and Chen, 1973;
-  Erisman and Tinney, 1975) on the pattern of the Cholesky factor, never a dense
-  inverse;
-* :func:`cholesky_solve` — ``X = A⁻¹ B``, differentiable in the values and in ``B``;
-* :func:`cholesky_selected_inverse` — ``(A⁻¹)[i_e, j_e]`` itself (the logdet
-  adjoint; its diagonal entries are e.g. posterior marginal variances when
-  ``A`` is a posterior precision);
+* :func:`~gpsparse.autograd.cholmod.cholesky_logdet` — ``log det A``; gradient
+  ``(A⁻¹)[i_e, j_e]`` at the stored entries by **selected inversion**
+  (:mod:`gpsparse.core.selinv`) on the pattern of the Cholesky factor, never a
+  dense inverse;
+* :func:`~gpsparse.autograd.cholmod.cholesky_solve` — ``X = A⁻¹ B``,
+  differentiable in the values and in ``B``;
+* :func:`~gpsparse.autograd.cholmod.cholesky_selected_inverse` —
+  ``(A⁻¹)[i_e, j_e]`` itself (the logdet adjoint; its diagonal entries are
+  e.g. posterior marginal variances when ``A`` is a posterior precision);
 * :class:`CholeskyPreconditioner` — ``M = A`` factorised exactly, for the
   :class:`~gpsparse.core.preconditioners.Preconditioner` contract.
 
@@ -36,38 +40,10 @@ Reuse of the symbolic analysis
 ------------------------------
 The fill-reducing ordering and the symbolic factorisation depend only on the
 pattern. They are computed once per :class:`~gpsparse.core.pattern.SparsityPattern`
-object and cached in a :class:`weakref.WeakKeyDictionary` (dropped with the
-pattern; a pattern moved with ``to()`` is a new object and is analysed
-again); later factorisations on the same pattern object run only the numeric
-phase (timings below).
-
-Gradients
----------
-With ``Z = A⁻¹`` and ``e`` a stored entry at ``(i_e, j_e)``:
-
-* ``∂ log det A / ∂a[e] = Z[i_e, j_e]``;
-* ``X = A⁻¹ B``, upstream ``G``: ``Ĝ = A⁻¹ G`` (``A`` symmetric: the same
-  factor), ``∂/∂B = Ĝ``, ``∂/∂a[e] = −Σ_c Ĝ[i_e, c] X[j_e, c]`` (a sampled
-  product).
-
-Selected inversion. CHOLMOD factorises ``Ã = A[p][:, p] = L Lᵀ`` (``p`` its
-fill-reducing permutation). ``Z̃ = Ã⁻¹`` satisfies ``Lᵀ Z̃ = L⁻¹`` (upper
-triangular with diagonal ``1/L_jj``), which gives, for ``j`` from ``n − 1``
-down to ``0``::
-
-    Z̃[i, j] = −(1 / L_jj) Σ_{k ∈ S_j} Z̃[i, k] L[k, j]          i ∈ S_j
-    Z̃[j, j] = 1 / L_jj² − (1 / L_jj) Σ_{k ∈ S_j} L[k, j] Z̃[k, j]
-
-with ``S_j`` the rows below the diagonal in column ``j`` of ``L``. Every
-``Z̃[i, k]`` needed lies in the (filled, elimination-closed) pattern of ``L``,
-so ``Z̃`` is computed on that pattern only and ``Z[i_e, j_e] =
-Z̃[p⁻¹[i_e], p⁻¹[j_e]]`` is then read off. Columns sharing one structure
-(supernodes, found again in the factor CHOLMOD returns) are done together
-with dense blocks: for columns ``J`` with rows ``R`` below them,
-``Z̃_RJ = −Z̃_RR L_RJ L_JJ⁻¹`` and ``Z̃_JJ = L_JJ⁻ᵀ (L_JJ⁻¹ − L_RJᵀ Z̃_RJ)``
-(Lin, Yang, Meza, Lu, Ying and E, "SelInv", 2011). Cost
-``O(Σ_J |R|² |J| + |J|³)`` — the order of the numeric factorisation — and
-``nnz(L)`` extra memory, never a dense inverse.
+object and cached on it (``pattern.derived("cholmod.analysis", ...)``,
+dropped with the pattern; a pattern moved with ``to()`` is a new object and
+is analysed again); later factorisations on the same pattern object run only
+the numeric phase (timings below).
 
 Timings
 -------
@@ -85,19 +61,21 @@ numeric factorisation               0.43 s          11.9 s
 ``logdet`` from the factor          0.01 s          0.1 s
 selected inversion, all of it       0.32 s          5.7 s
   of which ``L()`` (to simplicial)  0.05 s          0.6 s
-:func:`cholesky_logdet` + backward  0.8 s           16.7 s
+``cholesky_logdet`` + backward      0.8 s           16.7 s
 ==================================  ==============  ===============
 
 Reusing the analysis saves its time, ~10 % of a factorisation here
 (``cholmod.cholesky`` from scratch: 0.47 s and 12.2–13.5 s). The first call
 in a fresh environment compiles the numba kernels (~10–15 s, then cached on
 disk; ~1 s to load in a new process).
+
+This module is a core: it imports neither gpytorch, linear_operator nor
+autograd machinery.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Any
 
 import numpy as np
@@ -105,24 +83,14 @@ import scipy.linalg  # noqa: F401  (loads the BLAS that numba's dense blocks cal
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from torch.autograd import Function
 
-from gpsparse.core.batching import flatten_operands
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.core.preconditioners import Preconditioner, _as_sparse, _check_dtype
-from gpsparse.core.sparse_ops import sampled_product, symmetrize_values_grad
+from gpsparse.core.selinv import _DENSE_MIN, _lookup_kernel, _supernodes, _takahashi_kernel
 from gpsparse.errors import NotPositiveDefiniteError
-
-try:  # compiles the selected-inversion kernels; numba is a hard dependency, but stay importable without it
-    import numba as _numba
-except ImportError:  # pragma: no cover
-    _numba = None
 
 __all__ = [
     "cholmod_available",
-    "cholesky_logdet",
-    "cholesky_solve",
-    "cholesky_selected_inverse",
     "CholeskyPreconditioner",
 ]
 
@@ -181,7 +149,8 @@ class _Analysis:
     def __init__(self, pattern: SparsityPattern, cholmod: Any):
         cpu = pattern.cpu()
         # A CPU copy of a CUDA pattern for the sampled products. Never the pattern itself:
-        # the cache's value must not keep its weak key alive.
+        # the analysis is cached on the pattern, and a reference back would make a cycle
+        # that only the garbage collector frees.
         self.cpu_pattern = cpu if cpu is not pattern else None
         self.n = pattern.size[0]
         self.indptr = cpu.crow.numpy()
@@ -199,7 +168,7 @@ class _Analysis:
         return A
 
 
-_ANALYSES: weakref.WeakKeyDictionary[SparsityPattern, _Analysis] = weakref.WeakKeyDictionary()
+_ANALYSIS_KEY = "cholmod.analysis"
 
 
 def _analysis(pattern: SparsityPattern, who: str) -> tuple[_Analysis, SparsityPattern]:
@@ -212,9 +181,7 @@ def _analysis(pattern: SparsityPattern, who: str) -> tuple[_Analysis, SparsityPa
             f"{who}: the pattern must be declared symmetric (CHOLMOD factorises symmetric positive "
             "definite matrices); use pattern.with_symmetric(True) if the values are symmetric"
         )
-    cached = _ANALYSES.get(pattern)
-    if cached is None:
-        cached = _ANALYSES[pattern] = _Analysis(pattern, cholmod)
+    cached = pattern.derived(_ANALYSIS_KEY, lambda: _Analysis(pattern, cholmod))
     return cached, (pattern if cached.cpu_pattern is None else cached.cpu_pattern)
 
 
@@ -283,215 +250,15 @@ def _to_host(values: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Selected inversion
+# Selected inversion (driver; the kernels are in gpsparse.core.selinv)
 # ---------------------------------------------------------------------------
-
-
-def _jit(fn):
-    """numba-compile ``fn`` (lazily, cached on disk) when numba is installed."""
-    if _numba is None:  # pragma: no cover - numba is a dependency
-        return fn
-    return _numba.njit(cache=True, nogil=True)(fn)
-
-
-@_jit
-def _supernodes(indptr, indices):
-    """Start columns of the supernodes of a CSC Cholesky factor, plus ``n`` at the end.
-
-    Column ``j`` joins the supernode of column ``j − 1`` when the rows of
-    column ``j − 1`` are exactly ``{j − 1} ∪ rows(j)`` (CHOLMOD stores the
-    relaxed supernodes it factorised with, explicit zeros included, so they
-    are found here again).
-    """
-    n = len(indptr) - 1
-    starts = np.empty(n + 1, dtype=np.int64)
-    count = 0
-    for j in range(n):
-        joins = False
-        if j > 0:
-            prev = indptr[j - 1]
-            size = indptr[j + 1] - indptr[j]
-            if indptr[j] - prev == size + 1 and indices[prev + 1] == j:
-                joins = True
-                for t in range(size):
-                    if indices[prev + 1 + t] != indices[indptr[j] + t]:
-                        joins = False
-                        break
-        if not joins:
-            starts[count] = j
-            count += 1
-    starts[count] = n
-    return starts[: count + 1]
-
-
-@_jit
-def _takahashi_column(indptr, indices, lvals, z, where, j):
-    """Column ``j`` of ``Z = (L Lᵀ)⁻¹`` on ``L``'s pattern, columns ``> j`` done.
-
-    Scatter the positions of ``S_j`` into ``where``; for every ``k ∈ S_j``
-    walk column ``k`` of ``Z`` (rows ``i ≥ k``, all of ``S_j ∩ (k, n)`` among
-    them) and add both halves of the symmetric sum,
-    ``Z[i, j] += Z[i, k] L[k, j]`` and ``Z[k, j] += Z[i, k] L[i, j]`` (``i > k``),
-    plus ``Z[k, k] L[k, j]``; then scale by ``−1 / L_jj``.
-    Cost ``O(Σ_{k ∈ S_j} |col_k(L)|)``.
-    """
-    start = indptr[j]
-    end = indptr[j + 1]
-    if end - start > 1:
-        last = indices[end - 1]
-        for p in range(start + 1, end):
-            where[indices[p]] = p
-            z[p] = 0.0
-        for p in range(start + 1, end):
-            k = indices[p]
-            lkj = lvals[p]
-            qk = indptr[k]
-            acc = z[qk] * lkj  # Z[k, k] L[k, j]
-            for q in range(qk + 1, indptr[k + 1]):
-                i = indices[q]
-                if i > last:
-                    break
-                w = where[i]
-                if w >= 0:
-                    zik = z[q]
-                    z[w] += zik * lkj
-                    acc += zik * lvals[w]
-            z[p] += acc
-    d = lvals[start]
-    s = 0.0
-    for p in range(start + 1, end):
-        z[p] = -z[p] / d
-        s += lvals[p] * z[p]
-    z[start] = (1.0 / d - s) / d
-    for p in range(start + 1, end):
-        where[indices[p]] = -1
-
-
-@_jit
-def _lower_inverse(lower):
-    """Inverse of a dense lower-triangular matrix by row-wise forward substitution (``w³/6`` flops)."""
-    w = lower.shape[0]
-    inv = np.zeros((w, w))
-    for i in range(w):
-        row = inv[i]
-        row[i] = 1.0
-        for k in range(i):
-            lik = lower[i, k]
-            if lik != 0.0:
-                other = inv[k]
-                for t in range(k + 1):
-                    row[t] -= lik * other[t]
-        d = 1.0 / lower[i, i]
-        for t in range(i + 1):
-            row[t] *= d
-    return inv
-
-
-@_jit
-def _takahashi_supernode(indptr, indices, lvals, z, where, j0, j1):
-    """Columns ``j0 … j1 − 1`` (one supernode) of ``Z``, columns ``≥ j1`` done; dense BLAS blocks.
-
-    With ``J`` the supernode's columns and ``R`` the rows below them (shared
-    by all its columns), ``Z_RJ = −Z_RR L_RJ L_JJ⁻¹`` and
-    ``Z_JJ = L_JJ⁻ᵀ L_JJ⁻¹ − (L_JJ⁻ᵀ L_RJᵀ) Z_RJ``. ``Z_RR`` is gathered from
-    the columns of ``R`` (closed under elimination, so every entry is stored).
-    """
-    w = j1 - j0
-    p0 = indptr[j0]
-    r = indptr[j0 + 1] - p0 - w
-    rows = indices[p0 + w : p0 + w + r]
-    ljj = np.zeros((w, w))
-    lrj = np.empty((r, w))
-    for c in range(w):
-        p = indptr[j0 + c]
-        for t in range(w - c):
-            ljj[c + t, c] = lvals[p + t]
-        for t in range(r):
-            lrj[t, c] = lvals[p + w - c + t]
-    linv = _lower_inverse(ljj)
-    zjj = linv.T @ linv
-    if r > 0:
-        # gather Z_RR (symmetric) through the map row -> index in R
-        for t in range(r):
-            where[rows[t]] = t
-        zrr = np.empty((r, r))
-        last = rows[r - 1]
-        for t2 in range(r):
-            c = rows[t2]
-            for q in range(indptr[c], indptr[c + 1]):
-                i = indices[q]
-                if i > last:
-                    break
-                t1 = where[i]
-                if t1 >= 0:
-                    zrr[t1, t2] = z[q]
-                    zrr[t2, t1] = z[q]
-        for t in range(r):
-            where[rows[t]] = -1
-        yt = np.ascontiguousarray(linv.T) @ np.ascontiguousarray(lrj.T)  # (w, r) = L_JJ⁻ᵀ L_RJᵀ
-        zrj = -(zrr @ np.ascontiguousarray(yt.T))  # (r, w)
-        zjj -= yt @ zrj
-    for c in range(w):
-        p = indptr[j0 + c]
-        for t in range(w - c):
-            z[p + t] = zjj[c + t, c]
-        for t in range(r):
-            z[p + w - c + t] = zrj[t, c]
-
-
-@_jit
-def _takahashi_kernel(indptr, indices, lvals, z, starts, dense_min):
-    """Selected inverse ``Z = (L Lᵀ)⁻¹`` on the pattern of a CSC lower-triangular ``L``.
-
-    ``L`` has sorted row indices, the diagonal first in every column, and a
-    pattern closed under symbolic elimination (a Cholesky factor's). ``z``
-    (same length as ``lvals``) receives ``Z`` on that pattern. Supernodes
-    (``starts``) are processed last to first; those with at least
-    ``dense_min`` entries in their first column use dense blocks
-    (:func:`_takahashi_supernode`), the others one column at a time
-    (:func:`_takahashi_column`).
-    """
-    n = len(indptr) - 1
-    where = np.full(n, -1, dtype=np.int64)
-    for s in range(len(starts) - 2, -1, -1):
-        j0 = starts[s]
-        j1 = starts[s + 1]
-        if j1 - j0 > 1 and indptr[j0 + 1] - indptr[j0] >= dense_min:
-            _takahashi_supernode(indptr, indices, lvals, z, where, j0, j1)
-        else:
-            for j in range(j1 - 1, j0 - 1, -1):
-                _takahashi_column(indptr, indices, lvals, z, where, j)
-
-
-@_jit
-def _lookup_kernel(indptr, indices, rows, cols, pinv, out):
-    """Position in CSC ``L`` of entry ``(pinv[r], pinv[c])`` (lower half) for every ``(r, c)``; -1 if absent."""
-    for e in range(len(rows)):
-        i = pinv[rows[e]]
-        j = pinv[cols[e]]
-        if i < j:
-            i, j = j, i
-        lo = indptr[j]
-        hi = indptr[j + 1]
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if indices[mid] < i:
-                lo = mid + 1
-            else:
-                hi = mid
-        out[e] = lo if lo < indptr[j + 1] and indices[lo] == i else -1
-
-
-# Supernodes of two or more columns whose first column holds at least this many entries use dense blocks
-# (measured at n = 10⁵: 0.7 s with 2 or 16, 3.7 s for columns only).
-_DENSE_MIN = 2
 
 
 def _selected_inverse(factor: Any, analysis: _Analysis) -> np.ndarray:
     """``(A⁻¹)[i_e, j_e]`` for every stored entry ``e`` of ``A`` (CSR order), float64 ``(nnz,)``.
 
     Converts ``factor`` to a simplicial ``L Lᵀ`` factor in place (CHOLMOD's
-    ``L()``), runs :func:`_takahashi_kernel` on it and gathers the entries of
+    ``L()``), runs :func:`~gpsparse.core.selinv._takahashi_kernel` on it and gathers the entries of
     ``A``'s pattern through the cached lookup.
     """
     L = factor.L()  # CSC, L Lᵀ = A[p][:, p]
@@ -506,35 +273,14 @@ def _selected_inverse(factor: Any, analysis: _Analysis) -> np.ndarray:
         positions = np.empty(analysis.row.size, dtype=np.int64)
         _lookup_kernel(indptr, indices, analysis.row, analysis.col, pinv, positions)
         if positions.size and positions.min() < 0:  # pragma: no cover - L's pattern contains A's
-            raise RuntimeError("gpsparse.core.cholmod: an entry of A is missing from the pattern of its Cholesky factor")
+            raise RuntimeError(
+                "gpsparse.core.cholmod: an entry of A is missing from the pattern of its Cholesky factor"
+            )
         analysis.lookup = lookup = (indptr.copy(), positions, _supernodes(indptr, indices))
     z = np.empty_like(lvals)
     with _blas_threads():
         _takahashi_kernel(indptr, indices, lvals, z, lookup[2], _DENSE_MIN)
     return z[lookup[1]]
-
-
-# ---------------------------------------------------------------------------
-# Autograd Functions
-# ---------------------------------------------------------------------------
-
-
-class CholeskyLogdet(Function):
-    """``log det A[b]`` for ``(B, nnz)`` float64 CPU values; backward by selected inversion."""
-
-    @staticmethod
-    def forward(ctx: Any, values: Tensor, analysis: _Analysis, pattern: SparsityPattern, who: str) -> Tensor:
-        factors = [_factorize(analysis, v, who) for v in values]
-        ctx.analysis, ctx.pattern = analysis, pattern
-        ctx.factors = factors if ctx.needs_input_grad[0] else None
-        return torch.tensor([f.logdet() for f in factors], dtype=torch.float64)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor):
-        analysis = ctx.analysis
-        zsel = torch.stack([torch.from_numpy(_selected_inverse(f, analysis)) for f in ctx.factors])
-        grad = symmetrize_values_grad(zsel, ctx.pattern) * grad_out.unsqueeze(-1)
-        return grad, None, None, None
 
 
 def _solve_with(factors: list, rhs: Tensor) -> Tensor:
@@ -543,175 +289,6 @@ def _solve_with(factors: list, rhs: Tensor) -> Tensor:
         return rhs.clone()
     with _blas_threads():
         return torch.stack([torch.from_numpy(np.asarray(f.solve_A(r.numpy()))) for f, r in zip(factors, rhs)])
-
-
-class CholeskySolve(Function):
-    """``X[b] = A[b]⁻¹ B[b]`` for ``(B, nnz)`` values and ``(B, n, k)`` right-hand sides (float64, CPU)."""
-
-    @staticmethod
-    def forward(ctx: Any, values: Tensor, rhs: Tensor, analysis: _Analysis, pattern: SparsityPattern, who: str):
-        factors = [_factorize(analysis, v, who) for v in values]
-        x = _solve_with(factors, rhs)
-        ctx.pattern, ctx.factors = pattern, factors
-        ctx.save_for_backward(x)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
-        g_hat = _solve_with(ctx.factors, grad_out.contiguous())  # A⁻ᵀ G = A⁻¹ G
-        grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_values = symmetrize_values_grad(-sampled_product(ctx.pattern, g_hat, x), ctx.pattern)
-        grad_rhs = g_hat if ctx.needs_input_grad[1] else None
-        return grad_values, grad_rhs, None, None, None
-
-
-# ---------------------------------------------------------------------------
-# Public functions
-# ---------------------------------------------------------------------------
-
-
-def cholesky_logdet(values: Tensor, pattern: SparsityPattern) -> Tensor:
-    """Exact ``log det A`` by a sparse Cholesky factorisation (CHOLMOD).
-
-    Parameters
-    ----------
-    values : Tensor
-        ``(*batch, nnz)`` values of symmetric positive definite matrices in the
-        CSR order of ``pattern``; float32 or float64, CPU or CUDA (computed on
-        the CPU in float64, returned on ``values``' device and dtype).
-    pattern : SparsityPattern
-        A pattern declared symmetric. Its symbolic analysis is cached.
-
-    Returns
-    -------
-    Tensor
-        ``(*batch,)`` log-determinants, differentiable in ``values``:
-        ``∂/∂a[e] = (A⁻¹)[i_e, j_e]`` (symmetrised), computed in the backward
-        by selected inversion on the pattern of the factor (see the module
-        notes) — ``O(nnz(L))`` memory, never a dense inverse.
-
-    Raises
-    ------
-    ImportError
-        scikit-sparse is not installed.
-    NotPositiveDefiniteError
-        ``A`` is not positive definite.
-    ValueError, TypeError
-        Non-symmetric pattern, wrong shapes or dtypes, non-finite values.
-
-    Notes
-    -----
-    Cost: one numeric factorisation per batch element (the symbolic one is
-    cached per pattern); the backward converts the factor to simplicial form
-    and runs the selected inversion (numba, one thread). The factors are kept
-    alive between forward and backward when gradients are needed.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from gpsparse.core.pattern import SparsityPattern
-    >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64).to_sparse_csr()
-    >>> pattern = SparsityPattern(A.crow_indices(), A.col_indices(), (2, 2), symmetric=True)
-    >>> values = A.values().requires_grad_()
-    >>> if cholmod_available():
-    ...     ld = cholesky_logdet(values, pattern)
-    ...     ld.backward()
-    ...     print(round(ld.item(), 6), values.grad)  # log 11; grad = (A⁻¹) at the entries
-    ... else:
-    ...     print("2.397895 tensor([ 0.2727, -0.0909, -0.0909,  0.3636], dtype=torch.float64)")
-    2.397895 tensor([ 0.2727, -0.0909, -0.0909,  0.3636], dtype=torch.float64)
-    """
-    who = "cholesky_logdet"
-    analysis, cpu_pattern = _analysis(pattern, who)
-    _check_values(values, pattern, who)
-    batch = values.shape[:-1]
-    flat = _to_host(values).reshape(-1, pattern.nnz)
-    out = CholeskyLogdet.apply(flat, analysis, cpu_pattern, who)
-    return out.reshape(batch).to(device=values.device, dtype=values.dtype)
-
-
-def cholesky_solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor) -> Tensor:
-    """Exact ``X = A⁻¹ B`` by a sparse Cholesky factorisation (CHOLMOD).
-
-    Parameters
-    ----------
-    values : Tensor
-        ``(*vbatch, nnz)`` values of symmetric positive definite matrices on
-        ``pattern`` (declared symmetric).
-    pattern : SparsityPattern
-        ``n × n`` symmetric pattern; its symbolic analysis is cached.
-    rhs : Tensor
-        ``(n,)`` or ``(*rbatch, n, k)``; batch shapes broadcast with ``vbatch``.
-        Unbatched values factorise once for all right-hand sides.
-
-    Returns
-    -------
-    Tensor
-        ``(*batch, n, k)`` (or ``(n,)``), dtype and device of ``rhs``
-        promoted with ``values``. Differentiable: with ``Ĝ = A⁻¹ G``
-        (reusing the factor), ``∂/∂B = Ĝ`` and
-        ``∂/∂a[e] = −Σ_c Ĝ[i_e, c] X[j_e, c]`` (symmetrised).
-
-    Raises
-    ------
-    ImportError, NotPositiveDefiniteError, ValueError, TypeError
-        As :func:`cholesky_logdet`; ``ValueError`` also for mismatched ``rhs``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from gpsparse.core.pattern import SparsityPattern
-    >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64).to_sparse_csr()
-    >>> pattern = SparsityPattern(A.crow_indices(), A.col_indices(), (2, 2), symmetric=True)
-    >>> b = torch.tensor([5.0, 4.0], dtype=torch.float64)
-    >>> cholesky_solve(A.values(), pattern, b) if cholmod_available() else torch.ones(2, dtype=torch.float64)
-    tensor([1., 1.], dtype=torch.float64)
-    """
-    who = "cholesky_solve"
-    analysis, cpu_pattern = _analysis(pattern, who)
-    _check_values(values, pattern, who)
-    if not isinstance(rhs, Tensor) or rhs.layout != torch.strided:
-        raise TypeError(f"{who}: rhs must be a dense tensor (n,) or (*batch, n, k)")
-    if not rhs.is_floating_point():
-        raise TypeError(f"{who}: rhs must be floating point, got {rhs.dtype}")
-    out_dtype = torch.promote_types(values.dtype, rhs.dtype)
-    values2d, rhs3d, unflatten = flatten_operands(_to_host(values), _to_host(rhs), pattern.size[0])
-    x = CholeskySolve.apply(values2d, rhs3d.contiguous(), analysis, cpu_pattern, who)
-    return unflatten(x).to(device=rhs.device, dtype=out_dtype)
-
-
-def cholesky_selected_inverse(values: Tensor, pattern: SparsityPattern) -> Tensor:
-    """``(A⁻¹)[i_e, j_e]`` at every stored entry, by selected inversion (not differentiable).
-
-    The adjoint of :func:`cholesky_logdet`. Its entries at the diagonal
-    positions (``pattern.diagonal_positions``) are ``diag(A⁻¹)``, e.g.
-    posterior marginal variances when ``A`` is a posterior precision.
-
-    Parameters
-    ----------
-    values : Tensor
-        ``(*batch, nnz)`` symmetric positive definite values on ``pattern``.
-    pattern : SparsityPattern
-        Declared symmetric.
-
-    Returns
-    -------
-    Tensor
-        ``(*batch, nnz)``, ``values``' dtype and device, no autograd history.
-
-    Raises
-    ------
-    ImportError, NotPositiveDefiniteError, ValueError, TypeError
-        As :func:`cholesky_logdet`.
-    """
-    who = "cholesky_selected_inverse"
-    analysis, _ = _analysis(pattern, who)
-    _check_values(values, pattern, who)
-    flat = _to_host(values.detach()).reshape(-1, pattern.nnz)
-    out = torch.stack([torch.from_numpy(_selected_inverse(_factorize(analysis, v, who), analysis)) for v in flat])
-    return out.reshape(values.shape).to(device=values.device, dtype=values.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from gpsparse.core.pattern import SparsityPattern
 
-__all__ = ["sparse_parts", "check_finite", "detect_symmetric", "declare_symmetry", "symmetrized"]
+__all__ = ["sparse_parts", "check_finite", "check_operand", "detect_symmetric", "declare_symmetry", "symmetrized"]
 
 _ACCEPTED = (torch.sparse_coo, torch.sparse_csr)
 
@@ -131,3 +131,28 @@ def check_finite(tensor: Tensor, name: str) -> None:
     if tensor.numel() and not bool(torch.isfinite(tensor.detach()).all()):
         bad = "NaN" if bool(torch.isnan(tensor.detach()).any()) else "Inf"
         raise ValueError(f"{name} contain {bad}")
+
+
+def check_operand(tensor: Tensor, values: Tensor, name: str) -> None:
+    """A dense operand must be a floating tensor of the matrix's dtype and device, without NaN/Inf.
+
+    Raises
+    ------
+    TypeError
+        Not a tensor, not dense, not floating point.
+    ValueError
+        Dtype or device differ from the matrix values', NaN or Inf entries.
+    """
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != values.layout:
+        raise TypeError(f"{name} must be a dense tensor, got layout {tensor.layout}")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
+    if tensor.dtype != values.dtype:
+        raise ValueError(
+            f"{name} has dtype {tensor.dtype} but the matrix has dtype {values.dtype}; convert one of them"
+        )
+    if tensor.device != values.device:
+        raise ValueError(f"{name} is on {tensor.device} but the matrix is on {values.device}; move one of them")
+    check_finite(tensor, name)

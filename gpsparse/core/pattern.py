@@ -19,7 +19,9 @@ This module is a core: it imports neither gpytorch nor linear_operator.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -27,6 +29,11 @@ from torch import Tensor
 __all__ = ["SparsityPattern", "csr_tensor"]
 
 _INT32_MAX = 2**31 - 1
+
+T = TypeVar("T")
+
+#: Partner patterns whose merged pattern :meth:`SparsityPattern.union` keeps.
+_UNION_CACHE_SIZE = 4
 
 
 def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -87,6 +94,55 @@ class SparsityPattern:
         if self.symmetric and m != n:
             raise ValueError(f"a symmetric pattern must be square, got size {self.size}")
         self._block_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self._derived: dict[object, object] = {}
+
+    # ------------------------------------------------------------ derived
+    def derived(self, key: object, build: Callable[[], T]) -> T:
+        """The structure ``key`` derived from this pattern, built by ``build()`` on first use and cached.
+
+        The one cache of pattern-derived structure (bandwidth, band layouts,
+        merged patterns, Gram patterns, symbolic factorisations, stale
+        factors): it lives and dies with the pattern object, is not copied by
+        :meth:`to` / :meth:`with_symmetric` (device- or declaration-specific
+        structures are rebuilt there), and is not pickled. Keys are strings
+        or tuples whose first element names the owner (``"banded.layout"``,
+        ``("union", id(other))``).
+        """
+        try:
+            return self._derived[key]
+        except KeyError:
+            value = self._derived[key] = build()
+            return value
+
+    def union(self, other: SparsityPattern) -> tuple[SparsityPattern, Tensor]:
+        """Pattern of ``A + B`` and the positions of this pattern's then ``other``'s entries in it.
+
+        Cached (:meth:`derived`) for the last few partner patterns by identity,
+        holding a strong reference so an ``id`` is never reused while cached: a
+        training loop adding the same two patterns every step
+        (``P = Q + WᵀD⁻¹W``) merges them once.
+        """
+        cache = self.derived("union", dict)
+        hit = cache.get(id(other))
+        if hit is not None and hit[0] is other:
+            return hit[1], hit[2]
+        union, inverse = torch.unique(torch.cat([self.keys, other.keys]), return_inverse=True)
+        n = self.size[1]
+        symmetric = self.symmetric and other.symmetric
+        pattern, order = SparsityPattern.from_indices(union // n, union % n, self.size, symmetric=symmetric)
+        position = torch.argsort(order)[inverse]
+        if len(cache) >= _UNION_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[id(other)] = (other, pattern, position)
+        return pattern, position
+
+    def set_derived(self, key: object, value: object) -> None:
+        """Replace a derived structure (e.g. a refreshed stale factor)."""
+        self._derived[key] = value
+
+    def drop_derived(self, key: object) -> None:
+        """Forget a derived structure (no error if absent)."""
+        self._derived.pop(key, None)
 
     # ------------------------------------------------------------------ build
     @classmethod

@@ -31,6 +31,7 @@ __all__ = [
     "MatrixFunction",
     "FUNCTIONS",
     "tridiagonal",
+    "pad_tridiagonal",
     "quadrature",
     "quadrature_with_grad",
     "apply_with_grad",
@@ -57,9 +58,56 @@ FUNCTIONS = {
 }
 
 
-def tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
-    """Dense ``(..., K, K)`` symmetric tridiagonal from ``alpha (..., K)`` and ``beta (..., K-1)``."""
-    return torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+def tridiagonal(alpha: Tensor, beta: Tensor, steps: Tensor | int | None = None) -> Tensor:
+    """Dense symmetric tridiagonal matrices ``(..., K, K)`` from their diagonals.
+
+    The one builder of dense tridiagonals (Lanczos decompositions, CG
+    coefficients, linear_operator's ``(num, *batch, m, m)`` format).
+
+    Parameters
+    ----------
+    alpha : Tensor
+        ``(..., K)`` diagonals.
+    beta : Tensor
+        ``(..., K − 1)`` off-diagonals (``T[k, k+1] = T[k+1, k] = beta[k]``).
+    steps : Tensor or int, optional
+        Valid steps per matrix, broadcastable to ``alpha.shape[:-1]``: entries
+        beyond them are replaced by padding (:func:`pad_tridiagonal`), so each
+        matrix is ``T_j ⊕ I`` with ``T_j`` its leading ``j × j`` block. None
+        (default) uses ``alpha`` and ``beta`` as given.
+
+    Returns
+    -------
+    Tensor
+        ``(..., K, K)``, the broadcast batch shape of the inputs.
+
+    Examples
+    --------
+    >>> tridiagonal(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([0.5, 0.25]), steps=2)
+    tensor([[2.0000, 0.5000, 0.0000],
+            [0.5000, 3.0000, 0.0000],
+            [0.0000, 0.0000, 1.0000]])
+    """
+    if steps is not None:
+        alpha, beta = pad_tridiagonal(alpha, beta, steps)
+    T = torch.diag_embed(alpha)
+    if beta.shape[-1]:
+        T = T + torch.diag_embed(beta, offset=1) + torch.diag_embed(beta, offset=-1)
+    return T
+
+
+def pad_tridiagonal(alpha: Tensor, beta: Tensor, steps: Tensor | int) -> tuple[Tensor, Tensor]:
+    """Replace the entries of ``(alpha, beta)`` beyond each matrix's ``steps`` by identity padding.
+
+    ``alpha[..., k] = 1`` for ``k ≥ steps`` and ``beta[..., k] = 0`` for
+    ``k ≥ steps − 1`` (``steps`` broadcastable to ``alpha.shape[:-1]``). The
+    padded matrix is block diagonal ``T_j ⊕ I``, so ``e₁ᵀ f(T) e₁`` is that of
+    ``T_j`` for any ``f`` with ``f(1)`` finite (the identity block carries
+    zero weight), while its spectrum gains spurious 1s. Returns new tensors.
+    """
+    steps = torch.as_tensor(steps, device=alpha.device).unsqueeze(-1)
+    index = torch.arange(alpha.shape[-1], device=alpha.device)
+    return torch.where(index < steps, alpha, 1.0), torch.where(index[: beta.shape[-1]] < steps - 1, beta, 0.0)
 
 
 def _eig(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> tuple[Tensor, Tensor]:

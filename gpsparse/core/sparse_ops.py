@@ -22,7 +22,7 @@ from torch import Tensor
 
 from gpsparse.core.pattern import SparsityPattern, csr_tensor
 
-__all__ = ["spmm", "sampled_product", "symmetrize_values_grad"]
+__all__ = ["spmm", "sampled_product", "symmetrize_values_grad", "values_grad", "transpose_values", "to_dense", "gram_structure"]
 
 
 def spmm(values: Tensor, pattern: SparsityPattern, rhs: Tensor, out: Tensor | None = None) -> Tensor:
@@ -119,3 +119,63 @@ def symmetrize_values_grad(grad: Tensor, pattern: SparsityPattern) -> Tensor:
     if not pattern.symmetric:
         return grad
     return 0.5 * (grad + grad[..., pattern.transpose_perm])
+
+
+def values_grad(pattern: SparsityPattern, left: Tensor, right: Tensor, scale: float = 1.0) -> Tensor:
+    """The value gradient ``scale · Σ_c left[i_e, c] right[j_e, c]`` at the stored entries, symmetrised.
+
+    The one place every backward pass turns its dense factors ``(B, m, k)``,
+    ``(B, n, k)`` into a ``(B, nnz)`` gradient aligned with the values
+    (:func:`sampled_product`, then :func:`symmetrize_values_grad` for
+    symmetric patterns).
+    """
+    grad = sampled_product(pattern, left, right)
+    if scale != 1.0:
+        grad = grad.mul_(scale)
+    return symmetrize_values_grad(grad, pattern)
+
+
+def transpose_values(values: Tensor, pattern: SparsityPattern) -> tuple[Tensor, SparsityPattern]:
+    """Values and pattern of ``Aᵀ`` (no copy for symmetric patterns)."""
+    if pattern.symmetric:
+        return values, pattern
+    return values[..., pattern.transpose_perm], pattern.transposed
+
+
+def to_dense(values: Tensor, pattern: SparsityPattern) -> Tensor:
+    """The dense ``(*batch, m, n)`` matrix (differentiable in the values). Callers check the size limit."""
+    m, n = pattern.size
+    dense = values.new_zeros(*values.shape[:-1], m * n).index_add(-1, pattern.keys, values)
+    return dense.reshape(*values.shape[:-1], m, n)
+
+
+def gram_structure(pattern: SparsityPattern):
+    """Structure of ``Wᵀ diag(w) W`` for ``W`` on ``pattern`` (cached on it, :meth:`SparsityPattern.derived`).
+
+    Returns ``(gram_pattern, pair_left, pair_right, pair_row, target)``: every
+    pair of entries ``(e₁, e₂)`` in the same row ``i`` of ``W`` (Σ_i nnz_i²
+    pairs) contributes ``W[e₁] W[e₂] w_i`` at position ``target`` of the
+    symmetric N × N ``gram_pattern``.
+    """
+    return pattern.derived("gram", lambda: _gram_structure(pattern))
+
+
+def _gram_structure(pattern: SparsityPattern):
+    crow = pattern.crow.long()
+    counts = crow[1:] - crow[:-1]
+    rows = torch.arange(pattern.size[0], device=pattern.device)
+    per_row = counts * counts
+    pair_row = torch.repeat_interleave(rows, per_row)
+    offset = torch.arange(pair_row.numel(), device=pattern.device) - torch.repeat_interleave(
+        torch.cumsum(per_row, 0) - per_row, per_row
+    )
+    c = counts[pair_row]
+    start = crow[pair_row]
+    pair_left = start + torch.div(offset, c, rounding_mode="floor")
+    pair_right = start + offset % c
+    a, b = pattern.col_long[pair_left], pattern.col_long[pair_right]
+    n = pattern.size[1]
+    keys, target = torch.unique(a * n + b, return_inverse=True)
+    gram_pattern, order = SparsityPattern.from_indices(keys // n, keys % n, (n, n), symmetric=True)
+    target = torch.argsort(order)[target]
+    return gram_pattern, pair_left, pair_right, pair_row, target

@@ -26,9 +26,6 @@ matrix.
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -40,7 +37,7 @@ from torch import Tensor
 from gpsparse import settings as gs_settings
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.errors import DenseSizeError
-from gpsparse.kernels._inputs import input_version, same_input
+from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup
 from gpsparse.kernels.base import SparsePrecisionKernel
 from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.operators.precision import SparsePrecisionLinearOperator, covariance_diagonal
@@ -246,16 +243,6 @@ def _null_space(adjacency: sp.csr_matrix, normalized: bool) -> tuple[int, np.nda
 
 
 # ---------------------------------------------------------------- the kernel
-@dataclass
-class _SelectionEntry:
-    """A cached selection matrix ``W`` and the inputs it was built for."""
-
-    x: Tensor  # detached copy of the inputs
-    x_ref: weakref.ref
-    x_version: int
-    selection: SparseLinearOperator  # (m, N)
-
-
 class GraphMaternKernel(SparsePrecisionKernel):
     r"""Matérn covariance on the nodes of a graph, ``K = W Q⁻¹ Wᵀ`` with ``Q = τ (κ² I + L)^ν`` sparse.
 
@@ -477,7 +464,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
         self._probe_cache: dict[tuple, Tensor] = {}
         self._tau_cache: tuple[Tensor, Tensor] | None = None
         self.input_cache_size = int(input_cache_size)
-        self._selection_cache: list[_SelectionEntry] = []
+        self._selection_cache: list[CachedInputs[SparseLinearOperator]] = []  # (m, N) selections W
         self.num_selection_builds = 0
 
     # --------------------------------------------------------- parameters
@@ -571,20 +558,20 @@ class GraphMaternKernel(SparsePrecisionKernel):
     # ------------------------------------------------------ selection cache
     def _selection(self, x: Tensor, name: str, dtype: torch.dtype, device: torch.device) -> SparseLinearOperator:
         """The ``n × N`` selection matrix of the node ids in ``x`` (cached, see class notes)."""
-        for k, entry in enumerate(self._selection_cache):
-            w = entry.selection
-            if w.dtype == dtype and w.device == device and _same_tensor(entry, x):
-                self._selection_cache.insert(0, self._selection_cache.pop(k))
-                return w
+        entry = cache_lookup(
+            self._selection_cache,
+            (x,),
+            accept=lambda w: w.dtype == dtype and w.device == device,
+            any_dtype=True,  # node ids compare across dtypes
+        )
+        if entry is not None:
+            return entry.payload
         ids = self._node_ids(x, name)
         self.num_selection_builds += 1
         m = ids.numel()
         pattern, _ = SparsityPattern.from_indices(torch.arange(m, device=device), ids.to(device), (m, self.num_nodes))
         selection = SparseLinearOperator(torch.ones(m, dtype=dtype, device=device), pattern=pattern)
-        xd = x.detach()
-        entry = _SelectionEntry(x=xd.clone(), x_ref=weakref.ref(x), x_version=input_version(x), selection=selection)
-        self._selection_cache.insert(0, entry)
-        del self._selection_cache[self.input_cache_size :]
+        cache_insert(self._selection_cache, CachedInputs.of((x,), selection), self.input_cache_size)
         return selection
 
     def _node_ids(self, x: Tensor, name: str) -> Tensor:
@@ -647,7 +634,3 @@ def _check_dense_eigen(num_nodes: int) -> None:
             f"matrix, above gpsparse.settings.max_dense_size = {limit:,} elements; lower max_eigen_nodes "
             "(normalization='stochastic') or raise the limit"
         )
-
-
-def _same_tensor(entry: _SelectionEntry, x: Tensor) -> bool:
-    return same_input(entry.x_ref, entry.x_version, entry.x.to(x.dtype), x)  # node ids compare across dtypes

@@ -21,7 +21,6 @@ closed-form Laplacian spectrum, so ``log det Q`` is exact
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ from gpytorch.priors import Prior
 from torch import Tensor
 
 from gpsparse.core.pattern import SparsityPattern
-from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
+from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
 from gpsparse.kernels.base import SparsePrecisionKernel
 from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
@@ -180,12 +179,9 @@ def _interpolation_weights(fraction: Tensor, corners: Tensor) -> Tensor:
 
 
 @dataclass
-class _InterpEntry:
-    """One cached interpolation matrix: the inputs it was built for and its parts."""
+class _Interp:
+    """One cached interpolation matrix: its parts (the payload of a ``CachedInputs`` entry keyed on ``(x,)``)."""
 
-    x: Tensor  # detached copy of the inputs
-    x_ref: weakref.ref
-    x_version: int
     dtype: torch.dtype
     pattern: SparsityPattern
     corner: Tensor  # (n, d) lower cell corners
@@ -390,7 +386,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         self.spacing = tuple((b - a) / (m - 1) for a, b, m in zip(low, high, sizes))
         self.interp_cache_size = int(interp_cache_size)
         self.num_interp_builds = 0
-        self._interp_cache: list[_InterpEntry] = []
+        self._interp_cache: list[CachedInputs[_Interp]] = []
         self._structure: MaternPrecision | None = None
 
     # --------------------------------------------------------------- lattice
@@ -507,17 +503,14 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         sizes = torch.tensor(self.grid_size, device=x.device)
         return low, spacing, sizes
 
-    def _interp_entry(self, x: Tensor, dtype: torch.dtype) -> _InterpEntry:
-        for k, entry in enumerate(self._interp_cache):
-            if entry.dtype == dtype and _same_tensor(entry, x):
-                self._interp_cache.insert(0, self._interp_cache.pop(k))
-                return entry
-        entry = self._build_entry(x, dtype)
-        self._interp_cache.insert(0, entry)
-        del self._interp_cache[self.interp_cache_size :]
-        return entry
+    def _interp_entry(self, x: Tensor, dtype: torch.dtype) -> _Interp:
+        entry = cache_lookup(self._interp_cache, (x,), accept=lambda cached: cached.dtype == dtype)
+        if entry is None:
+            entry = CachedInputs.of((x,), self._build_interp(x, dtype))
+            cache_insert(self._interp_cache, entry, self.interp_cache_size)
+        return entry.payload
 
-    def _build_entry(self, x: Tensor, dtype: torch.dtype) -> _InterpEntry:
+    def _build_interp(self, x: Tensor, dtype: torch.dtype) -> _Interp:
         self.num_interp_builds += 1
         xd = self._checked_inside(x.detach())
         low, spacing, sizes = self._lattice_tensors(xd)
@@ -531,10 +524,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         crow = torch.arange(n + 1, device=xd.device) * per_row
         pattern = SparsityPattern(crow, columns.reshape(-1), (n, self.num_nodes))
         values = _interpolation_weights(fraction, corners).reshape(-1).to(dtype)
-        return _InterpEntry(
-            x=x.detach().clone(),
-            x_ref=weakref.ref(x),
-            x_version=input_version(x),
+        return _Interp(
             dtype=dtype,
             pattern=pattern,
             corner=corner,
@@ -623,7 +613,3 @@ def _single_member(x: Tensor) -> Tensor:
             f"got inputs of shape {tuple(x.shape)} whose batch members differ"
         )
     return flat[0]
-
-
-def _same_tensor(entry: _InterpEntry, x: Tensor) -> bool:
-    return same_input(entry.x_ref, entry.x_version, entry.x, x)

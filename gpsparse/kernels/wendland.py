@@ -1,14 +1,16 @@
 r"""The compactly supported Wendland covariance φ₃,₁ as a sparse GPyTorch kernel.
 
 An adapter (DESIGN.md §1): the neighbour search is :mod:`gpsparse.core.neighbors`,
-the matrix is a :class:`~gpsparse.SparseLinearOperator`; this module only
-validates inputs, caches the sparsity pattern and computes the stored values.
+the function φ₃,₁ and its derivative are :mod:`gpsparse.core.wendland` (applied
+through the autograd Function of :mod:`gpsparse.autograd.wendland`), the matrix
+is a :class:`~gpsparse.SparseLinearOperator`; this module only validates
+inputs, caches the sparsity pattern and assembles the scaled squared distances
+at the stored entries. ``wendland_phi31`` is re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +18,11 @@ from gpytorch.constraints import Interval, Positive
 from gpytorch.kernels import Kernel
 from gpytorch.priors import Prior
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from gpsparse.autograd.wendland import wendland_of_square, wendland_phi31
 from gpsparse.core.neighbors import radius_pairs
 from gpsparse.core.pattern import SparsityPattern
-from gpsparse.kernels._inputs import check_batch_shapes, input_version, same_input
+from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
 from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = ["WendlandKernel", "wendland_phi31"]
@@ -29,54 +31,14 @@ __all__ = ["WendlandKernel", "wendland_phi31"]
 _MAX_DIMS = 3
 
 
-class _WendlandOfSquare(torch.autograd.Function):
-    r"""``ψ(q) = φ₃,₁(√q) = (1 − √q)₊⁴ (4√q + 1)`` with ``ψ'(q) = −10 (1 − √q)₊³``.
-
-    Written in the squared scaled distance ``q = r²/ρ²`` so that the
-    derivative is finite at ``q = 0`` (a plain ``sqrt`` would give ``0·∞``
-    there) and exactly zero for ``q ≥ 1``. Saves one ``(*, nnz)`` tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor) -> Tensor:
-        s = q.clamp_min(0).sqrt()
-        u = (1 - s).clamp_min(0)
-        ctx.save_for_backward(u)
-        u2 = u * u
-        return u2 * u2 * (4 * s + 1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (u,) = ctx.saved_tensors
-        return grad * (-10 * u * u * u)
-
-
-def wendland_phi31(r: Tensor) -> Tensor:
-    r"""Wendland's φ₃,₁(r) = (1 − r)₊⁴ (4r + 1) for scaled distances ``r ≥ 0`` (differentiable).
-
-    Positive definite on ℝ^d for d ≤ 3, twice continuously differentiable,
-    ``φ(0) = 1`` and ``φ(r) = 0`` for ``r ≥ 1``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> wendland_phi31(torch.tensor([0.0, 0.5, 1.0, 2.0]))
-    tensor([1.0000, 0.1875, 0.0000, 0.0000])
-    """
-    return _WendlandOfSquare.apply(r * r)
-
-
 @dataclass
-class _PatternEntry:
-    """One cached pattern: the inputs it was built for, its search radius and the squared distances."""
+class _Pattern:
+    """One cached pattern: its search radius and the squared distances at its entries.
 
-    x1: Tensor  # detached copies of the inputs (x2 is None when symmetric)
-    x2: Tensor | None
-    x1_ref: weakref.ref
-    x2_ref: weakref.ref | None
-    x1_version: int
-    x2_version: int
+    The payload of a :class:`~gpsparse.kernels._inputs.CachedInputs` entry keyed on ``(x1,)``
+    (symmetric) or ``(x1, x2)``.
+    """
+
     search_radius: Tensor  # (q,) per-dimension (q = 1: isotropic)
     pattern: SparsityPattern
     squared: Tensor  # (*xbatch, nnz) squared distances, or (*xbatch, nnz, d) squared differences (ARD)
@@ -210,7 +172,7 @@ class WendlandKernel(Kernel):
             if not isinstance(radius_prior, Prior):
                 raise TypeError(f"Expected gpytorch.priors.Prior but got {type(radius_prior).__name__}")
             self.register_prior("radius_prior", radius_prior, self._radius_param, self._radius_closure)
-        self._pattern_cache: list[_PatternEntry] = []
+        self._pattern_cache: list[CachedInputs[_Pattern]] = []
         self.num_pattern_builds = 0
 
     # ------------------------------------------------------------ radius
@@ -245,10 +207,10 @@ class WendlandKernel(Kernel):
         radius = self.radius
         if diag:
             q = (((x1 - x2) / radius) ** 2).sum(-1)
-            return _WendlandOfSquare.apply(q)
-        entry = self._pattern_entry(x1, x2, symmetric, radius.detach())
-        values = _WendlandOfSquare.apply(self._scaled_squares(x1, x2, entry, radius))
-        return SparseLinearOperator(values, pattern=entry.pattern)
+            return wendland_of_square(q)
+        found = self._pattern(x1, x2, symmetric, radius.detach())
+        values = wendland_of_square(self._scaled_squares(x1, x2, found, radius))
+        return SparseLinearOperator(values, pattern=found.pattern)
 
     def _check_inputs(self, x1: Tensor, x2: Tensor) -> None:
         for name, x in (("x1", x1), ("x2", x2)):
@@ -273,7 +235,7 @@ class WendlandKernel(Kernel):
                 bad = "NaN" if bool(torch.isnan(x.detach()).any()) else "Inf"
                 raise ValueError(f"WendlandKernel inputs contain {bad} ({name})")
 
-    def _scaled_squares(self, x1: Tensor, x2: Tensor, entry: _PatternEntry, radius: Tensor) -> Tensor:
+    def _scaled_squares(self, x1: Tensor, x2: Tensor, entry: _Pattern, radius: Tensor) -> Tensor:
         """``q = r²/ρ²`` at the stored entries, ``(*batch, nnz)``; differentiable in ``ρ`` (and in x if needed)."""
         if torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
             row, col = entry.pattern.row, entry.pattern.col_long
@@ -286,24 +248,22 @@ class WendlandKernel(Kernel):
         return (squared @ radius.pow(-2).transpose(-1, -2)).squeeze(-1)
 
     # ------------------------------------------------------ pattern cache
-    def _pattern_entry(self, x1: Tensor, x2: Tensor, symmetric: bool, radius: Tensor) -> _PatternEntry:
+    def _pattern(self, x1: Tensor, x2: Tensor, symmetric: bool, radius: Tensor) -> _Pattern:
         """The cached pattern for these inputs and radius, rebuilt when needed (see class notes)."""
         needed = radius.reshape(-1, radius.shape[-1]).amax(0)  # (q,) largest radius over the batch
-        for k, entry in enumerate(self._pattern_cache):
-            if not _same_inputs(entry, x1, None if symmetric else x2):
-                continue
-            reach = entry.search_radius.to(needed)
-            if bool((needed <= reach).all()) and bool((reach <= self.max_search_ratio * needed).all()):
-                self._pattern_cache.insert(0, self._pattern_cache.pop(k))
-                return entry
-            del self._pattern_cache[k]
-            break
-        entry = self._build_entry(x1, x2, symmetric, self.search_margin * needed)
-        self._pattern_cache.insert(0, entry)
-        del self._pattern_cache[self.pattern_cache_size :]
-        return entry
 
-    def _build_entry(self, x1: Tensor, x2: Tensor, symmetric: bool, search_radius: Tensor) -> _PatternEntry:
+        def fits(cached: _Pattern) -> bool:
+            reach = cached.search_radius.to(needed)
+            return bool((needed <= reach).all()) and bool((reach <= self.max_search_ratio * needed).all())
+
+        inputs = (x1,) if symmetric else (x1, x2)
+        entry = cache_lookup(self._pattern_cache, inputs, accept=fits, evict_rejected=True)
+        if entry is None:
+            entry = CachedInputs.of(inputs, self._build_pattern(x1, x2, symmetric, self.search_margin * needed))
+            cache_insert(self._pattern_cache, entry, self.pattern_cache_size)
+        return entry.payload
+
+    def _build_pattern(self, x1: Tensor, x2: Tensor, symmetric: bool, search_radius: Tensor) -> _Pattern:
         self.num_pattern_builds += 1
         x1d = x1.detach()
         x2d = x1d if symmetric else x2.detach()
@@ -334,13 +294,7 @@ class WendlandKernel(Kernel):
             squared = sum((x1d[..., row, k] - x2d[..., col, k]) ** 2 for k in range(x1d.shape[-1]))
         else:
             squared = (x1d[..., row, :] - x2d[..., col, :]) ** 2
-        return _PatternEntry(
-            x1=x1d.clone(),
-            x2=None if symmetric else x2d.clone(),
-            x1_ref=weakref.ref(x1),
-            x2_ref=None if symmetric else weakref.ref(x2),
-            x1_version=input_version(x1),
-            x2_version=input_version(x2),
+        return _Pattern(
             search_radius=search_radius.detach().clone(),
             pattern=pattern,
             squared=squared,
@@ -355,15 +309,6 @@ class WendlandKernel(Kernel):
         state = dict(super().__getstate__())
         state["_pattern_cache"] = []
         return state
-
-
-def _same_inputs(entry: _PatternEntry, x1: Tensor, x2: Tensor | None) -> bool:
-    """Whether ``(x1, x2)`` (``x2 = None``: symmetric) are the inputs the entry was built for."""
-    if (x2 is None) != (entry.x2 is None):
-        return False
-    if not same_input(entry.x1_ref, entry.x1_version, entry.x1, x1):
-        return False
-    return x2 is None or same_input(entry.x2_ref, entry.x2_version, entry.x2, x2)
 
 
 def _distinct_members(x: Tensor) -> list[Tensor]:

@@ -22,18 +22,17 @@ from linear_operator.operators import DenseLinearOperator, DiagLinearOperator, L
 from torch import Tensor
 
 from gpsparse import settings as gs_settings
-from gpsparse.autograd.sparse import SparseInvQuad, SparseMatmul
-from gpsparse.core import krylov
-from gpsparse.core.banded import banded_logdet, banded_solve, bandwidth
+from gpsparse.autograd.sparse import SparseMatmul
 from gpsparse.core.batching import flatten_operands
+from gpsparse.core.config import RoadConfig
 from gpsparse.core.convert import check_finite, declare_symmetry, sparse_parts, symmetrized
 from gpsparse.core.pattern import SparsityPattern
-from gpsparse.core.quadrature import rademacher
-from gpsparse.core.solver import SolverConfig, buffered_matvec, build_preconditioner, report_convergence
-from gpsparse.core.sparse_ops import sampled_product, symmetrize_values_grad
+from gpsparse.core.sparse_ops import sampled_product, symmetrize_values_grad, to_dense
 from gpsparse.errors import DenseSizeError
-from gpsparse.linalg.slq import LogdetConfig, slq_apply
-from gpsparse.linalg.solve import check_operand, solve_parts
+from gpsparse.linalg import dispatch
+from gpsparse.linalg.config import road_config
+from gpsparse.linalg.dispatch import broadcast_batch
+from gpsparse.linalg.functional import funm, lanczos_roots
 
 __all__ = ["SparseLinearOperator"]
 
@@ -156,7 +155,7 @@ class SparseLinearOperator(LinearOperator):
         if grad.shape[0] == 1:  # one matrix: batches were folded into columns and are already summed
             grad = grad.reshape(self.values.shape)
         else:
-            grad = _sum_to_shape(grad.reshape(*_broadcast_batch(self.values, left_vecs), -1), self.values.shape)
+            grad = _sum_to_shape(grad.reshape(*broadcast_batch(self.values, left_vecs), -1), self.values.shape)
         return (symmetrize_values_grad(grad, self.pattern),)
 
     def _values_for_gather(self) -> Tensor:
@@ -193,10 +192,7 @@ class SparseLinearOperator(LinearOperator):
     def to_dense(self) -> Tensor:
         """The dense matrix ``(*batch, m, n)``; refused above :func:`gpsparse.settings.max_dense_size`."""
         self._check_dense("to_dense")
-        m, n = self.pattern.size
-        values = self._values_for_gather()
-        dense = values.new_zeros(*values.shape[:-1], m * n).index_add(-1, self.pattern.keys, values)
-        return dense.reshape(*values.shape[:-1], m, n)
+        return to_dense(self._values_for_gather(), self.pattern)
 
     def _check_dense(self, what: str) -> None:
         limit = gs_settings.current().max_dense_size
@@ -252,19 +248,19 @@ class SparseLinearOperator(LinearOperator):
             symmetric = False
             gathered = other[..., self.pattern.row, self.pattern.col_long]
         else:
-            raise RuntimeError(f"cannot multiply a sparse operator of size {tuple(self.shape)} by {tuple(other.shape)}")
+            raise ValueError(f"cannot multiply a sparse operator of size {tuple(self.shape)} by {tuple(other.shape)}")
         return self._new(self.values * gathered, self.pattern.with_symmetric(symmetric))
 
     def add_diagonal(self, diag: Tensor) -> SparseLinearOperator:
         """``A + diag(d)`` as a SparseLinearOperator; gradients reach ``d`` (scalar, ``(n,)`` or batched)."""
         if not self.pattern.is_square:
-            raise RuntimeError(f"add_diagonal needs a square operator, got size {tuple(self.shape)}")
+            raise ValueError(f"add_diagonal needs a square operator, got size {tuple(self.shape)}")
         n = self.pattern.size[0]
         diag = torch.as_tensor(diag, dtype=self.dtype, device=self.device)
         if diag.dim() == 0:
             diag = diag.reshape(1)
         if diag.shape[-1] not in (1, n):
-            raise RuntimeError(
+            raise ValueError(
                 f"add_diagonal for an operator of size {tuple(self.shape)} got a diagonal of size {tuple(diag.shape)}"
             )
         batch = torch.broadcast_shapes(self.values.shape[:-1], diag.shape[:-1])
@@ -286,8 +282,8 @@ class SparseLinearOperator(LinearOperator):
         if other.pattern is self.pattern:
             return self._new(self.values + other.values)
         if other.pattern.size != self.pattern.size:
-            raise RuntimeError(f"cannot add sparse operators of sizes {tuple(self.shape)} and {tuple(other.shape)}")
-        pattern, position = _union_structure(self.pattern, other.pattern)
+            raise ValueError(f"cannot add sparse operators of sizes {tuple(self.shape)} and {tuple(other.shape)}")
+        pattern, position = self.pattern.union(other.pattern)
         batch = torch.broadcast_shapes(self.values.shape[:-1], other.values.shape[:-1])
         values = self.values.new_zeros(*batch, pattern.nnz)
         values = values.index_add(-1, position[: self.pattern.nnz], self.values.expand(*batch, -1))
@@ -295,82 +291,60 @@ class SparseLinearOperator(LinearOperator):
         return self._new(values, pattern)
 
     # -------------------------------------------------------------- solves
-    def _solver_config(self) -> SolverConfig:
-        s = gs_settings.current()
-        method = "cg" if self.pattern.symmetric else "bicgstab"
-        return SolverConfig(
-            method=method, rtol=s.rtol, atol=s.atol, max_iters=s.max_iters, preconditioner=s.preconditioner
+    def _road_config(self, *, dense: bool = False) -> RoadConfig:
+        """The settings in force as the dispatcher's frozen configuration (see :func:`operator_road_config`)."""
+        return operator_road_config(
+            symmetric=self.pattern.symmetric, num_rows=self.pattern.size[0], device_type=self.device.type, dense=dense
         )
 
-    def _is_banded(self) -> bool:
-        """Whether the exact banded path applies (symmetric, half-bandwidth ≤ the setting)."""
-        limit = gs_settings.current().max_banded_bandwidth
-        if not (self.pattern.symmetric and limit > 0 and self.pattern.size[0] > 1):
-            return False
-        width = self.pattern.__dict__.get("_bandwidth")
-        if width is None:
-            width = self.pattern.__dict__["_bandwidth"] = bandwidth(self.pattern)
-        return width <= limit
+    def road(self, *, logdet: bool = True) -> str:
+        """The road the dispatcher takes for this operator now: ``"banded"``, ``"cholesky"``, ``"dense"`` or ``"krylov"``.
 
-    def _uses_cholesky(self) -> bool:
-        """Whether the exact sparse-Cholesky path is selected (``logdet_defaults(method="cholesky")``)."""
-        return self.pattern.symmetric and gs_settings.current().logdet_method == "cholesky"
+        ``logdet``: for a log-determinant (else for a solve, which never takes
+        the dense road). See :mod:`gpsparse.linalg.dispatch`.
+        """
+        road = dispatch.choose_road(
+            self.pattern, self._road_config(dense=logdet), logdet=logdet, batch_numel=self.batch_shape.numel()
+        )
+        return "krylov" if road == "dense" and not logdet else road
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        r"""``A⁻¹ R`` (or ``L A⁻¹ R``), exactly for banded operators, else by gpsparse's iterative solvers.
+        r"""``A⁻¹ R`` (or ``L A⁻¹ R``) by the dispatcher's road (:mod:`gpsparse.linalg.dispatch`).
 
-        Banded symmetric operators (see :meth:`inv_quad_logdet`) use the exact
-        banded Cholesky; otherwise CG for symmetric operators, BiCGSTAB; tolerances from
+        Banded symmetric operators use the exact banded Cholesky, CHOLMOD under
+        ``logdet_defaults(method="cholesky")``; otherwise CG for symmetric
+        operators, BiCGSTAB for others, with the tolerances of
         :func:`gpsparse.settings.solver_defaults`. Gradients: see
         :func:`gpsparse.solve`.
         """
         if not self.is_square:
-            raise RuntimeError(f"solve needs a square operator, got size {tuple(self.shape)}")
-        check_operand(right_tensor, self.values, "right-hand side")
-        if self._is_banded():
-            result = banded_solve(self.values, self.pattern, right_tensor)
-        elif self._uses_cholesky():
-            from gpsparse.core.cholmod import cholesky_solve
-
-            result = cholesky_solve(self.values, self.pattern, right_tensor)
-        else:
-            result = solve_parts(self.values, self.pattern, right_tensor, self._solver_config())
-        if left_tensor is None:
-            return result
-        return left_tensor @ result
+            raise ValueError(f"solve needs a square operator, got size {tuple(self.shape)}")
+        result = dispatch.solve(self.values, self.pattern, right_tensor, self._road_config())
+        return result if left_tensor is None else left_tensor @ result
 
     def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
         r"""``diag(Rᵀ A⁻¹ R)`` (summed if ``reduce_inv_quad``), one solve forward and none backward for symmetric A."""
         if not self.is_square:
-            raise RuntimeError(f"inv_quad needs a square operator, got size {tuple(self.shape)}")
-        check_operand(inv_quad_rhs, self.values, "inv_quad_rhs")
-        rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-        if self._is_banded() or self._uses_cholesky():
-            term = (self.solve(rhs) * rhs).sum(-2)
-        elif self.pattern.symmetric:
-            values2d, rhs3d, _ = flatten_operands(self.values, rhs, self.pattern.size[1])
-            batch = _broadcast_batch(self.values, rhs)
-            term = SparseInvQuad.apply(values2d, rhs3d, self.pattern, self._solver_config()).reshape(
-                *batch, rhs.shape[-1]
-            )
-        else:
-            term = (self.solve(rhs) * rhs).sum(-2)
+            raise ValueError(f"inv_quad needs a square operator, got size {tuple(self.shape)}")
+        term = dispatch.inv_quad(self.values, self.pattern, inv_quad_rhs, self._road_config())
         return term.sum(-1) if reduce_inv_quad else term
 
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
         r"""Inverse quadratic form ``diag(Rᵀ A⁻¹ R)`` and ``log det A`` with sparse gradients.
 
-        * Banded operators (half-bandwidth ≤ ``max_banded_bandwidth`` of
+        The road is the dispatcher's (:mod:`gpsparse.linalg.dispatch`):
+
+        * banded operators (half-bandwidth ≤ ``max_banded_bandwidth`` of
           :func:`gpsparse.settings.solver_defaults`, e.g. 1-D Markov
-          precisions): exact banded Cholesky (:mod:`gpsparse.core.banded`), O(N·b²).
-        * Under ``logdet_defaults(method="cholesky")``: exact sparse Cholesky
-          (:mod:`gpsparse.core.cholmod`, CHOLMOD), gradients by selected inversion.
-        * Without ``logdet``: gpsparse's CG (:meth:`inv_quad`), at every size.
-        * With ``logdet``, for ``n ≤`` linear_operator's ``max_cholesky_size``
+          precisions): exact banded Cholesky, O(N·b²);
+        * under ``logdet_defaults(method="cholesky")``: exact sparse Cholesky
+          (CHOLMOD), gradients by selected inversion;
+        * without ``logdet``: gpsparse's CG (:meth:`inv_quad`), at every size;
+        * with ``logdet``, for ``n ≤`` linear_operator's ``max_cholesky_size``
           (and within :func:`gpsparse.settings.max_dense_size`): an exact
-          dense Cholesky, as linear_operator does.
-        * Otherwise stochastic Lanczos quadrature (:mod:`gpsparse.logdet`),
-          configured by :func:`gpsparse.settings.logdet_defaults`: with
+          dense Cholesky, as linear_operator does;
+        * otherwise stochastic Lanczos quadrature, configured by
+          :func:`gpsparse.settings.logdet_defaults`: with
           ``gradient="hutchinson"`` one batched CG run serves the probes and
           the quadratic term; with ``"adjoint"`` (default) the log-determinant
           gets the exact gradient of its estimate through Lanczos adjoints and
@@ -379,50 +353,17 @@ class SparseLinearOperator(LinearOperator):
         """
         if not logdet:
             if inv_quad_rhs is None:
-                raise RuntimeError("Either `inv_quad_rhs` or `logdet` must be specified.")
-            return self.inv_quad(inv_quad_rhs, reduce_inv_quad=reduce_inv_quad), torch.zeros(
-                [], dtype=self.dtype, device=self.device
-            )
+                raise ValueError("Either `inv_quad_rhs` or `logdet` must be specified.")
+            zero = torch.zeros([], dtype=self.dtype, device=self.device)
+            return self.inv_quad(inv_quad_rhs, reduce_inv_quad=reduce_inv_quad), zero
         if not self.pattern.symmetric:
-            raise RuntimeError("inv_quad_logdet needs a symmetric positive definite operator")
-        if self._is_banded() or self._uses_cholesky():
-            quad = self.values.new_zeros(())
-            if inv_quad_rhs is not None:
-                quad = self.inv_quad(inv_quad_rhs, reduce_inv_quad)
-            if self._is_banded():
-                return quad, banded_logdet(self.values, self.pattern)
-            from gpsparse.core.cholmod import cholesky_logdet
-
-            return quad, cholesky_logdet(self.values, self.pattern)
-        n = self.pattern.size[0]
-        dense_ok = math.prod(self.shape) <= gs_settings.current().max_dense_size
-        if n <= lo_settings.max_cholesky_size.value() and dense_ok:
-            return super().inv_quad_logdet(inv_quad_rhs=inv_quad_rhs, logdet=True, reduce_inv_quad=reduce_inv_quad)
-        return self._slq_inv_quad_logdet(inv_quad_rhs, reduce_inv_quad)
-
-    def _slq_inv_quad_logdet(self, inv_quad_rhs: Tensor | None, reduce_inv_quad: bool):
-        check_finite(self.values, "sparse matrix values")
-        config = _logdet_config(self.pattern.size[0], self.device.type)
-        n, nnz = self.pattern.size[0], self.pattern.nnz
-        rhs = None
-        if inv_quad_rhs is not None:
-            check_operand(inv_quad_rhs, self.values, "inv_quad_rhs")
-            rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-        batch = _broadcast_batch(self.values, rhs) if rhs is not None else self.values.shape[:-1]
-        num = int(torch.Size(batch).numel())
-        values2d = self.values.expand(*batch, nnz).reshape(num, nnz)
-        probes = rademacher((num, n, config.num_probes), generator=None, dtype=self.dtype, device=self.device)
-        if rhs is None:
-            logdet_term = slq_apply(values2d, self.pattern, probes, config).reshape(batch)
+            raise ValueError("inv_quad_logdet needs a symmetric positive definite operator")
+        quad, logdet_term = dispatch.inv_quad_logdet(
+            self.values, self.pattern, inv_quad_rhs, self._road_config(dense=True)
+        )
+        if quad is None:
             return torch.zeros([], dtype=self.dtype, device=self.device), logdet_term
-        rhs3d = rhs.expand(*batch, n, rhs.shape[-1]).reshape(num, n, rhs.shape[-1])
-        if config.gradient == "hutchinson":
-            quad, logdet_term = slq_apply(values2d, self.pattern, probes, config, rhs=rhs3d)
-        else:
-            logdet_term = slq_apply(values2d, self.pattern, probes, config)
-            quad = SparseInvQuad.apply(values2d, rhs3d, self.pattern, self._solver_config())
-        quad = quad.reshape(*batch, rhs.shape[-1])
-        return (quad.sum(-1) if reduce_inv_quad else quad), logdet_term.reshape(batch)
+        return (quad.sum(-1) if reduce_inv_quad else quad), logdet_term
 
     # ------------------------------------------------------------- Lanczos
     def _root_decomposition(self) -> Tensor:
@@ -441,8 +382,6 @@ class SparseLinearOperator(LinearOperator):
 
     def _lanczos_roots(self, initial_vectors: Tensor | None) -> tuple[Tensor, Tensor]:
         """Roots and inverse roots ``(p, *batch, n, K)`` from ``K = max_root_decomposition_size`` Lanczos steps."""
-        from gpsparse.linalg.funm import lanczos as differentiable_lanczos
-
         self._require_symmetric("a Lanczos root decomposition")
         n = self.pattern.size[0]
         if initial_vectors is None:
@@ -450,18 +389,8 @@ class SparseLinearOperator(LinearOperator):
         elif initial_vectors.dim() == 1:
             initial_vectors = initial_vectors.unsqueeze(-1)
         steps = min(self._root_decomposition_size(), n)
-        dec = differentiable_lanczos(
-            self,
-            initial_vectors.expand(*self.batch_shape, n, initial_vectors.shape[-1]),
-            steps,
-            breakdown_tol=_FULL_RANK_TOL,
-        )
-        theta, vectors = torch.linalg.eigh(_tridiagonal(dec.alpha, dec.beta))  # (B, p, K), (B, p, K, K)
-        ritz = dec.basis.movedim(-2, -3) @ vectors  # (B, p, n, K)
-        theta = theta.clamp_min(torch.finfo(theta.dtype).tiny)
-        roots, inv_roots = ritz * theta.sqrt().unsqueeze(-2), ritz * theta.rsqrt().unsqueeze(-2)
-        shape = (*self.batch_shape, initial_vectors.shape[-1], n, steps)
-        return tuple(r.reshape(shape).movedim(-3, 0) for r in (roots, inv_roots))
+        start = initial_vectors.expand(*self.batch_shape, n, initial_vectors.shape[-1])
+        return lanczos_roots(self, start, steps)
 
     def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
         """Samples of ``N(0, A)``: ``A^{1/2} z`` by Lanczos ``f(A)v`` (full rank, accurate to the Lanczos depth).
@@ -470,8 +399,6 @@ class SparseLinearOperator(LinearOperator):
         a dense Cholesky root is used, as linear_operator does. Lanczos depth:
         :func:`gpsparse.settings.logdet_defaults`' ``num_lanczos``.
         """
-        from gpsparse.linalg.funm import funm
-
         n = self.pattern.size[0]
         if n <= lo_settings.max_cholesky_size.value() and math.prod(self.shape) <= gs_settings.current().max_dense_size:
             return super().zero_mean_mvn_samples(num_samples)
@@ -487,8 +414,6 @@ class SparseLinearOperator(LinearOperator):
         ``min(n, num_lanczos)`` of :func:`gpsparse.settings.logdet_defaults`
         (exact when it reaches the Krylov dimension).
         """
-        from gpsparse.linalg.funm import funm
-
         self._require_symmetric("sqrt_inv_matmul")
         steps = min(self.pattern.size[0], gs_settings.current().num_lanczos)
         result = funm(self, rhs, "inv_sqrt", num_lanczos=steps)
@@ -498,75 +423,34 @@ class SparseLinearOperator(LinearOperator):
 
     def _require_symmetric(self, what: str) -> None:
         if not self.pattern.symmetric:
-            raise RuntimeError(f"{what} needs a symmetric operator, but this SparseLinearOperator is not symmetric")
+            raise ValueError(f"{what} needs a symmetric operator, but this SparseLinearOperator is not symmetric")
 
     def _solve(self, rhs: Tensor, preconditioner=None, num_tridiag: int | None = 0):
         """linear_operator's internal solve hook, served by gpsparse's CG (with tridiagonals for SLQ)."""
-        batch = _broadcast_batch(self.values, rhs)
-        values2d = self.values.detach().expand(*batch, self.pattern.nnz).reshape(-1, self.pattern.nnz)
-        rhs3d = rhs.expand(*batch, *rhs.shape[-2:]).reshape(-1, *rhs.shape[-2:])
-        config = self._solver_config()
-        if preconditioner is None:
-            preconditioner = build_preconditioner(config.preconditioner, values2d, self.pattern)
-        solver = getattr(krylov, config.method) if not num_tridiag else krylov.cg
-        kwargs = dict(return_tridiag=True) if num_tridiag else {}
-
-        solution, info = solver(
-            buffered_matvec(values2d, self.pattern),
-            rhs3d,
-            preconditioner=preconditioner,
-            rtol=config.rtol,
-            atol=config.atol,
-            max_iters=config.max_iters,
-            **kwargs,
+        cap = lo_settings.max_lanczos_quadrature_iterations.value()
+        return dispatch.krylov_solve_detached(
+            self.values, self.pattern, rhs, self._road_config().solver, preconditioner, num_tridiag or 0, cap
         )
-        report_convergence(info, config, "solve")
-        solution = solution.reshape(*batch, *rhs.shape[-2:])
-        if not num_tridiag:
-            return solution
-        return solution, _tridiag_matrices(info, num_tridiag, batch)
 
 
-def _union_structure(a: SparsityPattern, b: SparsityPattern) -> tuple[SparsityPattern, Tensor]:
-    """Pattern of ``A + B`` and the positions of ``a``'s then ``b``'s entries in it (cached on ``a``).
 
-    The cache holds the last few partner patterns by identity (a strong
-    reference, so an ``id`` is never reused while cached): a training loop
-    adding the same two patterns every step (``P = Q + WᵀD⁻¹W``) merges them
-    once.
+def operator_road_config(*, symmetric: bool, num_rows: int, device_type: str = "cpu", dense: bool = False) -> RoadConfig:
+    """The operators' configuration: gpsparse's settings (:func:`gpsparse.linalg.config.road_config`) plus linear_operator's.
+
+    ``dense`` allows the dense road for log-determinants below
+    linear_operator's ``max_cholesky_size``, as linear_operator does.
+    linear_operator's ``num_trace_samples`` / ``max_lanczos_quadrature_iterations``
+    replace gpsparse's probe count and depth where a user has changed them.
     """
-    cache = a.__dict__.setdefault("_union_cache", {})
-    hit = cache.get(id(b))
-    if hit is not None and hit[0] is b:
-        return hit[1], hit[2]
-    keys = torch.cat([a.keys, b.keys])
-    union, inverse = torch.unique(keys, return_inverse=True)
-    n = a.size[1]
-    pattern, order = SparsityPattern.from_indices(union // n, union % n, a.size, symmetric=a.symmetric and b.symmetric)
-    position = torch.argsort(order)[inverse]
-    if len(cache) >= 4:
-        cache.pop(next(iter(cache)))
-    cache[id(b)] = (b, pattern, position)
-    return pattern, position
-
-
-def _logdet_config(num_rows: int = 0, device_type: str = "cpu") -> LogdetConfig:
-    """gpsparse's log-determinant settings for an operator of ``num_rows`` rows (size-aware defaults,
-    :func:`gpsparse.settings.logdet_defaults`), with linear_operator's probe/step counts where a user
-    changed them."""
-    s = gs_settings.current()
     probes = lo_settings.num_trace_samples.value()
     steps = lo_settings.max_lanczos_quadrature_iterations.value()
-
-    def setting(name):
-        return gs_settings.logdet_setting(name, num_rows, device_type)
-
-    return LogdetConfig(
-        num_probes=probes if probes != _LO_DEFAULT_PROBES else setting("num_probes"),
-        num_lanczos=steps if steps != _LO_DEFAULT_STEPS else s.num_lanczos,
-        gradient=setting("logdet_gradient"),
-        preconditioner=setting("logdet_preconditioner"),
-        rtol=s.rtol,
+    return road_config(
+        symmetric=symmetric,
+        num_rows=num_rows,
+        device_type=device_type,
+        dense_max_rows=lo_settings.max_cholesky_size.value() if dense else 0,
+        num_probes=None if probes == _LO_DEFAULT_PROBES else probes,
+        num_lanczos=None if steps == _LO_DEFAULT_STEPS else steps,
     )
 
 
@@ -574,42 +458,7 @@ _LO_DEFAULT_PROBES = lo_settings.num_trace_samples._global_value
 _LO_DEFAULT_STEPS = lo_settings.max_lanczos_quadrature_iterations._global_value
 
 
-def _tridiag_matrices(info: krylov.SolverInfo, num_tridiag: int, batch: torch.Size) -> Tensor:
-    """Dense ``(num_tridiag, *batch, m, m)`` Lanczos matrices from CG coefficients (linear_operator's format).
 
-    Columns that converged after ``j < m`` steps are padded with an identity
-    block, which carries zero quadrature weight (its eigenvectors are
-    orthogonal to e₁).
-    """
-    diag, off = info.tridiag
-    cap = lo_settings.max_lanczos_quadrature_iterations.value()
-    diag, off = diag[:, :num_tridiag, :cap], off[:, :num_tridiag, : cap - 1]
-    steps = info.iterations_per_column[:, :num_tridiag].clamp(1, diag.shape[-1])
-    m = diag.shape[-1]
-    idx = torch.arange(m, device=diag.device)
-    keep = idx < steps.unsqueeze(-1)
-    diag = torch.where(keep, diag, torch.ones_like(diag))
-    off = torch.where(keep[..., 1:], off, torch.zeros_like(off))
-    t_mat = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    t_mat = t_mat.reshape(*batch, num_tridiag, m, m)
-    return t_mat.movedim(-3, 0)
-
-
-#: Breakdown tolerance of Lanczos root decompositions, which must span the whole space when
-#: K = n: only an exactly zero β stops a run, so rounding-level breakdowns (degenerate spectra)
-#: continue in a fresh, re-orthogonalised direction.
-_FULL_RANK_TOL = 0.0
-
-
-def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
-    from gpsparse.core.quadrature import tridiagonal
-
-    return tridiagonal(alpha, beta)
-
-
-def _broadcast_batch(values: Tensor, rhs: Tensor) -> torch.Size:
-    rbatch = rhs.shape[:-2] if rhs.dim() >= 2 else torch.Size()
-    return torch.broadcast_shapes(values.shape[:-1], rbatch)
 
 
 def _sum_to_shape(tensor: Tensor, shape: torch.Size) -> Tensor:

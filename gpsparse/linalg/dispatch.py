@@ -1,0 +1,285 @@
+r"""The one dispatcher: which road computes ``solve``, ``inv_quad``, ``logdet`` and ``inv_quad_logdet``.
+
+Every entry point — the public functions (:func:`gpsparse.solve`,
+:func:`gpsparse.logdet`, :func:`gpsparse.inv_quad_logdet`) and every operator
+(:class:`~gpsparse.SparseLinearOperator` and the sparse-precision covariances
+built on it) — calls the functions below with ``(values, pattern)`` and a
+frozen :class:`~gpsparse.core.config.RoadConfig`. The roads, in the order
+``road="auto"`` tries them:
+
+``banded``
+    Symmetric matrices of half-bandwidth ``≤ max_banded_bandwidth`` (1-D
+    Markov precisions): exact banded Cholesky (LAPACK ``pbtrf``), O(N·b²),
+    gradients by selected inversion (:mod:`gpsparse.autograd.banded`).
+``cholesky``
+    Symmetric matrices when ``cholesky`` is set (``logdet_defaults(method="cholesky")``):
+    exact sparse Cholesky by CHOLMOD, gradients by selected inversion
+    (:mod:`gpsparse.autograd.cholmod`).
+``dense``
+    Log-determinants of at most ``dense_max_rows`` rows within
+    ``max_dense_size`` elements (the operators use linear_operator's
+    ``max_cholesky_size``, as linear_operator does): a dense Cholesky,
+    differentiable by autograd through the stored entries.
+``krylov``
+    Everything else: CG / MINRES / BiCGSTAB solves with sparse adjoints
+    (:mod:`gpsparse.autograd.sparse`) and stochastic Lanczos quadrature
+    (:mod:`gpsparse.autograd.slq`) for log-determinants. Only here do the
+    stochastic options (probes, Lanczos depth, gradient mode) apply.
+
+Both exact Cholesky roads assume a positive definite matrix (they raise
+:class:`~gpsparse.errors.NotPositiveDefiniteError` otherwise), as CG and SLQ do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gpsparse.autograd.banded import banded_logdet, banded_solve
+from gpsparse.autograd.slq import slq_apply
+from gpsparse.autograd.sparse import SparseInvQuad, SparseSolve
+from gpsparse.core.banded import bandwidth
+from gpsparse.core.batching import flatten_operands
+from gpsparse.core.config import RoadConfig, SolverConfig
+from gpsparse.core.convert import check_finite, check_operand, symmetrized
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.quadrature import rademacher, tridiagonal
+from gpsparse.core.slq import check_probes
+from gpsparse.core.solver import solve_with_info
+from gpsparse.core.sparse_ops import to_dense
+from gpsparse.errors import DenseSizeError, NotPositiveDefiniteError
+
+__all__ = [
+    "choose_road",
+    "solve",
+    "inv_quad",
+    "logdet",
+    "inv_quad_logdet",
+    "krylov_solve_detached",
+    "broadcast_batch",
+]
+
+
+def choose_road(pattern: SparsityPattern, config: RoadConfig, *, logdet: bool = False, batch_numel: int = 1) -> str:
+    """The road for a matrix on ``pattern`` (see the module docstring).
+
+    ``logdet`` says whether a log-determinant is wanted (only then is the
+    dense road considered); ``batch_numel`` is the number of matrices in the
+    batch (for the dense limit).
+
+    Raises
+    ------
+    ValueError
+        A forced exact road (``banded``, ``cholesky``, ``dense``) for a
+        matrix that is not declared symmetric, or ``banded`` for a matrix
+        wider than ``max_banded_bandwidth``.
+    """
+    n = pattern.size[0]
+    if config.road != "auto":
+        if config.road != "krylov" and not pattern.symmetric:
+            raise ValueError(f"road={config.road!r} needs a symmetric positive definite matrix")
+        if config.road == "banded" and not _is_banded(pattern, max(config.max_banded_bandwidth, 1)):
+            raise ValueError(
+                f"road='banded' needs a half-bandwidth ≤ max_banded_bandwidth = {config.max_banded_bandwidth}, "
+                f"got {bandwidth(pattern)}"
+            )
+        return config.road
+    if pattern.symmetric and n > 1 and _is_banded(pattern, config.max_banded_bandwidth):
+        return "banded"
+    if pattern.symmetric and config.cholesky:
+        return "cholesky"
+    if logdet and pattern.symmetric and n <= config.dense_max_rows and batch_numel * n * n <= config.max_dense_size:
+        return "dense"
+    return "krylov"
+
+
+def _is_banded(pattern: SparsityPattern, limit: int) -> bool:
+    return limit > 0 and bandwidth(pattern) <= limit
+
+
+def solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor, config: RoadConfig, *, x0: Tensor | None = None):
+    """``A⁻¹ rhs`` for values ``(*batch, nnz)`` and ``rhs`` ``(n,)``, ``(n, k)`` or ``(*batch, n, k)``."""
+    _check_square(pattern, "solve")
+    _check_rhs(rhs, values, pattern, "right-hand side")
+    road = choose_road(pattern, config)
+    if road == "dense":
+        road = "krylov"  # the dense road serves log-determinants only
+    if road == "banded":
+        return banded_solve(values, pattern, rhs)
+    if road == "cholesky":
+        from gpsparse.autograd.cholmod import cholesky_solve
+
+        return cholesky_solve(values, pattern, rhs)
+    check_finite(values, "sparse matrix values")
+    values2d, rhs3d, unflatten = flatten_operands(values, rhs, pattern.size[1])
+    x03d = None
+    if x0 is not None:
+        if x0.shape != rhs.shape:
+            raise ValueError(f"x0 has shape {tuple(x0.shape)} but B has shape {tuple(rhs.shape)}")
+        check_operand(x0, values, "x0")
+        x03d = flatten_operands(values, x0.detach(), pattern.size[1])[1]
+    return unflatten(SparseSolve.apply(values2d, rhs3d, pattern, config.solver, x03d))
+
+
+def inv_quad(values: Tensor, pattern: SparsityPattern, rhs: Tensor, config: RoadConfig) -> Tensor:
+    """Per-column ``diag(Rᵀ A⁻¹ R)`` ``(*batch, k)`` for ``rhs`` ``(n,)`` (one column) or ``(*batch, n, k)``.
+
+    Symmetric matrices on the Krylov road take one CG solve forward and none
+    backward (:class:`~gpsparse.autograd.sparse.SparseInvQuad`).
+    """
+    _check_square(pattern, "inv_quad")
+    _check_rhs(rhs, values, pattern, "inv_quad_rhs")
+    rhs = rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs
+    road = choose_road(pattern, config)
+    if road == "krylov" and pattern.symmetric:
+        check_finite(values, "sparse matrix values")
+        values2d, rhs3d, _ = flatten_operands(values, rhs, pattern.size[1])
+        term = SparseInvQuad.apply(values2d, rhs3d, pattern, config.solver)
+        return term.reshape(*broadcast_batch(values, rhs), rhs.shape[-1])
+    return (solve(values, pattern, rhs, config) * rhs).sum(-2)
+
+
+def logdet(values: Tensor, pattern: SparsityPattern, config: RoadConfig, *, probes=None, generator=None) -> Tensor:
+    """``log det A`` ``(*batch,)`` of a symmetric positive definite matrix."""
+    return inv_quad_logdet(values, pattern, None, config, probes=probes, generator=generator)[1]
+
+
+def inv_quad_logdet(
+    values: Tensor,
+    pattern: SparsityPattern,
+    rhs: Tensor | None,
+    config: RoadConfig,
+    *,
+    probes: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor | None, Tensor]:
+    """Per-column inverse quadratic terms ``(*batch, k)`` (None without ``rhs``) and ``log det A`` ``(*batch,)``.
+
+    On the Krylov road the probes are ``probes`` if given, else Rademacher
+    vectors from ``generator`` (torch's global generator when None). With
+    ``gradient="hutchinson"`` one batched CG run serves the probes and the
+    quadratic term; with ``"adjoint"`` the quadratic term gets its own CG solve.
+    """
+    if not pattern.symmetric:
+        raise ValueError(
+            "the log-determinant needs a symmetric positive definite matrix (pattern and values declared symmetric)"
+        )
+    if rhs is not None:
+        _check_rhs(rhs, values, pattern, "inv_quad_rhs")
+        rhs = rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs
+    batch = broadcast_batch(values, rhs) if rhs is not None else values.shape[:-1]
+    road = choose_road(pattern, config, logdet=True, batch_numel=math.prod(batch))
+    if road == "krylov":
+        return _slq_inv_quad_logdet(values, pattern, rhs, batch, config, probes, generator)
+    if road == "dense":
+        return _dense_inv_quad_logdet(values, pattern, rhs, batch, config)
+    quad = None if rhs is None else inv_quad(values, pattern, rhs, config)
+    if road == "banded":
+        return quad, banded_logdet(values, pattern)
+    from gpsparse.autograd.cholmod import cholesky_logdet
+
+    return quad, cholesky_logdet(values, pattern)
+
+
+def _slq_inv_quad_logdet(values, pattern, rhs, batch, config: RoadConfig, probes, generator):
+    check_finite(values, "sparse matrix values")
+    n, nnz = pattern.size[0], pattern.nnz
+    num = int(torch.Size(batch).numel())
+    values2d = values.expand(*batch, nnz).reshape(num, nnz)
+    if probes is None:
+        shape = (num, n, config.logdet.num_probes)
+        probes = rademacher(shape, generator=generator, dtype=values.dtype, device=values.device)
+    else:
+        probes = check_probes(probes, n, num, values)
+    if rhs is None:
+        return None, slq_apply(values2d, pattern, probes, config.logdet).reshape(batch)
+    rhs3d = rhs.expand(*batch, n, rhs.shape[-1]).reshape(num, n, rhs.shape[-1])
+    if config.logdet.gradient == "hutchinson":
+        quad, estimate = slq_apply(values2d, pattern, probes, config.logdet, rhs=rhs3d)
+    else:
+        estimate = slq_apply(values2d, pattern, probes, config.logdet)
+        quad = SparseInvQuad.apply(values2d, rhs3d, pattern, config.solver)
+    return quad.reshape(*batch, rhs.shape[-1]), estimate.reshape(batch)
+
+
+def _dense_inv_quad_logdet(values, pattern, rhs, batch, config: RoadConfig):
+    """Dense Cholesky of ``A`` (``n ≤ dense_max_rows``): exact values; gradients by autograd through the entries."""
+    elements = math.prod(batch) * pattern.size[0] ** 2
+    if elements > config.max_dense_size:  # choose_road checked it; a forced road lands here
+        raise DenseSizeError(
+            f"the dense road would form {elements:,} elements, above max_dense_size = {config.max_dense_size:,}"
+        )
+    dense = to_dense(symmetrized(values, pattern), pattern)
+    factor, info = torch.linalg.cholesky_ex(dense)
+    if bool((info > 0).any()):
+        order = int(info[info > 0].reshape(-1)[0])
+        raise NotPositiveDefiniteError(
+            f"dense Cholesky: the leading minor of order {order} is not positive definite"
+        )
+    logdet_term = 2.0 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    logdet_term = logdet_term.expand(batch) if logdet_term.shape != batch else logdet_term
+    if rhs is None:
+        return None, logdet_term
+    factor = factor.expand(*batch, *factor.shape[-2:])
+    quad = (torch.cholesky_solve(rhs.expand(*batch, *rhs.shape[-2:]), factor) * rhs).sum(-2)
+    return quad, logdet_term
+
+
+def krylov_solve_detached(
+    values: Tensor,
+    pattern: SparsityPattern,
+    rhs: Tensor,
+    solver: SolverConfig,
+    preconditioner=None,
+    num_tridiag: int = 0,
+    max_tridiag: int | None = None,
+):
+    """A solve without gradients (linear_operator's internal ``_solve`` hook), optionally with Lanczos matrices.
+
+    Returns ``X`` ``(*batch, n, k)``, and with ``num_tridiag > 0`` also the
+    dense ``(num_tridiag, *batch, m, m)`` tridiagonal matrices of the first
+    ``num_tridiag`` columns from the CG coefficients (``m ≤ max_tridiag``),
+    linear_operator's format: a column that converged after ``j < m`` steps is
+    padded with an identity block, which carries zero quadrature weight.
+    """
+    batch = broadcast_batch(values, rhs)
+    values2d = values.detach().expand(*batch, pattern.nnz).reshape(-1, pattern.nnz)
+    rhs3d = rhs.expand(*batch, *rhs.shape[-2:]).reshape(-1, *rhs.shape[-2:])
+    if num_tridiag:
+        solver = solver.with_method("cg")
+    solution, info = solve_with_info(
+        solver, values2d, pattern, rhs3d, preconditioner=preconditioner, return_tridiag=bool(num_tridiag)
+    )
+    solution = solution.reshape(*batch, *rhs.shape[-2:])
+    if not num_tridiag:
+        return solution
+    diag, off = info.tridiag
+    cap = diag.shape[-1] if max_tridiag is None else max_tridiag
+    diag, off = diag[:, :num_tridiag, :cap], off[:, :num_tridiag, : cap - 1]
+    steps = info.iterations_per_column[:, :num_tridiag].clamp(1, diag.shape[-1])
+    t_mat = tridiagonal(diag, off, steps)
+    return solution, t_mat.reshape(*batch, num_tridiag, *t_mat.shape[-2:]).movedim(-3, 0)
+
+
+def _check_rhs(rhs: Tensor, values: Tensor, pattern: SparsityPattern, name: str) -> None:
+    """A dense operand ``(n,)`` or ``(*batch, n, k)`` of the matrix's dtype and device, finite (every road)."""
+    check_operand(rhs, values, name)
+    n = pattern.size[1]
+    rows = rhs.shape[-1] if rhs.dim() == 1 else rhs.shape[-2] if rhs.dim() >= 2 else None
+    if rows != n:
+        raise ValueError(f"{name} of shape {tuple(rhs.shape)} does not match an operator with {n} columns")
+
+
+def _check_square(pattern: SparsityPattern, what: str) -> None:
+    if not pattern.is_square:
+        raise ValueError(f"{what} needs a square matrix, got size {pattern.size}")
+
+
+def broadcast_batch(values: Tensor, rhs: Tensor | None) -> torch.Size:
+    """Broadcast batch shape of ``values (*b1, nnz)`` and a dense operand ``(*b2, n, k)``."""
+    if rhs is None:
+        return values.shape[:-1]
+    rbatch = rhs.shape[:-2] if rhs.dim() >= 2 else torch.Size()
+    return torch.broadcast_shapes(values.shape[:-1], rbatch)
