@@ -510,12 +510,6 @@ def test_docstring_examples(module):
     assert failures == 0
 
 
-def test_lanczos_adjoint_still_importable_from_lanczos():
-    from gpsparse.core.lanczos import lanczos_adjoint as reexported
-
-    assert reexported is lanczos_adjoint
-
-
 # --------------------------------------------------------------------------------------------------
 # the tridiagonal builder
 # --------------------------------------------------------------------------------------------------

@@ -45,9 +45,18 @@ def _points(n, d, seed=0, dtype=torch.float64):
 
 
 # ---------------------------------------------------------- neighbour search
+@pytest.fixture(params=["kdtree", "grid"])
+def backend(request, monkeypatch):
+    """Both CPU searches: scipy's cKDTree (the default) and the torch grid search that CUDA tensors use."""
+    import gpsparse.core.neighbors as neighbors
+
+    monkeypatch.setattr(neighbors, "_CPU_BACKEND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
-def test_radius_pairs_equal_brute_force(d, symmetric):
+def test_radius_pairs_equal_brute_force(d, symmetric, backend):
     x = _points(400, d, seed=1)
     x[:5] = x[5:10]  # coincident points
     y = None if symmetric else _points(250, d, seed=2)
@@ -63,6 +72,8 @@ def test_radius_pairs_equal_brute_force(d, symmetric):
 def test_radius_pairs_chunked_search_is_identical(monkeypatch):
     import gpsparse.core.neighbors as neighbors
 
+    monkeypatch.setattr(neighbors, "_CPU_BACKEND", "grid")  # the chunking is the grid search's (CUDA's path)
+
     x = _points(600, 2, seed=3)
     full = radius_pairs(x, radius=0.1)
     monkeypatch.setattr(neighbors, "_CHUNK_CANDIDATES", 257)
@@ -71,7 +82,24 @@ def test_radius_pairs_chunked_search_is_identical(monkeypatch):
     assert torch.equal(key(full), key(chunked))
 
 
-def test_radius_pairs_errors():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_radius_pairs_ties_at_the_radius_agree(monkeypatch, dtype):
+    """A regular lattice puts many pairs at the radius, up to rounding: cKDTree and the grid search agree exactly."""
+    import gpsparse.core.neighbors as neighbors
+
+    g = torch.arange(12, dtype=dtype) * 0.1
+    x = torch.cartesian_prod(g, g)
+    found = {}
+    for name in ("kdtree", "grid"):
+        monkeypatch.setattr(neighbors, "_CPU_BACKEND", name)
+        row, col = radius_pairs(x, radius=0.1)
+        found[name] = torch.unique(torch.stack([row, col], 1), dim=0)
+    assert torch.equal(found["kdtree"], found["grid"])
+    if dtype == torch.float64:  # rounding puts some of the lattice neighbours inside the radius
+        assert found["grid"].shape[0] > x.shape[0]
+
+
+def test_radius_pairs_errors(backend):
     x = _points(10, 2)
     with pytest.raises(ValueError, match="contains NaN"):
         radius_pairs(torch.full((3, 2), float("nan")), radius=1.0)

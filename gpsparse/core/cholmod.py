@@ -85,7 +85,7 @@ import torch
 from torch import Tensor
 
 from gpsparse.core.pattern import SparsityPattern
-from gpsparse.core.preconditioners import Preconditioner, _as_sparse, _check_dtype
+from gpsparse.core.preconditioners.base import Preconditioner, _as_sparse, _check_dtype
 from gpsparse.core.selinv import _DENSE_MIN, _lookup_kernel, _supernodes, _takahashi_kernel
 from gpsparse.errors import NotPositiveDefiniteError
 

@@ -366,13 +366,3 @@ def _check_finite(alpha: Tensor, beta: Tensor | None, k: int) -> bool:
             "check v and matvec for non-finite values or overflow"
         )
     return running_any
-
-
-def __getattr__(name: str):
-    # Transitional, lazy re-export: `from gpsparse.core.lanczos import lanczos_adjoint` keeps working until
-    # every importer uses gpsparse.core.lanczos_adjoint (which imports this module, hence not at import time).
-    if name == "lanczos_adjoint":
-        from gpsparse.core.lanczos_adjoint import lanczos_adjoint
-
-        return lanczos_adjoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
