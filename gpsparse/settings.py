@@ -1,7 +1,9 @@
 """Global settings of gpsparse, as context managers.
 
-Only adapter code reads these (the operators, at their boundary); cores take
-every setting as an argument.
+Only boundary code reads these (the public functions in :mod:`gpsparse.linalg`
+through :func:`gpsparse.linalg.config.road_config`, the operators and the
+kernels), once per call, into frozen configurations; autograd Functions and
+cores take every setting as an argument.
 
 Examples
 --------
@@ -16,6 +18,16 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from gpsparse.core.defaults import (
+    DEFAULT_CHOLESKY_REFRESH,
+    DEFAULT_MAX_BANDED_BANDWIDTH,
+    DEFAULT_MAX_DENSE_SIZE,
+    DEFAULT_NUM_LANCZOS,
+    DEFAULT_NUM_PROBES,
+    DEFAULT_RTOL,
+    DEFAULT_VARIANCE_PROBES,
+)
+
 __all__ = ["max_dense_size", "solver_defaults", "logdet_defaults", "variance_defaults", "current"]
 
 
@@ -24,9 +36,9 @@ class _Settings:
     #: Largest number of matrix elements (``batch · m · n``) that ``to_dense``
     #: and dense factorisations of a sparse operator may form: 2²⁴ ≈ 1.7·10⁷
     #: elements (128 MiB in float64; e.g. 4096 × 4096).
-    max_dense_size: int = 2**24
+    max_dense_size: int = DEFAULT_MAX_DENSE_SIZE
     #: Relative tolerance of the operator's solves and inverse quadratic forms.
-    rtol: float = 1e-6
+    rtol: float = DEFAULT_RTOL
     #: Absolute tolerance of the operator's solves.
     atol: float = 0.0
     #: Iteration cap of the operator's solves (``None``: ``10·n``).
@@ -38,10 +50,10 @@ class _Settings:
     logdet_gradient: str = "adjoint"
     #: Probes of the SLQ log-determinant (linear_operator's
     #: ``num_trace_samples`` is used instead when a user has changed it).
-    num_probes: int = 16
+    num_probes: int = DEFAULT_NUM_PROBES
     #: Lanczos steps per probe (linear_operator's
     #: ``max_lanczos_quadrature_iterations`` is used when a user has changed it).
-    num_lanczos: int = 64
+    num_lanczos: int = DEFAULT_NUM_LANCZOS
     #: Fixed preconditioner of the log-determinant: "jacobi" (exact diagonal
     #: scaling, free), "ic0" or None.
     logdet_preconditioner: str | None = "jacobi"
@@ -49,7 +61,7 @@ class _Settings:
     #: CHOLMOD, optional dependency scikit-sparse) for log-determinants and the solves beside them.
     logdet_method: str = "slq"
     #: With preconditioner "cholesky": refactorise the (stale) preconditioner every this many uses.
-    cholesky_refresh: int = 10
+    cholesky_refresh: int = DEFAULT_CHOLESKY_REFRESH
     #: Operators with at least this many rows get the large-size log-determinant defaults
     #: (``gradient="hutchinson"``, ``num_probes=4``, ``preconditioner="ic0"`` on CPU, ``"jacobi"`` on
     #: CUDA) for every one of these three settings not set through :func:`logdet_defaults`
@@ -60,11 +72,11 @@ class _Settings:
     logdet_explicit: frozenset = frozenset()
     #: Symmetric operators whose half-bandwidth max|i − j| is at most this use the exact banded
     #: Cholesky path (LAPACK pbtrf, O(N·b²)) for solves and log-determinants (0 disables it).
-    max_banded_bandwidth: int = 6
+    max_banded_bandwidth: int = DEFAULT_MAX_BANDED_BANDWIDTH
     #: Variances of sparse-precision covariances: "auto", "exact" or "stochastic".
     variance_method: str = "auto"
     #: Probes of the stochastic variance estimator.
-    variance_probes: int = 64
+    variance_probes: int = DEFAULT_VARIANCE_PROBES
     #: "auto" computes variances exactly up to this many points.
     exact_variance_limit: int = 1024
 

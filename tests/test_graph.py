@@ -541,7 +541,7 @@ def test_bad_inputs():
         kernel.forward(torch.stack([ids(0, 1), ids(1, 2)]), ids(0))
     with pytest.raises(NotImplementedError, match="last_dim_is_batch"):
         kernel.forward(ids(0), ids(0), last_dim_is_batch=True)
-    with pytest.raises(RuntimeError, match="as many rows in x1"):
+    with pytest.raises(ValueError, match="as many rows in x1"):
         kernel.forward(ids(0, 1), ids(0), diag=True)
 
 

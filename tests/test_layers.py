@@ -83,7 +83,9 @@ def violations(package: pathlib.Path = PACKAGE) -> list[str]:
                 continue
             target = layer_of(name)
             if RANKS[target] > RANKS[layer] or (target == "" and layer != ""):
-                found.append(f"{where}: {module} ({layer or 'root'}) imports {name} ({target or 'root'}), a higher layer")
+                found.append(
+                    f"{where}: {module} ({layer or 'root'}) imports {name} ({target or 'root'}), a higher layer"
+                )
     return found
 
 
@@ -137,7 +139,11 @@ def test_no_import_cycles():
 
 
 def test_every_module_has_a_layer():
-    unknown = [module_name(p) for p in PACKAGE.rglob("*.py") if module_name(p).count(".") >= 1 and layer_of(module_name(p)) == ""]
+    unknown = [
+        module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if module_name(p).count(".") >= 1 and layer_of(module_name(p)) == ""
+    ]
     assert unknown == [], "modules outside the layer folders; give them a layer in tests/test_layers.py"
 
 

@@ -125,7 +125,11 @@ def test_broadcast_products_keep_type():
     """(b, 1, 1) constants (batched ScaleKernel) and row/column scalings broadcast against the pattern."""
     op = _op()
     dense = op.to_dense()
-    for other in (torch.rand(2, 1, 1, dtype=torch.float64), torch.rand(25, 1, dtype=torch.float64), torch.rand(3, 1, 25, dtype=torch.float64)):
+    for other in (
+        torch.rand(2, 1, 1, dtype=torch.float64),
+        torch.rand(25, 1, dtype=torch.float64),
+        torch.rand(3, 1, 25, dtype=torch.float64),
+    ):
         out = op.mul(other)
         assert isinstance(out, SparseLinearOperator)
         torch.testing.assert_close(out.to_dense(), dense * other, **TOL)

@@ -223,7 +223,9 @@ def test_banded_markov_model_is_exact_without_krylov():
     torch.testing.assert_close(noise.grad, noise_r.grad, rtol=1e-7, atol=1e-9)
 
 
-requires_cholmod = pytest.mark.skipif(not gpsparse.core.cholmod.cholmod_available(), reason="scikit-sparse not installed")
+requires_cholmod = pytest.mark.skipif(
+    not gpsparse.core.cholmod.cholmod_available(), reason="scikit-sparse not installed"
+)
 
 
 @requires_cholmod

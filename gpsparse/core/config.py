@@ -22,6 +22,15 @@ from typing import Any
 
 from torch import Tensor
 
+from gpsparse.core.defaults import (
+    DEFAULT_CHOLESKY_REFRESH,
+    DEFAULT_MAX_BANDED_BANDWIDTH,
+    DEFAULT_MAX_DENSE_SIZE,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_NUM_LANCZOS,
+    DEFAULT_NUM_PROBES,
+    DEFAULT_RTOL,
+)
 from gpsparse.core.preconditioners import PRECONDITIONER_NAMES, Preconditioner
 
 __all__ = [
@@ -38,18 +47,6 @@ __all__ = [
     "LogdetConfig",
     "RoadConfig",
 ]
-
-#: Relative tolerance of solves and inverse quadratic forms (linear_operator's training
-#: ``cg_tolerance = 1`` is deliberately not used).
-DEFAULT_RTOL = 1e-6
-#: Probes of the stochastic Lanczos quadrature log-determinant (small-size default).
-DEFAULT_NUM_PROBES = 16
-#: Lanczos steps per probe.
-DEFAULT_NUM_LANCZOS = 64
-#: Bytes allowed for stored Krylov bases in the adjoint mode (probes are chunked beyond).
-DEFAULT_MAX_MEMORY = 2**29
-#: Uses of a stale CHOLMOD preconditioner before it is refactorised.
-DEFAULT_CHOLESKY_REFRESH = 10
 
 METHODS = ("cg", "minres", "bicgstab")
 GRADIENTS = ("adjoint", "hutchinson")
@@ -197,10 +194,10 @@ class RoadConfig:
     """
 
     road: str = "auto"
-    max_banded_bandwidth: int = 6
+    max_banded_bandwidth: int = DEFAULT_MAX_BANDED_BANDWIDTH
     cholesky: bool = False
     dense_max_rows: int = 0
-    max_dense_size: int = 2**24
+    max_dense_size: int = DEFAULT_MAX_DENSE_SIZE
     solver: SolverConfig = field(default_factory=SolverConfig)
     logdet: LogdetConfig = field(default_factory=LogdetConfig)
 

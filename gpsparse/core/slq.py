@@ -117,7 +117,9 @@ def diagonal_scaling(values: Tensor, pattern: SparsityPattern, rhs: Tensor | Non
     return scaled, diag.log().sum(-1), scaled_rhs
 
 
-def resolve_preconditioner(spec, values: Tensor, pattern: SparsityPattern, cholesky_refresh: int) -> Preconditioner | None:
+def resolve_preconditioner(
+    spec, values: Tensor, pattern: SparsityPattern, cholesky_refresh: int
+) -> Preconditioner | None:
     """A fixed ``M = CCᵀ`` for the (detached) values: objects as given, names built by the registry."""
     if spec is None or isinstance(spec, Preconditioner):
         return spec
@@ -150,7 +152,9 @@ def adjoint_forward(split: PreconditionedOperator, probes: Tensor, norms2: Tenso
     return estimate, chunks
 
 
-def adjoint_backward(split: PreconditionedOperator, probes: Tensor, chunks, config: LogdetConfig, pattern: SparsityPattern) -> Tensor:
+def adjoint_backward(
+    split: PreconditionedOperator, probes: Tensor, chunks, config: LogdetConfig, pattern: SparsityPattern
+) -> Tensor:
     grad = None
     n = probes.shape[-2]
     for block, (grad_alpha, grad_beta), dec in chunks:

@@ -1,13 +1,16 @@
-"""Solver configuration and the single place where a Krylov core is run on a sparse matrix.
+"""The single place where a Krylov core is run on a sparse matrix: ``run_solver`` / ``solve_with_info``.
 
-:class:`SolverConfig` is the static part of a solve (method, tolerances,
-iteration cap, preconditioner, strictness), kept separate from the per-call
-inputs (values, right-hand sides, initial guess), as in lineax. It is hashable
-and travels into autograd Functions unchanged, so the backward pass solves
-with the same settings as the forward.
+The static part of a solve is a frozen :class:`~gpsparse.core.config.SolverConfig`
+(method, tolerances, iteration cap, preconditioner, strictness), kept separate
+from the per-call inputs (values, right-hand sides, initial guess), as in
+lineax; it travels into autograd Functions unchanged, so the backward pass
+solves with the forward's settings. Named preconditioners are built by the one
+registry (:func:`gpsparse.core.preconditioners.build_preconditioner`).
 
 The stopping rule is the cores' (``gpsparse.core.krylov``): per column
-``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``.
+``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``; non-convergence is reported here as a
+:class:`~gpsparse.errors.ConvergenceWarning` naming the residual reached, or a
+:class:`~gpsparse.errors.NonConvergenceError` with ``strict``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,7 @@ from gpsparse.core import krylov
 from gpsparse.core.config import PreconditionerSpec, SolverConfig
 from gpsparse.core.pattern import SparsityPattern
 
-# Re-exported from their home, gpsparse.core.preconditioners, until every caller imports them from there.
-# run_solver looks build_preconditioner up in this module, so patching it here still works.
-from gpsparse.core.preconditioners import IC_SHIFTS as IC_SHIFTS
-from gpsparse.core.preconditioners import build_preconditioner as build_preconditioner
-from gpsparse.core.preconditioners import incomplete_cholesky_with_shift as incomplete_cholesky_with_shift
-from gpsparse.core.preconditioners import stale_cholesky as stale_cholesky
+from gpsparse.core.preconditioners import build_preconditioner
 from gpsparse.core.sparse_ops import spmm
 from gpsparse.errors import ConvergenceWarning, NonConvergenceError
 

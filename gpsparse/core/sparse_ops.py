@@ -22,7 +22,15 @@ from torch import Tensor
 
 from gpsparse.core.pattern import SparsityPattern, csr_tensor
 
-__all__ = ["spmm", "sampled_product", "symmetrize_values_grad", "values_grad", "transpose_values", "to_dense", "gram_structure"]
+__all__ = [
+    "spmm",
+    "sampled_product",
+    "symmetrize_values_grad",
+    "values_grad",
+    "transpose_values",
+    "to_dense",
+    "gram_structure",
+]
 
 
 def spmm(values: Tensor, pattern: SparsityPattern, rhs: Tensor, out: Tensor | None = None) -> Tensor:

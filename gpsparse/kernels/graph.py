@@ -549,7 +549,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
             Q = Q._expand_batch(batch)
         if diag:
             if w1.shape != w2.shape:
-                raise RuntimeError(f"diag=True needs as many rows in x1 ({w1.shape[0]}) as in x2 ({w2.shape[0]})")
+                raise ValueError(f"diag=True needs as many rows in x1 ({w1.shape[0]}) as in x2 ({w2.shape[0]})")
             if w1 is w2:
                 return covariance_diagonal(Q, w1)
             return _cross_diagonal(Q, w1, w2)

@@ -462,7 +462,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         if symmetric:
             return covariance_diagonal(Q, W1)
         if W1.shape != W2.shape:
-            raise RuntimeError(f"diag=True needs x1 and x2 with as many points, got {W1.shape[0]} and {W2.shape[0]}")
+            raise ValueError(f"diag=True needs x1 and x2 with as many points, got {W1.shape[0]} and {W2.shape[0]}")
         plus = covariance_diagonal(Q, W1 + W2)
         minus = covariance_diagonal(Q, W1 + W2._mul_constant(-1.0))
         return (plus - minus) / 4

@@ -130,7 +130,7 @@ class MaternPrecision:
     def logdet(self, kappa2: Tensor, tau: Tensor) -> Tensor:
         """Exact ``log det Q = N log τ + α Σ_k log(κ² + λ_k)``, ``(*batch)`` (needs the eigenvalues)."""
         if self.eigenvalues is None:
-            raise RuntimeError("the exact log-determinant needs the Laplacian's eigenvalues")
+            raise ValueError("the exact log-determinant needs the Laplacian's eigenvalues")
         _, _, eig = self._tensors(kappa2.dtype, kappa2.device)
         spectrum = torch.log(kappa2.unsqueeze(-1) + eig).sum(-1)
         return self.num_nodes * torch.log(tau) + self.alpha * spectrum
@@ -138,7 +138,7 @@ class MaternPrecision:
     def mean_variance(self, kappa2: Tensor) -> Tensor:
         """``(1/N) tr (κ² I + L)^{−α}`` (``τ = 1``), exact from the eigenvalues, ``(*batch)``."""
         if self.eigenvalues is None:
-            raise RuntimeError("the mean variance needs the Laplacian's eigenvalues")
+            raise ValueError("the mean variance needs the Laplacian's eigenvalues")
         _, _, eig = self._tensors(kappa2.dtype, kappa2.device)
         return (kappa2.unsqueeze(-1) + eig).pow(-self.alpha).mean(-1)
 

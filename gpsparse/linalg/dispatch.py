@@ -215,9 +215,7 @@ def _dense_inv_quad_logdet(values, pattern, rhs, batch, config: RoadConfig):
     factor, info = torch.linalg.cholesky_ex(dense)
     if bool((info > 0).any()):
         order = int(info[info > 0].reshape(-1)[0])
-        raise NotPositiveDefiniteError(
-            f"dense Cholesky: the leading minor of order {order} is not positive definite"
-        )
+        raise NotPositiveDefiniteError(f"dense Cholesky: the leading minor of order {order} is not positive definite")
     logdet_term = 2.0 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     logdet_term = logdet_term.expand(batch) if logdet_term.shape != batch else logdet_term
     if rhs is None:

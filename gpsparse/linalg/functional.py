@@ -133,7 +133,9 @@ def solve(
         )
     if road == "auto" and (method != "cg" or x0 is not None or preconditioner is not None):
         road = "krylov"
-    config = road_config(symmetric=pattern.symmetric, num_rows=pattern.size[0], device_type=values.device.type, road=road)
+    config = road_config(
+        symmetric=pattern.symmetric, num_rows=pattern.size[0], device_type=values.device.type, road=road
+    )
     return dispatch.solve(values, pattern, B, replace(config, solver=solver), x0=x0)
 
 

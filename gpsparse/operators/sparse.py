@@ -298,7 +298,7 @@ class SparseLinearOperator(LinearOperator):
         )
 
     def road(self, *, logdet: bool = True) -> str:
-        """The road the dispatcher takes for this operator now: ``"banded"``, ``"cholesky"``, ``"dense"`` or ``"krylov"``.
+        """The road the dispatcher takes now: ``"banded"``, ``"cholesky"``, ``"dense"`` or ``"krylov"``.
 
         ``logdet``: for a log-determinant (else for a solve, which never takes
         the dense road). See :mod:`gpsparse.linalg.dispatch`.
@@ -433,9 +433,10 @@ class SparseLinearOperator(LinearOperator):
         )
 
 
-
-def operator_road_config(*, symmetric: bool, num_rows: int, device_type: str = "cpu", dense: bool = False) -> RoadConfig:
-    """The operators' configuration: gpsparse's settings (:func:`gpsparse.linalg.config.road_config`) plus linear_operator's.
+def operator_road_config(
+    *, symmetric: bool, num_rows: int, device_type: str = "cpu", dense: bool = False
+) -> RoadConfig:
+    """The operators' configuration: :func:`gpsparse.linalg.config.road_config` plus linear_operator's settings.
 
     ``dense`` allows the dense road for log-determinants below
     linear_operator's ``max_cholesky_size``, as linear_operator does.
@@ -456,9 +457,6 @@ def operator_road_config(*, symmetric: bool, num_rows: int, device_type: str = "
 
 _LO_DEFAULT_PROBES = lo_settings.num_trace_samples._global_value
 _LO_DEFAULT_STEPS = lo_settings.max_lanczos_quadrature_iterations._global_value
-
-
-
 
 
 def _sum_to_shape(tensor: Tensor, shape: torch.Size) -> Tensor:

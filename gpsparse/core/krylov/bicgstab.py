@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gpsparse.core.defaults import DEFAULT_RTOL
 from gpsparse.core.krylov.problem import (
     Matvec,
     SolverInfo,
@@ -25,7 +26,7 @@ def bicgstab(
     *,
     x0: Tensor | None = None,
     preconditioner: Matvec | None = None,
-    rtol: float = 1e-6,
+    rtol: float = DEFAULT_RTOL,
     atol: float = 0.0,
     max_iters: int | None = None,
 ) -> tuple[Tensor, SolverInfo]:

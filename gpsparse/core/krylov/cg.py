@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gpsparse.core.defaults import DEFAULT_RTOL
 from gpsparse.core.krylov.problem import (
     Matvec,
     SolverInfo,
@@ -26,7 +27,7 @@ def cg(
     *,
     x0: Tensor | None = None,
     preconditioner: Matvec | None = None,
-    rtol: float = 1e-6,
+    rtol: float = DEFAULT_RTOL,
     atol: float = 0.0,
     max_iters: int | None = None,
     return_tridiag: bool = False,

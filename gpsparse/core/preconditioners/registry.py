@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from gpsparse.core.defaults import DEFAULT_CHOLESKY_REFRESH
 from gpsparse.core.preconditioners.base import Preconditioner
 from gpsparse.core.preconditioners.ic0 import IncompleteCholeskyPreconditioner
 from gpsparse.core.preconditioners.jacobi import JacobiPreconditioner
@@ -65,9 +66,6 @@ __all__ = [
 
 #: ``(values (B, nnz) detached, pattern, *, cholesky_refresh) -> Preconditioner or callable r ↦ M⁻¹r``.
 PreconditionerBuilder = Callable[..., Preconditioner | Callable[[Tensor], Tensor]]
-
-#: Uses of a stale CHOLMOD factor before it is refactorised (= ``gpsparse.core.config.DEFAULT_CHOLESKY_REFRESH``).
-DEFAULT_CHOLESKY_REFRESH = 10
 
 #: Relative diagonal shifts tried in turn by :func:`incomplete_cholesky_with_shift`.
 IC_SHIFTS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
