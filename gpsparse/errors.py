@@ -2,8 +2,8 @@
 
 Cores (Krylov solvers, Lanczos) report slow convergence as data in their
 ``info`` record and raise only on a genuine breakdown; the public layer turns
-non-convergence into a :class:`ConvergenceWarning` or, when the caller asks for
-strictness, a :class:`NonConvergenceError`.
+non-convergence into a [`ConvergenceWarning`][gpsparse.errors.ConvergenceWarning] or, when the caller asks for
+strictness, a [`NonConvergenceError`][gpsparse.errors.NonConvergenceError].
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class NonConvergenceError(GPSparseError, RuntimeError):
 
 class DenseSizeError(GPSparseError, RuntimeError):
     """An operation would have to form a dense matrix larger than the limit in
-    :data:`gpsparse.settings.max_dense_size`."""
+    [`gpsparse.settings.max_dense_size`][]."""
 
 
 class ConvergenceWarning(NumericalWarning):

@@ -1,7 +1,7 @@
 """Global settings of gpsparse, as context managers.
 
-Only boundary code reads these (the public functions in :mod:`gpsparse.linalg`
-through :func:`gpsparse.linalg.config.road_config`, the operators and the
+Only boundary code reads these (the public functions in ``gpsparse.linalg``
+through ``gpsparse.linalg.config.road_config``, the operators and the
 kernels), once per call, into frozen configurations; autograd Functions and
 cores take every setting as an argument.
 
@@ -64,7 +64,7 @@ class _Settings:
     cholesky_refresh: int = DEFAULT_CHOLESKY_REFRESH
     #: Operators with at least this many rows get the large-size log-determinant defaults
     #: (``gradient="hutchinson"``, ``num_probes=4``, ``preconditioner="ic0"`` on CPU, ``"jacobi"`` on
-    #: CUDA) for every one of these three settings not set through :func:`logdet_defaults`
+    #: CUDA) for every one of these three settings not set through ``logdet_defaults``
     #: (measured at N = 10⁶: one marginal likelihood + gradient 17 s instead of 254 s, relative
     #: error 3e-6; ``benchmarks/results/precision_cpu_1thread.md``). 0 disables the switch.
     large_logdet_size: int = 100_000
@@ -114,7 +114,7 @@ def solver_defaults(
     preconditioner: str | None = None,
     max_banded_bandwidth: int | None = None,
 ):
-    """Override the solve settings used by :class:`~gpsparse.SparseLinearOperator`.
+    """Override the solve settings used by [`SparseLinearOperator`][gpsparse.SparseLinearOperator].
 
     The method is chosen by the operator: the exact banded Cholesky for
     symmetric operators of half-bandwidth ≤ ``max_banded_bandwidth`` (default
@@ -142,7 +142,7 @@ def logdet_defaults(
     cholesky_refresh: int | None = None,
     large_size: int | None = None,
 ):
-    """Override how :class:`~gpsparse.SparseLinearOperator` computes log-determinants.
+    """Override how [`SparseLinearOperator`][gpsparse.SparseLinearOperator] computes log-determinants.
 
     Parameters
     ----------
@@ -215,8 +215,8 @@ LARGE_SIZE_DEFAULTS = {"logdet_gradient": "hutchinson", "num_probes": 4, "logdet
 def logdet_setting(name: str, num_rows: int, device_type: str = "cpu"):
     """The log-determinant setting ``name`` in force for an operator with ``num_rows`` rows.
 
-    Explicit choices (:func:`logdet_defaults`) win; otherwise operators with at
-    least ``large_logdet_size`` rows get :data:`LARGE_SIZE_DEFAULTS` (with the
+    Explicit choices ([`logdet_defaults`][gpsparse.settings.logdet_defaults]) win; otherwise operators with at
+    least ``large_logdet_size`` rows get ``LARGE_SIZE_DEFAULTS`` (with the
     Jacobi scaling instead of IC(0) on CUDA, where IC(0) factorises on the CPU).
     The probe count and preconditioner switch only together with the gradient:
     an explicit ``gradient="adjoint"`` keeps 16 probes and the Jacobi scaling
@@ -239,7 +239,7 @@ def variance_defaults(*, method: str | None = None, num_probes: int | None = Non
     ``method``: "auto" (exact up to ``exact_limit`` points, default 1024, and
     stochastic beyond or under ``gpytorch.settings.fast_pred_var()``), "exact"
     or "stochastic" (``num_probes`` Rademacher probes, default 64). See
-    :func:`gpsparse.operators.precision.covariance_diagonal`.
+    ``gpsparse.operators.precision.covariance_diagonal``.
     """
     if method is not None and method not in ("auto", "exact", "stochastic"):
         raise ValueError(f"method must be 'auto', 'exact' or 'stochastic', got {method!r}")

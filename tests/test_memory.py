@@ -93,9 +93,8 @@ PRECISION_SCRIPT = textwrap.dedent(
     Q = SparseLinearOperator.from_tensor(torch.sparse_coo_tensor(Q.indices(), values, Q.shape))
     n = Q.shape[0]
     rows = torch.randperm(n)[: n // 2].sort().values                       # half of the nodes observed
-    W = torch.sparse_coo_tensor(
-        torch.stack([torch.arange(rows.numel()), rows]), torch.ones(rows.numel(), dtype=torch.float64), (rows.numel(), n)
-    )
+    ones = torch.ones(rows.numel(), dtype=torch.float64)
+    W = torch.sparse_coo_tensor(torch.stack([torch.arange(rows.numel()), rows]), ones, (rows.numel(), n))
     noise = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     y = torch.randn(rows.numel(), 1, dtype=torch.float64)
     K = SparsePrecisionLinearOperator(Q, interp=W).add_diagonal(noise)

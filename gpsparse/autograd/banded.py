@@ -1,27 +1,28 @@
 r"""Exact banded log-determinants and solves with gradients: the autograd Functions and entry points.
 
-:func:`banded_logdet`
-    ``log det Q``, differentiable in the values (:class:`BandedLogdet`).
-:func:`banded_solve`
-    ``Q⁻¹ B``, differentiable in the values and in ``B`` (:class:`BandedSolve`).
+banded_logdet
+:   ``log det Q``, differentiable in the values (``BandedLogdet``).
+
+banded_solve
+    ``Q⁻¹ B``, differentiable in the values and in ``B`` (``BandedSolve``).
 
 ``Q = (A + Aᵀ)/2`` is a banded symmetric positive definite matrix stored by
 ``(values, pattern)`` on a symmetric pattern of half-bandwidth ``b``. The
 numerics — band layout (cached on the pattern), LAPACK banded Cholesky and
-solves, and the Takahashi band inverse — are in :mod:`gpsparse.core.banded`,
+solves, and the Takahashi band inverse — are in ``gpsparse.core.banded``,
 together with the non-differentiable
-:func:`~gpsparse.core.banded.banded_inverse_band` and
-:func:`~gpsparse.core.banded.bandwidth`; its notes derive the gradients.
+``banded_inverse_band`` and
+``bandwidth``; its notes derive the gradients.
 
 Gradients
 ---------
 * ``∂ log det Q / ∂q[e] = (Q⁻¹)[i_e, j_e]``: the backward of
-  :class:`BandedLogdet` gathers the band of ``Q⁻¹``
-  (:func:`gpsparse.core.banded._band_inverse`, on the factor saved by the
-  forward) at the slots of the stored entries.
+    ``BandedLogdet`` gathers the band of ``Q⁻¹``
+    (``gpsparse.core.banded._band_inverse``, on the factor saved by the
+    forward) at the slots of the stored entries.
 * ``X = Q⁻¹B``, upstream ``G``: ``∂/∂B = Q⁻¹G``
-  (:func:`gpsparse.core.banded._solve_factor` with the saved factor) and
-  ``∂/∂q[e] = −½ Σ_c ((Q⁻¹G)[i_e,c] X[j_e,c] + (Q⁻¹G)[j_e,c] X[i_e,c])``.
+    (``gpsparse.core.banded._solve_factor`` with the saved factor) and
+    ``∂/∂q[e] = −½ Σ_c ((Q⁻¹G)[i_e,c] X[j_e,c] + (Q⁻¹G)[j_e,c] X[i_e,c])``.
 
 Both are symmetric, ``g == g[..., transpose_perm]`` (already symmetrised),
 and exact for any values: ``gradcheck`` holds. ``O(N·b²)`` time and
@@ -195,7 +196,7 @@ def banded_solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor) -> Tenso
     ----------
     values : Tensor
         ``(*batch, nnz)`` float32 or float64 values on ``pattern``
-        (``Q = (A + Aᵀ)/2`` as in :func:`banded_logdet`).
+        (``Q = (A + Aᵀ)/2`` as in ``banded_logdet``).
     pattern : SparsityPattern
         A symmetric pattern of size ``N × N``.
     rhs : Tensor
@@ -226,7 +227,7 @@ def banded_solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor) -> Tenso
     Raises
     ------
     ValueError, TypeError, NotPositiveDefiniteError
-        As :func:`banded_logdet`; ``ValueError`` also for a ``rhs`` whose
+        As ``banded_logdet``; ``ValueError`` also for a ``rhs`` whose
         row count is not ``N``.
 
     Examples

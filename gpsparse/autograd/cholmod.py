@@ -1,18 +1,18 @@
 """Exact sparse Cholesky (CHOLMOD) with sparse gradients: the autograd Functions and entry points.
 
-* :func:`cholesky_logdet` — ``log det A``; gradient ``(A⁻¹)[i_e, j_e]`` at the
-  stored entries by **selected inversion** (Takahashi, Fagan and Chen, 1973;
-  Erisman and Tinney, 1975; :mod:`gpsparse.core.selinv`) on the pattern of the
-  Cholesky factor, never a dense inverse;
-* :func:`cholesky_solve` — ``X = A⁻¹ B``, differentiable in the values and in ``B``;
-* :func:`cholesky_selected_inverse` — ``(A⁻¹)[i_e, j_e]`` itself (the logdet
-  adjoint; its diagonal entries are e.g. posterior marginal variances when
-  ``A`` is a posterior precision).
+* ``cholesky_logdet`` — ``log det A``; gradient ``(A⁻¹)[i_e, j_e]`` at the
+    stored entries by **selected inversion** (Takahashi, Fagan and Chen, 1973;
+    Erisman and Tinney, 1975; ``gpsparse.core.selinv``) on the pattern of the
+    Cholesky factor, never a dense inverse;
+* ``cholesky_solve`` — ``X = A⁻¹ B``, differentiable in the values and in ``B``;
+* ``cholesky_selected_inverse`` — ``(A⁻¹)[i_e, j_e]`` itself (the logdet
+    adjoint; its diagonal entries are e.g. posterior marginal variances when
+    ``A`` is a posterior precision).
 
 The numerics — the optional import of scikit-sparse, the symbolic analysis
 cached per pattern, the factorisation, the selected-inversion driver and
-:class:`~gpsparse.core.cholmod.CholeskyPreconditioner` — are in
-:mod:`gpsparse.core.cholmod`, whose notes give the conventions (symmetric
+[`CholeskyPreconditioner`][gpsparse.CholeskyPreconditioner] — are in
+``gpsparse.core.cholmod``, whose notes give the conventions (symmetric
 patterns, float64 on the CPU, batches) and timings.
 
 Gradients
@@ -20,15 +20,15 @@ Gradients
 With ``Z = A⁻¹`` and ``e`` a stored entry at ``(i_e, j_e)``:
 
 * ``∂ log det A / ∂a[e] = Z[i_e, j_e]``
-  (:class:`CholeskyLogdet`, backward :func:`gpsparse.core.cholmod._selected_inverse`);
+    (``CholeskyLogdet``, backward ``gpsparse.core.cholmod._selected_inverse``);
 * ``X = A⁻¹ B``, upstream ``G``: ``Ĝ = A⁻¹ G`` (``A`` symmetric: the same
-  factor), ``∂/∂B = Ĝ``, ``∂/∂a[e] = −Σ_c Ĝ[i_e, c] X[j_e, c]`` (a sampled
-  product; :class:`CholeskySolve`, backward
-  :func:`gpsparse.core.cholmod._solve_with` and
-  :func:`~gpsparse.core.sparse_ops.sampled_product`).
+    factor), ``∂/∂B = Ĝ``, ``∂/∂a[e] = −Σ_c Ĝ[i_e, c] X[j_e, c]`` (a sampled
+    product; ``CholeskySolve``, backward
+    ``gpsparse.core.cholmod._solve_with`` and
+    ``sampled_product``).
 
 Both value gradients are symmetrised
-(:func:`~gpsparse.core.sparse_ops.symmetrize_values_grad`).
+(``symmetrize_values_grad``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def cholesky_logdet(values: Tensor, pattern: SparsityPattern) -> Tensor:
         ``(*batch,)`` log-determinants, differentiable in ``values``:
         ``∂/∂a[e] = (A⁻¹)[i_e, j_e]`` (symmetrised), computed in the backward
         by selected inversion on the pattern of the factor (see
-        :mod:`gpsparse.core.selinv`) — ``O(nnz(L))`` memory, never a dense inverse.
+        ``gpsparse.core.selinv``) — ``O(nnz(L))`` memory, never a dense inverse.
 
     Raises
     ------
@@ -197,7 +197,7 @@ def cholesky_solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor) -> Ten
     Raises
     ------
     ImportError, NotPositiveDefiniteError, ValueError, TypeError
-        As :func:`cholesky_logdet`; ``ValueError`` also for mismatched ``rhs``.
+        As ``cholesky_logdet``; ``ValueError`` also for mismatched ``rhs``.
 
     Examples
     --------
@@ -226,7 +226,7 @@ def cholesky_solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor) -> Ten
 def cholesky_selected_inverse(values: Tensor, pattern: SparsityPattern) -> Tensor:
     """``(A⁻¹)[i_e, j_e]`` at every stored entry, by selected inversion (not differentiable).
 
-    The adjoint of :func:`cholesky_logdet`. Its entries at the diagonal
+    The adjoint of ``cholesky_logdet``. Its entries at the diagonal
     positions (``pattern.diagonal_positions``) are ``diag(A⁻¹)``, e.g.
     posterior marginal variances when ``A`` is a posterior precision.
 
@@ -245,7 +245,7 @@ def cholesky_selected_inverse(values: Tensor, pattern: SparsityPattern) -> Tenso
     Raises
     ------
     ImportError, NotPositiveDefiniteError, ValueError, TypeError
-        As :func:`cholesky_logdet`.
+        As ``cholesky_logdet``.
     """
     who = "cholesky_selected_inverse"
     analysis, _ = _analysis(pattern, who)

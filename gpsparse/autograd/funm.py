@@ -1,21 +1,21 @@
 r"""Autograd Functions: Lanczos as a differentiable operation, and ``f(A) v`` with adjoint gradients.
 
-The public entry points are :func:`gpsparse.lanczos` and :func:`gpsparse.funm`.
+The public entry points are [`gpsparse.lanczos`][] and [`gpsparse.funm`][].
 
-* :class:`LanczosFunction` — ``(Q, α, β)`` of ``A`` from start vectors ``v``, as an
-  autograd Function whose backward is the Lanczos adjoint
-  (:func:`gpsparse.core.lanczos.lanczos_adjoint`, Krämer et al. 2024): one SpMM
-  per step, the value gradient a sampled product at the nonzeros.
-* :class:`FunmFunction` — ``f(A) v ≈ ‖v‖ Q f(T) e₁`` (Lanczos approximation,
-  exact when ``num_lanczos`` reaches the Krylov dimension) for ``f`` in
-  ``sqrt``, ``inv_sqrt``, ``log``, ``exp``, ``inv``. The backward maps the
-  cotangent ``ȳ`` to cotangents of the decomposition,
+* ``LanczosFunction`` — ``(Q, α, β)`` of ``A`` from start vectors ``v``, as an
+    autograd Function whose backward is the Lanczos adjoint
+    (``gpsparse.core.lanczos.lanczos_adjoint``, Krämer et al. 2024): one SpMM
+    per step, the value gradient a sampled product at the nonzeros.
+* ``FunmFunction`` — ``f(A) v ≈ ‖v‖ Q f(T) e₁`` (Lanczos approximation,
+    exact when ``num_lanczos`` reaches the Krylov dimension) for ``f`` in
+    ``sqrt``, ``inv_sqrt``, ``log``, ``exp``, ``inv``. The backward maps the
+    cotangent ``ȳ`` to cotangents of the decomposition,
 
-      Q̄ = ‖v‖ ȳ (f(T)e₁)ᵀ,   (ᾱ, β̄) = ‖v‖ · DK(Qᵀȳ),   ‖v‖‾ = ȳᵀ Q f(T) e₁,
+        Q̄ = ‖v‖ ȳ (f(T)e₁)ᵀ,   (ᾱ, β̄) = ‖v‖ · DK(Qᵀȳ),   ‖v‖‾ = ȳᵀ Q f(T) e₁,
 
-  (``DK``: the Daleckii–Krein gradient of ``wᵀ f(T) e₁``,
-  :func:`gpsparse.core.quadrature.apply_with_grad`) and runs the Lanczos adjoint
-  once. No autograd tape of the loop is kept: memory O(n·p·K).
+    (``DK``: the Daleckii–Krein gradient of ``wᵀ f(T) e₁``,
+    ``gpsparse.core.quadrature.apply_with_grad``) and runs the Lanczos adjoint
+    once. No autograd tape of the loop is kept: memory O(n·p·K).
 """
 
 from __future__ import annotations

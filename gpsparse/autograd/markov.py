@@ -1,18 +1,18 @@
 r"""Autograd Functions of the Matérn state-space model: each backward calls a named core function.
 
-* :class:`_RegularizedGamma` — ``P(m + 1, 2x)``, forward
-  :func:`gpsparse.core.markov.regularized_gamma`, backward
-  :func:`gpsparse.core.markov.regularized_gamma_vjp`
-  (``∂P(m + 1, 2x)/∂x = 2 e^{−2x} (2x)^m/m!``; saves ``x`` only).
-* :class:`_PrecisionValues` — the CSR values of the block-tridiagonal
-  precision from the scaled gaps, forward
-  :func:`gpsparse.core.markov.assemble_precision_values`, backward
-  :func:`gpsparse.core.markov.precision_values_vjp` (recomputes the blocks;
-  ``O(n)`` memory between the passes).
+* ``_RegularizedGamma`` — ``P(m + 1, 2x)``, forward
+    ``gpsparse.core.markov.regularized_gamma``, backward
+    gpsparse.core.markov.regularized_gamma_vjp
+    (``∂P(m + 1, 2x)/∂x = 2 e^{−2x} (2x)^m/m!``; saves ``x`` only).
+* ``_PrecisionValues`` — the CSR values of the block-tridiagonal
+    precision from the scaled gaps, forward
+    ``gpsparse.core.markov.assemble_precision_values``, backward
+    ``gpsparse.core.markov.precision_values_vjp`` (recomputes the blocks;
+    ``O(n)`` memory between the passes).
 
-The public functions :func:`matern_transition_and_noise` and
-:func:`matern_precision_values` apply them. The mathematics is in
-:mod:`gpsparse.core.markov`.
+The public functions ``matern_transition_and_noise`` and
+``matern_precision_values`` apply them. The mathematics is in
+``gpsparse.core.markov``.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ __all__ = ["regularized_gamma", "matern_transition_and_noise", "matern_precision
 class _RegularizedGamma(torch.autograd.Function):
     r"""``P(m + 1, 2x)`` for ``m = 0 … M`` and ``x ≥ 0``, shape ``(M + 1, *x.shape)``.
 
-    Forward :func:`gpsparse.core.markov.regularized_gamma` (series below the
+    Forward ``gpsparse.core.markov.regularized_gamma`` (series below the
     branch point ``2x = 2``, closed form above, downward recurrence for the
-    lower orders). Backward :func:`gpsparse.core.markov.regularized_gamma_vjp`:
+    lower orders). Backward ``gpsparse.core.markov.regularized_gamma_vjp``:
     ``∂P(m + 1, 2x)/∂x = 2 e^{−y} y^m/m!`` (``y = 2x``). Saves ``x`` only.
     """
 
@@ -61,7 +61,7 @@ class _RegularizedGamma(torch.autograd.Function):
 def regularized_gamma(x: Tensor, top: int) -> Tensor:
     """``P(m + 1, 2x)`` for ``m = 0 … top``, ``(top + 1, *x.shape)``, with the analytic backward.
 
-    Applies :class:`_RegularizedGamma`; the same values as :func:`gpsparse.core.markov.regularized_gamma`.
+    Applies ``_RegularizedGamma``; the same values as ``gpsparse.core.markov.regularized_gamma``.
     """
     return _RegularizedGamma.apply(x, top)
 
@@ -82,7 +82,7 @@ def matern_transition_and_noise(scaled_gaps: Tensor, nu: float) -> tuple[Tensor,
         ``A`` and ``Σ``, each ``(*batch, k, s, s)``: ``z(t + Δ) = A z(t) + ε``,
         ``ε ~ N(0, Σ)``, for the state ``z_c = f^{(c)}/λ^c`` of a unit-variance
         Matérn process. ``A = e^{Fx}`` and ``Σ = P∞ − A P∞ Aᵀ``
-        (:mod:`gpsparse.core.markov`); ``Σ`` is accurate to a few ulps of
+        (``gpsparse.core.markov``); ``Σ`` is accurate to a few ulps of
         ``√(Σ_aa Σ_bb)`` also for tiny ``x``, where the difference
         ``P∞ − A P∞ Aᵀ`` would cancel.
 
@@ -102,9 +102,9 @@ def matern_transition_and_noise(scaled_gaps: Tensor, nu: float) -> tuple[Tensor,
 class _PrecisionValues(torch.autograd.Function):
     """CSR values of ``Q`` from the scaled gaps ``x`` ``(*batch, n − 1)``.
 
-    The forward (:func:`gpsparse.core.markov.assemble_precision_values`)
+    The forward (``gpsparse.core.markov.assemble_precision_values``)
     builds the blocks without a graph and saves only ``x``; the backward
-    (:func:`gpsparse.core.markov.precision_values_vjp`) recomputes the entry
+    (``gpsparse.core.markov.precision_values_vjp``) recomputes the entry
     arrays under autograd and pulls the gradient of the values back to ``x``:
     memory between forward and backward is ``O(n)``, not ``O(nnz)`` per
     intermediate.
@@ -126,9 +126,9 @@ class _PrecisionValues(torch.autograd.Function):
 def matern_precision_values(times: Tensor, rate: Tensor, nu: float) -> Tensor:
     """CSR values ``(*batch, nnz)`` of the state precision at sorted distinct ``times`` ``(n,)``.
 
-    Layout of :func:`gpsparse.core.markov.precision_pattern` ``(n, s)``;
+    Layout of ``gpsparse.core.markov.precision_pattern`` ``(n, s)``;
     differentiable in ``times`` and ``rate`` ``(*batch,)`` through the gaps
-    (:class:`_PrecisionValues`). Values in the promoted dtype of ``times``
+    (``_PrecisionValues``). Values in the promoted dtype of ``times``
     and ``rate``. ``gpsparse.kernels.markov.matern_precision`` validates the
     inputs and wraps the values in a ``SparseLinearOperator``.
     """

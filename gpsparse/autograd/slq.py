@@ -1,11 +1,11 @@
-r"""Autograd Functions of the SLQ log-determinant (numerics in :mod:`gpsparse.core.slq`).
+r"""Autograd Functions of the SLQ log-determinant (numerics in ``gpsparse.core.slq``).
 
-* :class:`SLQLogdet` — ``(B,)`` estimates of ``logdet A[b]`` from fixed probes;
-  backward: the Lanczos adjoint (``"adjoint"``, the exact gradient of the
-  estimate) or the probe-reuse estimate of ``A⁻¹`` at the nonzeros
-  (``"hutchinson"``).
-* :class:`SLQInvQuadLogdet` — the Hutchinson mode of ``inv_quad_logdet``: one
-  batched CG run serves the probes and the quadratic term.
+* ``SLQLogdet`` — ``(B,)`` estimates of ``logdet A[b]`` from fixed probes;
+    backward: the Lanczos adjoint (``"adjoint"``, the exact gradient of the
+    estimate) or the probe-reuse estimate of ``A⁻¹`` at the nonzeros
+    (``"hutchinson"``).
+* ``SLQInvQuadLogdet`` — the Hutchinson mode of ``inv_quad_logdet``: one
+    batched CG run serves the probes and the quadratic term.
 
 Both return value gradients ``(B, nnz)`` aligned with the values, symmetrised.
 """

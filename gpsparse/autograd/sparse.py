@@ -1,7 +1,7 @@
 """Autograd Functions: a core forward paired with a named core adjoint.
 
 Every Function here takes values already laid out as ``(B, nnz)`` and dense
-operands as ``(B, n, k)`` (the batch flattened, see :mod:`gpsparse.core.batching`),
+operands as ``(B, n, k)`` (the batch flattened, see ``gpsparse.core.batching``),
 and returns the gradient with respect to the values as a ``(B, nnz)`` tensor
 aligned with them — never anything ``n × n``.
 
@@ -10,12 +10,12 @@ upstream gradient):
 
 * matmul ``Y = A X``: ``∂/∂X = Aᵀ G``, ``∂/∂a[e] = Σ_c G[i_e, c] X[j_e, c]``;
 * solve ``X = A⁻¹ B``: ``Ĝ = A⁻ᵀ G`` (a genuine transpose solve),
-  ``∂/∂B = Ĝ``, ``∂/∂a[e] = −Σ_c Ĝ[i_e, c] X[j_e, c]``;
+    ``∂/∂B = Ĝ``, ``∂/∂a[e] = −Σ_c Ĝ[i_e, c] X[j_e, c]``;
 * inverse quadratic ``q_c = b_cᵀ A⁻¹ b_c`` (A symmetric): with ``x = A⁻¹ b``,
-  ``∂/∂b_c = 2 x_c ḡ_c``, ``∂/∂a[e] = −Σ_c ḡ_c x_c[i_e] x_c[j_e]``.
+    ``∂/∂b_c = 2 x_c ḡ_c``, ``∂/∂a[e] = −Σ_c ḡ_c x_c[i_e] x_c[j_e]``.
 
 For a pattern declared symmetric the value gradients are symmetrised
-(:func:`gpsparse.core.sparse_ops.values_grad`).
+(``gpsparse.core.sparse_ops.values_grad``).
 """
 
 from __future__ import annotations

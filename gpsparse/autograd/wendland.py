@@ -1,10 +1,10 @@
 r"""The autograd Function of the Wendland φ₃,₁ covariance: the core forward paired with its derivative.
 
-:class:`_WendlandOfSquare` — forward :func:`gpsparse.core.wendland.wendland_of_square_forward`,
-backward :func:`gpsparse.core.wendland.wendland_of_square_vjp`
+``_WendlandOfSquare`` — forward ``gpsparse.core.wendland.wendland_of_square_forward``,
+backward ``gpsparse.core.wendland.wendland_of_square_vjp``
 (``ψ'(q) = −10 (1 − √q)₊³``, finite at ``q = 0`` and exactly zero for
-``q ≥ 1``; saves one tensor of the shape of ``q``). :func:`wendland_of_square`
-and :func:`wendland_phi31` apply it.
+``q ≥ 1``; saves one tensor of the shape of ``q``). ``wendland_of_square``
+and [`wendland_phi31`][gpsparse.kernels.wendland_phi31] apply it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class _WendlandOfSquare(torch.autograd.Function):
 
 
 def wendland_of_square(q: Tensor) -> Tensor:
-    """``ψ(q) = φ₃,₁(√q)`` of squared scaled distances ``q``, differentiable (:class:`_WendlandOfSquare`)."""
+    """``ψ(q) = φ₃,₁(√q)`` of squared scaled distances ``q``, differentiable (``_WendlandOfSquare``)."""
     return _WendlandOfSquare.apply(q)
 
 
@@ -49,7 +49,7 @@ def wendland_phi31(r: Tensor) -> Tensor:
 
     Positive definite on ℝ^d for d ≤ 3, twice continuously differentiable,
     ``φ(0) = 1`` and ``φ(r) = 0`` for ``r ≥ 1``. Evaluated as ``ψ(r²)``
-    (:mod:`gpsparse.core.wendland`), so the gradient ``−20 r (1 − r)₊³`` is
+    (``gpsparse.core.wendland``), so the gradient ``−20 r (1 − r)₊³`` is
     exact at ``r = 0``.
 
     Examples

@@ -9,15 +9,15 @@ memory at any ``N`` — no Krylov iteration, no probes.
 
 Functions
 ---------
-:func:`bandwidth`
+bandwidth
     ``max |i − j|`` over the stored entries of a pattern.
-:func:`banded_inverse_band`
+banded_inverse_band
     ``(Q⁻¹)[i_e, j_e]`` at the stored entries (selected inversion), e.g. the
     marginal variances ``diag(Q⁻¹)``; not differentiable.
 
-The differentiable :func:`~gpsparse.autograd.banded.banded_logdet` and
-:func:`~gpsparse.autograd.banded.banded_solve` (and their Functions) are in
-:mod:`gpsparse.autograd.banded`; this module holds the band layout, the
+The differentiable ``banded_logdet`` and
+``banded_solve`` (and their Functions) are in
+``gpsparse.autograd.banded``; this module holds the band layout, the
 factorisation, the solves and the band-inverse kernel they call.
 
 Mathematics
@@ -29,24 +29,24 @@ LAPACK's banded Cholesky ``Q = L Lᵀ`` (``?pbtrf``); ``L`` has the same band.
 
 * ``log det Q = 2 Σ_i log L_ii``.
 * ``∂ log det Q / ∂q[e] = (Q⁻¹)[i_e, j_e]``, needed only inside the band.
-  With ``Z = Q⁻¹``, ``Lᵀ Z = L⁻¹`` is lower triangular with diagonal
-  ``1/L_ii``, which gives the Takahashi (Erisman–Tinney, 1975) recursion,
-  run for ``i = N−1, …, 0``::
+    With ``Z = Q⁻¹``, ``Lᵀ Z = L⁻¹`` is lower triangular with diagonal
+    ``1/L_ii``, which gives the Takahashi (Erisman–Tinney, 1975) recursion,
+    run for ``i = N−1, …, 0``:
 
-      Z_ij = −(Σ_{k=i+1}^{i+b} L_ki Z_kj) / L_ii          (j = i+1 … i+b)
-      Z_ii = (1/L_ii − Σ_{k=i+1}^{i+b} L_ki Z_ki) / L_ii
+        Z_ij = −(Σ_{k=i+1}^{i+b} L_ki Z_kj) / L_ii          (j = i+1 … i+b)
+        Z_ii = (1/L_ii − Σ_{k=i+1}^{i+b} L_ki Z_ki) / L_ii
 
-  Every ``Z_kj`` on the right lies in the band of rows ``> i`` (already
-  computed), so the band of ``Q⁻¹`` costs ``O(N·b²)`` and the full inverse
-  is never formed.
+    Every ``Z_kj`` on the right lies in the band of rows ``> i`` (already
+    computed), so the band of ``Q⁻¹`` costs ``O(N·b²)`` and the full inverse
+    is never formed.
 * ``X = Q⁻¹B`` with upstream gradient ``G``: ``∂/∂B = Q⁻¹G`` (the saved
-  factor, one more ``?pbtrs``) and
-  ``∂/∂q[e] = −½ Σ_c ((Q⁻¹G)[i_e,c] X[j_e,c] + (Q⁻¹G)[j_e,c] X[i_e,c])``.
+    factor, one more ``?pbtrs``) and
+    ``∂/∂q[e] = −½ Σ_c ((Q⁻¹G)[i_e,c] X[j_e,c] + (Q⁻¹G)[j_e,c] X[i_e,c])``.
 
 Both value gradients are therefore symmetric, ``g == g[..., transpose_perm]``:
 they equal ``symmetrize_values_grad`` of the unsymmetrised formulas
 (``(Q⁻¹)[i_e, j_e]`` and ``−Σ_c (Q⁻¹G)[i_e,c] X[j_e,c]``), the project's
-convention for symmetric patterns (:class:`~gpsparse.core.pattern.SparsityPattern`),
+convention for symmetric patterns ([`SparsityPattern`][gpsparse.SparsityPattern]),
 and they are the exact gradients of these functions of the values (the
 forward pass uses ``(A + Aᵀ)/2``), so ``gradcheck`` holds for any values.
 
@@ -347,7 +347,7 @@ def banded_inverse_band(values: Tensor, pattern: SparsityPattern) -> Tensor:
     Parameters
     ----------
     values : Tensor
-        ``(*batch, nnz)`` values of a banded SPD matrix (as :func:`~gpsparse.autograd.banded.banded_logdet`).
+        ``(*batch, nnz)`` values of a banded SPD matrix (as ``banded_logdet``).
     pattern : SparsityPattern
         A symmetric pattern.
 
@@ -357,13 +357,13 @@ def banded_inverse_band(values: Tensor, pattern: SparsityPattern) -> Tensor:
         ``(*batch, nnz)`` with ``out[..., e] = (Q⁻¹)[i_e, j_e]`` — e.g.
         ``out[..., pattern.diagonal_positions]`` are the marginal variances of
         ``N(0, Q⁻¹)``. This is the gradient of
-        :func:`~gpsparse.autograd.banded.banded_logdet`.
+        ``banded_logdet``.
         ``O(N·b²)`` time, ``O(N·b)`` memory; the full inverse is never formed.
 
     Raises
     ------
     ValueError, TypeError, NotPositiveDefiniteError
-        As :func:`~gpsparse.autograd.banded.banded_logdet`.
+        As ``banded_logdet``.
     """
     flat, batch = _flatten_values(values, pattern, "banded_inverse_band")
     layout = _layout(pattern)

@@ -3,10 +3,10 @@
 Two layouts, chosen to minimise work:
 
 * values without batch dimensions (one matrix): every batch dimension of the
-  right-hand side is folded into its columns, ``(*batch, n, k) → (1, n, batch·k)``,
-  so the whole batch is one SpMM / one Krylov run with per-column convergence;
+    right-hand side is folded into its columns, ``(*batch, n, k) → (1, n, batch·k)``,
+    so the whole batch is one SpMM / one Krylov run with per-column convergence;
 * batched values: values and right-hand side are broadcast to a common batch
-  shape and flattened to ``B`` blocks of a block-diagonal matrix.
+    shape and flattened to ``B`` blocks of a block-diagonal matrix.
 
 The expansion of the values is done by torch (differentiable), so the
 gradient of broadcast values is summed back by autograd.

@@ -4,42 +4,42 @@ The exact counterpart of the stochastic / Krylov paths of gpsparse for
 symmetric positive definite matrices that fit a sparse direct factorisation
 (2-D lattices up to ~10⁶ unknowns on a laptop). This module holds the
 optional import, the cached symbolic analysis, the numeric factorisation,
-the selected-inversion driver and :class:`CholeskyPreconditioner`; the
-differentiable entry points are in :mod:`gpsparse.autograd.cholmod`:
+the selected-inversion driver and [`CholeskyPreconditioner`][gpsparse.CholeskyPreconditioner]; the
+differentiable entry points are in ``gpsparse.autograd.cholmod``:
 
-* :func:`~gpsparse.autograd.cholmod.cholesky_logdet` — ``log det A``; gradient
-  ``(A⁻¹)[i_e, j_e]`` at the stored entries by **selected inversion**
-  (:mod:`gpsparse.core.selinv`) on the pattern of the Cholesky factor, never a
-  dense inverse;
-* :func:`~gpsparse.autograd.cholmod.cholesky_solve` — ``X = A⁻¹ B``,
-  differentiable in the values and in ``B``;
-* :func:`~gpsparse.autograd.cholmod.cholesky_selected_inverse` —
-  ``(A⁻¹)[i_e, j_e]`` itself (the logdet adjoint; its diagonal entries are
-  e.g. posterior marginal variances when ``A`` is a posterior precision);
-* :class:`CholeskyPreconditioner` — ``M = A`` factorised exactly, for the
-  :class:`~gpsparse.core.preconditioners.Preconditioner` contract.
+* ``cholesky_logdet`` — ``log det A``; gradient
+    ``(A⁻¹)[i_e, j_e]`` at the stored entries by **selected inversion**
+    (``gpsparse.core.selinv``) on the pattern of the Cholesky factor, never a
+    dense inverse;
+* ``cholesky_solve`` — ``X = A⁻¹ B``,
+    differentiable in the values and in ``B``;
+* ``cholesky_selected_inverse`` —
+    ``(A⁻¹)[i_e, j_e]`` itself (the logdet adjoint; its diagonal entries are
+    e.g. posterior marginal variances when ``A`` is a posterior precision);
+* [`CholeskyPreconditioner`][gpsparse.CholeskyPreconditioner] — ``M = A`` factorised exactly, for the
+    [`Preconditioner`][gpsparse.Preconditioner] contract.
 
 Requirements and conventions
 ----------------------------
 * scikit-sparse is an **optional** dependency:
-  ``pip install "gpsparse[cholmod]"`` (it needs the SuiteSparse headers and
-  libraries, Debian/Ubuntu ``libsuitesparse-dev``). Without it every entry
-  point raises :class:`ImportError` saying so; :func:`cholmod_available` tells
-  beforehand.
+    ``pip install "gpsparse[cholmod]"`` (it needs the SuiteSparse headers and
+    libraries, Debian/Ubuntu ``libsuitesparse-dev``). Without it every entry
+    point raises ``ImportError`` saying so; ``cholmod_available`` tells
+    beforehand.
 * ``values`` ``(*batch, nnz)`` on a pattern declared symmetric
-  (``pattern.symmetric``); the values must be symmetric. CHOLMOD reads the
-  **lower triangle** of ``A``. Value gradients are symmetrised
-  (:func:`~gpsparse.core.sparse_ops.symmetrize_values_grad`), the convention of
-  every symmetric operator in gpsparse.
+    (``pattern.symmetric``); the values must be symmetric. CHOLMOD reads the
+    **lower triangle** of ``A``. Value gradients are symmetrised
+    (``symmetrize_values_grad``), the convention of
+    every symmetric operator in gpsparse.
 * Computation in float64 on the CPU. float32 inputs are converted and the
-  results converted back; CUDA inputs are copied to the host and the results
-  (and gradients) copied back to the device — there is no GPU factorisation.
+    results converted back; CUDA inputs are copied to the host and the results
+    (and gradients) copied back to the device — there is no GPU factorisation.
 * Batches: one factorisation per batch element, sharing one symbolic analysis.
 
 Reuse of the symbolic analysis
 ------------------------------
 The fill-reducing ordering and the symbolic factorisation depend only on the
-pattern. They are computed once per :class:`~gpsparse.core.pattern.SparsityPattern`
+pattern. They are computed once per [`SparsityPattern`][gpsparse.SparsityPattern]
 object and cached on it (``pattern.derived("cholmod.analysis", ...)``,
 dropped with the pattern; a pattern moved with ``to()`` is a new object and
 is analysed again); later factorisations on the same pattern object run only
@@ -52,17 +52,15 @@ everything was up to 2–3x slower), torch and BLAS 1 thread, CHOLMOD on
 Debian's reference (netlib) BLAS, 5-point lattice precision ``κ²I + L``
 (``κ = 0.5``); median of 5 runs at n = 10⁵, one run at n = 10⁶:
 
-==================================  ==============  ===============
-step                                n = 10⁵ (316²)  n = 10⁶ (1000²)
-==================================  ==============  ===============
-nnz(L)                              4.6·10⁶         5.8·10⁷
-symbolic analysis (cached)          0.06 s          1.6 s
-numeric factorisation               0.43 s          11.9 s
-``logdet`` from the factor          0.01 s          0.1 s
-selected inversion, all of it       0.32 s          5.7 s
-  of which ``L()`` (to simplicial)  0.05 s          0.6 s
-``cholesky_logdet`` + backward      0.8 s           16.7 s
-==================================  ==============  ===============
+| step | n = 10⁵ (316²) | n = 10⁶ (1000²) |
+|---|---|---|
+| nnz(L) | 4.6·10⁶ | 5.8·10⁷ |
+| symbolic analysis (cached) | 0.06 s | 1.6 s |
+| numeric factorisation | 0.43 s | 11.9 s |
+| ``logdet`` from the factor | 0.01 s | 0.1 s |
+| selected inversion, all of it | 0.32 s | 5.7 s |
+| of which ``L()`` (to simplicial) | 0.05 s | 0.6 s |
+| ``cholesky_logdet`` + backward | 0.8 s | 16.7 s |
 
 Reusing the analysis saves its time, ~10 % of a factorisation here
 (``cholmod.cholesky`` from scratch: 0.47 s and 12.2–13.5 s). The first call
@@ -107,7 +105,7 @@ _INSTALL_HINT = (
 
 
 def _import_cholmod():
-    """``sksparse.cholmod``, or :class:`ImportError` with the install hint."""
+    """``sksparse.cholmod``, or ``ImportError`` with the install hint."""
     try:
         from sksparse import cholmod
     except ImportError as err:
@@ -258,7 +256,7 @@ def _selected_inverse(factor: Any, analysis: _Analysis) -> np.ndarray:
     """``(A⁻¹)[i_e, j_e]`` for every stored entry ``e`` of ``A`` (CSR order), float64 ``(nnz,)``.
 
     Converts ``factor`` to a simplicial ``L Lᵀ`` factor in place (CHOLMOD's
-    ``L()``), runs :func:`~gpsparse.core.selinv._takahashi_kernel` on it and gathers the entries of
+    ``L()``), runs ``_takahashi_kernel`` on it and gathers the entries of
     ``A``'s pattern through the cached lookup.
     """
     L = factor.L()  # CSC, L Lᵀ = A[p][:, p]
@@ -300,7 +298,7 @@ class CholeskyPreconditioner(Preconditioner):
     """The exact preconditioner ``M = A``, factorised by CHOLMOD.
 
     CHOLMOD computes ``L Lᵀ = A[p][:, p]`` with a fill-reducing permutation
-    ``p`` (:attr:`perm`). With the permutation matrix ``P`` (``(P r)[i] =
+    ``p`` ([`perm`][]). With the permutation matrix ``P`` (``(P r)[i] =
     r[p[i]]``), ``A = Pᵀ L Lᵀ P``, so the split factor is ``C = Pᵀ L``:
 
     * ``M⁻¹ r = A⁻¹ r``;
@@ -313,12 +311,12 @@ class CholeskyPreconditioner(Preconditioner):
     factor of ``A`` at an earlier optimiser step as a preconditioner for later
     steps (DESIGN.md, "Preconditioning").
 
-    Build with :meth:`from_matrix`. Batched values ``(*batch, nnz)`` give one
+    Build with [`from_matrix`][]. Batched values ``(*batch, nnz)`` give one
     factor per batch element; ``r`` ``(*rbatch, n, k)`` broadcasts against
-    :attr:`batch_shape`. Applies run on the CPU in float64; the preconditioner
-    keeps the device and dtype it was built with (or given by :meth:`to`) and
+    ``batch_shape``. Applies run on the CPU in float64; the preconditioner
+    keeps the device and dtype it was built with (or given by ``to``) and
     converts ``r`` and the result (CUDA tensors are copied to the host and back).
-    Not differentiable (see :class:`~gpsparse.core.preconditioners.Preconditioner`).
+    Not differentiable (see [`Preconditioner`][gpsparse.Preconditioner]).
 
     Examples
     --------
@@ -349,11 +347,11 @@ class CholeskyPreconditioner(Preconditioner):
         ----------
         A : sparse Tensor, object with ``to_sparse_csr()``, or Tensor of values
             * a 2-D torch sparse COO/CSR tensor (or an object with
-              ``to_sparse_csr()``, e.g. a :class:`~gpsparse.SparseLinearOperator`),
-              symmetric positive definite; CHOLMOD reads its lower triangle;
+                ``to_sparse_csr()``, e.g. a [`SparseLinearOperator`][gpsparse.SparseLinearOperator]),
+                symmetric positive definite; CHOLMOD reads its lower triangle;
             * ``values`` ``(*batch, nnz)`` together with ``pattern``; the same
-              pair may also be passed as a tuple ``A = (values, pattern)``.
-              The symbolic analysis is cached on the pattern.
+                pair may also be passed as a tuple ``A = (values, pattern)``.
+                The symbolic analysis is cached on the pattern.
         pattern : SparsityPattern, optional
             Declared symmetric; only with ``values``.
 

@@ -5,13 +5,13 @@ and need ``Σ_i a[..., i, c] b[..., i, c]`` for every column ``c`` several
 times per step. They are memory-bandwidth-bound, so the fastest way is the
 one that reads each operand once and allocates nothing ``(n, k)``-sized:
 
-* one vector (``(n, 1)``, no batch): :func:`torch.dot`;
+* one vector (``(n, 1)``, no batch): ``torch.dot``;
 * ``k ≤ 32`` columns: the diagonal of the GEMM ``aᵀb`` (the ``k``-fold extra
-  flops are free in a bandwidth-bound loop; measured faster than
-  ``sum(a*b)`` and ``einsum``);
+    flops are free in a bandwidth-bound loop; measured faster than
+    ``sum(a*b)`` and ``einsum``);
 * wider blocks: ``a*b`` (into a caller-provided buffer when given) summed
-  over rows, since above 32 columns ``aᵀb`` costs more flops than it saves in
-  memory traffic.
+    over rows, since above 32 columns ``aᵀb`` costs more flops than it saves in
+    memory traffic.
 
 Pure tensor code: imports torch only.
 """
@@ -37,7 +37,7 @@ def column_dot(a: Tensor, b: Tensor, *, buffer: Tensor | None = None) -> Tensor:
         dimensions broadcast). Not modified.
     buffer : Tensor, optional
         Scratch space of the broadcast shape of ``a`` and ``b``, used (and
-        overwritten) only for blocks wider than :data:`GEMM_DOT_MAX_COLUMNS`
+        overwritten) only for blocks wider than ``GEMM_DOT_MAX_COLUMNS``
         columns, so that a loop calling this every step allocates nothing.
 
     Returns

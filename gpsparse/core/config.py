@@ -4,7 +4,7 @@ Static settings (method, tolerances, caps, preconditioner, probe counts) are
 kept apart from per-call inputs (values, right-hand sides, probes), as in
 lineax. They are hashable, travel into autograd Functions unchanged (so the
 backward pass runs with the forward's settings) and are built at the public
-boundary — from a function's arguments or from :mod:`gpsparse.settings` by
+boundary — from a function's arguments or from [`gpsparse.settings`][] by
 the operators — so that nothing below reads global state.
 
 The stopping rule of every Krylov core is, per column,
@@ -50,7 +50,7 @@ __all__ = [
 
 METHODS = ("cg", "minres", "bicgstab")
 GRADIENTS = ("adjoint", "hutchinson")
-#: Roads of the dispatcher (:mod:`gpsparse.linalg.dispatch`): ``"auto"`` chooses among the others.
+#: Roads of the dispatcher (``gpsparse.linalg.dispatch``): ``"auto"`` chooses among the others.
 ROADS = ("auto", "banded", "cholesky", "dense", "krylov")
 PreconditionerSpec = None | str | Preconditioner | Callable[[Tensor], Tensor]
 
@@ -75,12 +75,12 @@ class SolverConfig:
         Iteration cap (``None``: the core's default, ``10·n``).
     preconditioner : None, "jacobi", "ic0", "cholesky", Preconditioner or callable
         A name builds the preconditioner from the (detached) matrix values
-        at every call (:func:`gpsparse.core.preconditioners.build_preconditioner`);
+        at every call (``gpsparse.core.preconditioners.build_preconditioner``);
         an object or callable ``r ↦ M⁻¹ r`` is used as given. ``M`` must be
         symmetric: the backward pass applies it to ``Aᵀ`` too.
     strict : bool
-        Raise :class:`~gpsparse.errors.NonConvergenceError` instead of
-        warning with :class:`~gpsparse.errors.ConvergenceWarning` when the
+        Raise [`NonConvergenceError`][gpsparse.errors.NonConvergenceError] instead of
+        warning with [`ConvergenceWarning`][gpsparse.errors.ConvergenceWarning] when the
         tolerance is not reached.
     cholesky_refresh : int
         With ``preconditioner="cholesky"``: refactorise the stale factor every
@@ -125,7 +125,7 @@ class LogdetConfig:
         Lanczos steps ``K`` per probe (adjoint mode); ignored by the
         Hutchinson mode, whose CG runs to ``rtol``.
     gradient : {"adjoint", "hutchinson"}
-        See :mod:`gpsparse.core.slq`.
+        See ``gpsparse.core.slq``.
     preconditioner : None, "jacobi", "ic0", "cholesky" or Preconditioner
         ``"jacobi"`` is the exact symmetric diagonal scaling
         ``D^{-1/2} A D^{-1/2}``, applied as a differentiable transformation of
@@ -171,7 +171,7 @@ class LogdetConfig:
 
 @dataclass(frozen=True)
 class RoadConfig:
-    """Everything the dispatcher needs to choose and run a road (:mod:`gpsparse.linalg.dispatch`).
+    """Everything the dispatcher needs to choose and run a road (``gpsparse.linalg.dispatch``).
 
     Parameters
     ----------

@@ -25,7 +25,7 @@ def sparse_parts(matrix: Tensor, *, symmetric: bool | None = None) -> tuple[Tens
     symmetric : bool or None
         Declare the matrix symmetric (``True``), general (``False``), or detect
         it (``None``: pattern equals its transpose and values are exactly
-        symmetric). See :class:`~gpsparse.core.pattern.SparsityPattern`.
+        symmetric). See [`SparsityPattern`][gpsparse.SparsityPattern].
 
     Raises
     ------

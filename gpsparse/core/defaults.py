@@ -1,7 +1,7 @@
 """The numerical defaults of gpsparse, defined once (no imports: every layer may read them).
 
-:mod:`gpsparse.core.config` (the frozen configurations), the Krylov cores'
-keyword defaults, the preconditioner registry and :mod:`gpsparse.settings`
+``gpsparse.core.config`` (the frozen configurations), the Krylov cores'
+keyword defaults, the preconditioner registry and [`gpsparse.settings`][]
 all take their defaults from here.
 """
 

@@ -1,10 +1,10 @@
 r"""Lanczos tridiagonalisation of a symmetric matrix on a ``matvec`` closure (the forward pass).
 
-:func:`lanczos` runs ``K = num_lanczos`` steps of the symmetric Lanczos
+``lanczos`` runs ``K = num_lanczos`` steps of the symmetric Lanczos
 iteration from each of ``p`` start vectors at once (the columns of one block,
 so every step costs one SpMM for all of them) and returns the Krylov basis and
-the tridiagonal coefficients as a :class:`LanczosDecomposition`. Its exact
-reverse mode is :func:`gpsparse.core.lanczos_adjoint.lanczos_adjoint`
+the tridiagonal coefficients as a ``LanczosDecomposition``. Its exact
+reverse mode is ``gpsparse.core.lanczos_adjoint.lanczos_adjoint``
 (Krämer, Moreno-Muñoz, Roy & Hauberg, NeurIPS 2024), whose module holds the
 derivation and why the adjoint must reverse the re-orthogonalisation that
 ran. Both are pure tensor functions (no gpytorch, no autograd Function); they
@@ -12,7 +12,6 @@ run inside ``torch.no_grad()``.
 
 The forward recurrence (per column; ``q₀ = 0``, ``β₀ = 0``)
 ----------------------------------------------------------
-::
 
     q₁ = v / ‖v‖
     for k = 1 … K:
@@ -36,16 +35,16 @@ The Krylov space of that column is then invariant (up to ``tol``): its later
 basis vectors are 0, its later ``α`` are 1 and its ``β`` from step ``k`` on
 are 0, so ``T = T_k ⊕ I`` and ``e₁ᵀ f(T) e₁ = e₁ᵀ f(T_k) e₁`` for any ``f``
 with ``f(1)`` finite; ``steps`` records ``k``
-(:func:`gpsparse.core.quadrature.tridiagonal` builds ``T`` from ``alpha``,
+(``gpsparse.core.quadrature.tridiagonal`` builds ``T`` from ``alpha``,
 ``beta`` and, for unpadded coefficients, ``steps``). The adjoint treats the
-stop as a fixed decision (:mod:`gpsparse.core.lanczos_adjoint`).
+stop as a fixed decision (``gpsparse.core.lanczos_adjoint``).
 
 Memory and cost
 ---------------
 The basis ``(*batch, n, p, K)`` is allocated once; K matvecs on
 ``(*batch, n, p)`` blocks, plus ``O(n·p·k)`` work per step with
 re-orthogonalisation, and 3 ``(*batch, n, p)`` work blocks. Nothing ``n × n``
-is formed. (The adjoint's costs: :mod:`gpsparse.core.lanczos_adjoint`.)
+is formed. (The adjoint's costs: ``gpsparse.core.lanczos_adjoint``.)
 """
 
 from __future__ import annotations
@@ -66,14 +65,14 @@ __all__ = ["LanczosDecomposition", "lanczos"]
 
 @dataclass(frozen=True, eq=False)
 class LanczosDecomposition:
-    """The output of :func:`lanczos`: ``A Q ≈ Q T`` per start vector.
+    """The output of ``lanczos``: ``A Q ≈ Q T`` per start vector.
 
     Attributes
     ----------
     basis : Tensor
         ``(*batch, n, p, K)``: ``basis[..., c, k]`` is ``q_{k+1}`` of column
         ``c`` (orthonormal Krylov vectors); 0 for ``k ≥ steps[..., c]``.
-        From :func:`lanczos` it is a view of a contiguous ``(*batch, p, K,
+        From ``lanczos`` it is a view of a contiguous ``(*batch, p, K,
         n)`` storage (each column's basis one contiguous ``K × n`` block:
         ``basis.movedim(-3, -1)`` is contiguous, and
         ``basis.reshape(*batch, n, p·K)`` is a view with column ``c·K + k``).
@@ -89,8 +88,8 @@ class LanczosDecomposition:
         min(K, n)``; below ``K`` after a breakdown.
     reorthogonalized : bool
         Whether the forward pass re-orthogonalised (default True).
-        :func:`~gpsparse.core.lanczos_adjoint.lanczos_adjoint` reverses the same computation: a mismatched
-        adjoint is unstable (:mod:`gpsparse.core.lanczos_adjoint`).
+        ``lanczos_adjoint`` reverses the same computation: a mismatched
+        adjoint is unstable (``gpsparse.core.lanczos_adjoint``).
     """
 
     basis: Tensor
@@ -238,7 +237,7 @@ def _lanczos(
 ) -> LanczosDecomposition:
     """The forward loop. ``differentiable=True`` uses no in-place writes (lists, then stack), so plain
     autograd can run through it: that is the test oracle of
-    :func:`~gpsparse.core.lanczos_adjoint.lanczos_adjoint`."""
+    ``lanczos_adjoint``."""
     *batch, n, p = v.shape
     dtype, device = v.dtype, v.device
     columns = (*batch, p)

@@ -1,7 +1,7 @@
-r"""The adjoint (reverse mode) of the Lanczos iteration of :mod:`gpsparse.core.lanczos`.
+r"""The adjoint (reverse mode) of the Lanczos iteration of ``gpsparse.core.lanczos``.
 
-:func:`lanczos_adjoint` is the exact reverse mode of
-:func:`~gpsparse.core.lanczos.lanczos`: given the cotangents of the outputs
+``lanczos_adjoint`` is the exact reverse mode of
+``lanczos``: given the cotangents of the outputs
 it returns the gradient with respect to the start vectors and the gradient
 with respect to ``A`` as a low-rank product ``left @ rightᵀ`` that the caller
 samples at the nonzeros of a sparse ``A``. It runs backwards over the K steps
@@ -10,31 +10,31 @@ autograd tape), following Krämer, Moreno-Muñoz, Roy & Hauberg, "Gradients of
 functions of large matrices" (NeurIPS 2024). A pure tensor function (no
 gpytorch, no autograd Function); it runs inside ``torch.no_grad()``. The
 forward recurrence, the breakdown rule and the padding are documented in
-:mod:`gpsparse.core.lanczos`.
+``gpsparse.core.lanczos``.
 
 The adjoint recurrence (derivation)
 -----------------------------------
-Reverse-mode differentiation of the forward loop (:mod:`gpsparse.core.lanczos`), step by step from ``k = K``
+Reverse-mode differentiation of the forward loop (``gpsparse.core.lanczos``), step by step from ``k = K``
 down to 1. Write ``x̄ = ∂L/∂x``. When step ``k`` is reversed, the adjoints of
 its outputs are complete: ``q̄_{k+1}`` (``q_{k+1}`` is used only in steps
 ``k+1`` and ``k+2``, already reversed) and ``β̄_k`` (used only in step
 ``k+1``); ``ᾱ_k`` is the incoming cotangent. Reversing each assignment:
 
 * ``q_{k+1} = r_k/β_k``, ``β_k = ‖r_k‖``: ``dq_{k+1} = (I − q_{k+1}q_{k+1}ᵀ) dr_k / β_k``
-  and ``dβ_k = q_{k+1}ᵀ dr_k``, hence ::
+    and ``dβ_k = q_{k+1}ᵀ dr_k``, hence
 
-      r̄_k = (q̄_{k+1} − (q_{k+1}ᵀ q̄_{k+1}) q_{k+1}) / β_k + β̄_k q_{k+1}      (r̄_K = 0)
+        r̄_k = (q̄_{k+1} − (q_{k+1}ᵀ q̄_{k+1}) q_{k+1}) / β_k + β̄_k q_{k+1}      (r̄_K = 0)
 
 * ``r_k = w_k − α_k q_k − β_{k−1} q_{k−1}``: ``w̄_k = r̄_k``,
-  ``ᾱ_k −= q_kᵀ r̄_k``, ``q̄_k −= α_k r̄_k``, ``β̄_{k−1} −= q_{k−1}ᵀ r̄_k``,
-  ``q̄_{k−1} −= β_{k−1} r̄_k``.
+    ``ᾱ_k −= q_kᵀ r̄_k``, ``q̄_k −= α_k r̄_k``, ``β̄_{k−1} −= q_{k−1}ᵀ r̄_k``,
+    ``q̄_{k−1} −= β_{k−1} r̄_k``.
 * ``α_k = q_kᵀ w_k``: ``q̄_k += ᾱ_k w_k``, ``w̄_k += ᾱ_k q_k``. So the
-  multiplier of step ``k`` is ``λ_k := w̄_k = r̄_k + ᾱ_k q_k``.
+    multiplier of step ``k`` is ``λ_k := w̄_k = r̄_k + ᾱ_k q_k``.
 * ``w_k = A q_k``: ``Ā += λ_k q_kᵀ`` and ``q̄_k += Aᵀ λ_k``.
 
 ``A`` is symmetric, and ``ᾱ_k w_k = A(ᾱ_k q_k)`` since ``w_k = A q_k``
 exactly, so both matrix products fold into **one matvec per step** and
-nothing of the forward pass but ``Q``, ``α`` and ``β`` is needed::
+nothing of the forward pass but ``Q``, ``α`` and ``β`` is needed:
 
     λ_k       = r̄_k + ᾱ_k q_k                   (ᾱ_k after subtracting q_kᵀ r̄_k)
     q̄_k      += A(λ_k + ᾱ_k q_k) − α_k r̄_k      (now complete)
@@ -60,7 +60,7 @@ a re-orthogonalised forward pass with the plain adjoint amplifies rounding
 errors along converged Ritz vectors by about ``|θ − α_k|/β_k`` per step, and
 so does the opposite mismatch, although the exact derivatives stay moderate.
 Measured on ``∇ Σ vᵀlog(A)v`` by quadrature, spectrum ``[1, 2] ∪ {50, 80,
-100, 120}``, ``n = 40`` (relative error against dense ``eigh``)::
+100, 120}``, ``n = 40`` (relative error against dense ``eigh``):
 
     K                 20        30        40
     plain → plain     2e-14     1e-14     4e-14   (forward has lost orthogonality: ghost Ritz values)
@@ -70,7 +70,7 @@ Measured on ``∇ Σ vᵀlog(A)v`` by quadrature, spectrum ``[1, 2] ∪ {50, 80,
 
 So with re-orthogonalisation the adjoint also reverses
 ``r_k ← (I − Q_k Q_kᵀ) r_k`` (``Q_k = [q₁ … q_k]``). Then ``Q_kᵀ r_k ≈ 0``
-and ``r_k = β_k q_{k+1}``, so its reverse is ::
+and ``r_k = β_k q_{k+1}``, so its reverse is
 
     r̄_k ← (I − Q_k Q_kᵀ) r̄_k        (classical Gram–Schmidt twice, as in the forward pass)
     q̄_j −= (q_jᵀ r̄_k) β_k q_{k+1}   for j ≤ k        (coefficients summed over both passes)
@@ -79,14 +79,14 @@ applied to ``r̄_k`` before it is used above (then ``q_kᵀ r̄_k = q_{k−1}ᵀ
 = 0``). The ``q̄_j`` terms are kept as a ``K × (K − 1)`` matrix
 ``C[j, m] = β_m q_jᵀ r̄_m`` per column and added when step ``j`` is reversed
 (``q̄_j −= Σ_{m≥j} C[j, m] q_{m+1}``), so no ``n × K`` buffer besides the
-output is needed. :class:`LanczosDecomposition` records which forward pass
-ran and :func:`lanczos_adjoint` follows it. Both pairs match autograd through
+output is needed. ``LanczosDecomposition`` records which forward pass
+ran and ``lanczos_adjoint`` follows it. Both pairs match autograd through
 the same loop to ~1e-15 (``tests/test_tridiag.py``).
 
 Breakdown
 ---------
 The adjoint treats a column's stop at step ``k < K``
-(:mod:`gpsparse.core.lanczos`) as a fixed decision: it differentiates the
+(``gpsparse.core.lanczos``) as a fixed decision: it differentiates the
 ``k``-step map (cotangents of the padding are ignored; step ``k`` is reversed
 as a last step, ``r̄_k = 0``), which is smooth, and for Gauss quadrature
 ``e₁ᵀf(T_k)e₁`` it is the gradient of ``vᵀf(A)v`` itself (the quadrature
@@ -122,11 +122,11 @@ def lanczos_adjoint(
     grad_norm: Tensor | None = None,
     reorthogonalize: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Reverse mode of :func:`~gpsparse.core.lanczos.lanczos`: gradients w.r.t. the start vectors and ``A``.
+    r"""Reverse mode of ``lanczos``: gradients w.r.t. the start vectors and ``A``.
 
     Runs the adjoint recurrence of the module docstring backwards over the
     steps, one ``matvec`` per step, from the stored ``basis``, ``alpha`` and
-    ``beta`` only::
+    ``beta`` only:
 
         r̄_k = (q̄_{k+1} − (q_{k+1}ᵀq̄_{k+1}) q_{k+1}) / β_k + β̄_k q_{k+1}   (r̄_K = 0)
         [re-orthogonalisation: r̄_k ← (I − Q_kQ_kᵀ) r̄_k,  q̄_j −= (q_jᵀr̄_k) β_k q_{k+1}, j ≤ k]
@@ -141,7 +141,7 @@ def lanczos_adjoint(
         The ``matvec`` of the forward pass (``A`` symmetric), on
         ``(*batch, n, p)`` blocks.
     decomposition : LanczosDecomposition
-        The output of :func:`~gpsparse.core.lanczos.lanczos` (with or without re-orthogonalisation).
+        The output of ``lanczos`` (with or without re-orthogonalisation).
     grad_basis, grad_alpha, grad_beta : Tensor or None
         Cotangents ``∂L/∂basis (*batch, n, p, K)``, ``∂L/∂alpha (*batch, p,
         K)``, ``∂L/∂beta (*batch, p, K − 1)``; None means zero. Entries at the
@@ -163,7 +163,7 @@ def lanczos_adjoint(
         ``(*batch, n, m)`` with ``m = p·K``: ``∂L/∂A = left @ rightᵀ``,
         ``left[..., c·K + k] = λ_{k+1}`` of column ``c`` and ``right`` the
         basis reshaped (a view of it, no copy, for a basis from
-        :func:`~gpsparse.core.lanczos.lanczos`). Both are column-major (``stride(-2) == 1``: each of
+        ``lanczos``). Both are column-major (``stride(-2) == 1``: each of
         the ``m`` columns is contiguous, so a sampler can loop over column
         chunks). Sample the product at the nonzeros,
         ``g[e] = Σ_c left[i_e, c]·right[j_e, c]``; never form it.
@@ -174,7 +174,7 @@ def lanczos_adjoint(
     ------
     TypeError
         ``matvec`` not callable, ``decomposition`` not a
-        :class:`LanczosDecomposition`, a cotangent not a tensor.
+        ``LanczosDecomposition``, a cotangent not a tensor.
     ValueError
         A cotangent of the wrong shape, dtype or device, or a ``matvec``
         output of the wrong shape, dtype or device.
@@ -185,7 +185,7 @@ def lanczos_adjoint(
     plus about 6 passes over the ``k`` stored vectors with
     ``reorthogonalize=True`` (``O(n·p·K²)`` in all, as in the forward pass).
     Memory: ``left`` (``n·p·K``), 4 ``(n, p)`` blocks and ``p·K²`` numbers
-    (plus one copy of the basis if it does not have :func:`~gpsparse.core.lanczos.lanczos`' layout).
+    (plus one copy of the basis if it does not have ``lanczos``' layout).
     A column whose ``β_k`` are tiny but above the breakdown threshold gives
     large (correct) gradients: the map ``(A, v) ↦ Q`` is then
     ill-conditioned.

@@ -6,19 +6,19 @@ nodes ``t_0 < … < t_{n−1}`` the states form a Markov chain, so their joint
 precision is block tridiagonal (``s × s`` blocks, half-bandwidth ``2s − 1 ≤ 5``)
 and the covariance of the observations is ``W Q⁻¹ Wᵀ`` with ``W`` selecting
 the first state component — the exact Matérn covariance, never formed.
-gpsparse's banded Cholesky (:mod:`gpsparse.core.banded`) then gives exact
+gpsparse's banded Cholesky (``gpsparse.core.banded``) then gives exact
 log-determinants, solves and gradients in ``O(n)``.
 
 This module is the core (DESIGN.md §1: plain tensors, no GPyTorch, no
-Function subclasses): the state-space constants (:func:`matern_state_space`),
+Function subclasses): the state-space constants (``matern_state_space``),
 the regularised incomplete gamma function and its derivative, the entries of
 the transitions and noise covariances, the CSR values of the precision and
-their adjoint (:func:`assemble_precision_values`,
-:func:`precision_values_vjp`), the pattern (:func:`precision_pattern`) and
-the covariance (:func:`matern_covariance`). The Function classes pairing
-them are in :mod:`gpsparse.autograd.markov`; the GPyTorch kernel
+their adjoint (``assemble_precision_values``,
+``precision_values_vjp``), the pattern (``precision_pattern``) and
+the covariance (``matern_covariance``). The Function classes pairing
+them are in ``gpsparse.autograd.markov``; the GPyTorch kernel
 ``MarkovMaternKernel`` and ``matern_precision`` (the precision as a
-``SparseLinearOperator``) in :mod:`gpsparse.kernels.markov`.
+``SparseLinearOperator``) in ``gpsparse.kernels.markov``.
 
 Mathematics
 -----------
@@ -26,17 +26,19 @@ With ``λ = √(2ν)/ℓ`` and the state scaled to ``z_c = f^{(c)}/λ^c``, every
 depends on the scaled gap ``x = λΔ`` only. The drift is the companion matrix
 ``F`` of ``(u + 1)^s`` and ``N = F + I`` is nilpotent, so the transition is
 
-.. math::
-    A(x) = e^{Fx} = e^{-x} \sum_{k<s} N^k x^k / k!,
+$$
+A(x) = e^{Fx} = e^{-x} \sum_{k<s} N^k x^k / k!,
+$$
 
 and with ``e^{Fu} e_s = e^{-u} Σ_j a_j u^j`` (``a_j = N^j e_s / j!``) and the
 white-noise intensity ``q = (p!)²/(2p)! · 2^{2p+1}`` (unit variance) the
 process noise is
 
-.. math::
-    Σ(x) = q \int_0^x e^{Fu} e_s e_s^T e^{F^T u} du
-         = \sum_{m=0}^{2p} P(m + 1, 2x)\, K_m, \qquad
-    K_m = q \frac{m!}{2^{m+1}} \sum_{j+k=m} a_j a_k^T,
+$$
+Σ(x) = q \int_0^x e^{Fu} e_s e_s^T e^{F^T u} du
+= \sum_{m=0}^{2p} P(m + 1, 2x)\, K_m, \qquad
+K_m = q \frac{m!}{2^{m+1}} \sum_{j+k=m} a_j a_k^T,
+$$
 
 where ``P(m + 1, y) = e^{−y} Σ_{i>m} y^i/i!`` is the regularised lower
 incomplete gamma function (for the top order a series for ``x < 1``, where
@@ -48,7 +50,7 @@ orders by the stable downward recurrence
 bidiagonal with ``I`` and ``−A_k``, ``S = blockdiag(P∞, Σ_0, …)``):
 
 * ``Q_{00} = P∞⁻¹ + A_0ᵀ Σ_0⁻¹ A_0``, ``Q_{ii} = Σ_{i−1}⁻¹ + A_iᵀ Σ_i⁻¹ A_i``,
-  ``Q_{n−1,n−1} = Σ_{n−2}⁻¹``;
+    ``Q_{n−1,n−1} = Σ_{n−2}⁻¹``;
 * ``Q_{k+1,k} = −Σ_k⁻¹ A_k = Q_{k,k+1}ᵀ``.
 
 Everything is a differentiable function of ``x``, hence of ``ℓ`` and of the
@@ -102,8 +104,8 @@ SUPPORTED_NU = (0.5, 1.5, 2.5)
 #: Terms of the incomplete-gamma series beyond the first (for 2x < 2 the tail is < 1e-18 relative).
 _SERIES_TERMS = 26
 
-#: ``(x, top) -> (top + 1, *x.shape)`` tensor of ``P(m + 1, 2x)``: :func:`regularized_gamma` or a
-#: differentiable stand-in with a custom backward (:func:`gpsparse.autograd.markov.regularized_gamma`).
+#: ``(x, top) -> (top + 1, *x.shape)`` tensor of ``P(m + 1, 2x)``: ``regularized_gamma`` or a
+#: differentiable stand-in with a custom backward (``gpsparse.autograd.markov.regularized_gamma``).
 GammaFn = Callable[[Tensor, int], Tensor]
 
 # ---------------------------------------------------------------------------
@@ -138,7 +140,7 @@ class MaternStateSpace:
 
 @cache
 def matern_state_space(nu: float) -> MaternStateSpace:
-    """The constants of the Matérn ν SDE (module docstring); ν in :data:`SUPPORTED_NU`.
+    """The constants of the Matérn ν SDE (module docstring); ν in ``SUPPORTED_NU``.
 
     Examples
     --------
@@ -167,7 +169,7 @@ def matern_state_space(nu: float) -> MaternStateSpace:
 
 
 def matern_order(nu) -> int:
-    """State dimension ``s = p + 1`` of Matérn ν = p + ½; ``ValueError`` unless ν is in :data:`SUPPORTED_NU`."""
+    """State dimension ``s = p + 1`` of Matérn ν = p + ½; ``ValueError`` unless ν is in ``SUPPORTED_NU``."""
     if nu not in SUPPORTED_NU:
         raise ValueError(f"nu must be one of {SUPPORTED_NU} (Matérn ν = p + 1/2 with a state space), got {nu!r}")
     return int(nu + 0.5)
@@ -189,8 +191,8 @@ def regularized_gamma(x: Tensor, top: int) -> Tensor:
     ``P(m, y) = P(m + 1, y) + e^{−y} y^m/m!`` (positive terms, stable).
 
     Differentiable under plain autograd (the oracle of the custom backward in
-    :mod:`gpsparse.autograd.markov`, whose gradient is
-    :func:`regularized_gamma_vjp`).
+    ``gpsparse.autograd.markov``, whose gradient is
+    ``regularized_gamma_vjp``).
 
     Examples
     --------
@@ -250,8 +252,8 @@ def regularized_gamma_vjp(x: Tensor, top: int, grad: Tensor) -> Tensor:
 def transition_and_noise_entries(x: Tensor, nu: float, *, gamma: GammaFn = regularized_gamma) -> tuple[list, list]:
     """Entry lists of ``A(x)`` and ``Σ(x)`` (module docstring) of the scaled gaps ``x``; zero coefficients skipped.
 
-    ``gamma`` evaluates ``P(m + 1, 2x)`` (default :func:`regularized_gamma`; the autograd layer passes
-    one with a custom backward). Stack the lists with :func:`stack_entries`.
+    ``gamma`` evaluates ``P(m + 1, 2x)`` (default ``regularized_gamma``; the autograd layer passes
+    one with a custom backward). Stack the lists with ``stack_entries``.
     """
     space = matern_state_space(nu)
     s = space.order
@@ -334,14 +336,14 @@ def _cross(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
 
 
 def assemble_precision_values(x: Tensor, nu: float, p_inv: Tensor) -> Tensor:
-    """CSR values of ``Q`` (layout of :func:`precision_pattern`) from the scaled gaps, ``(*batch, nnz)``.
+    """CSR values of ``Q`` (layout of ``precision_pattern``) from the scaled gaps, ``(*batch, nnz)``.
 
     Node ``i``'s rows hold ``[L_{i−1}[a, :], D_i[a, :], L_i[:, a]]`` with
     ``D_i = Σ_{i−1}⁻¹ + A_iᵀΣ_i⁻¹A_i`` (``P∞⁻¹`` for ``i = 0``, no second term
     for ``i = n − 1``). The interior nodes are written by one stack of ``3s²``
     entry arrays (the structure-of-arrays to CSR transpose), the two end nodes
     separately. Forward only (no custom gradient needed here: under plain
-    autograd it is the oracle of :func:`precision_values_vjp`).
+    autograd it is the oracle of ``precision_values_vjp``).
     """
     lower, s_inv, quad = gap_blocks(x, nu)
     s = len(lower)
@@ -361,7 +363,7 @@ def assemble_precision_values(x: Tensor, nu: float, p_inv: Tensor) -> Tensor:
 
 
 def gap_gradients(grad: Tensor, n: int, s: int) -> list[Tensor]:
-    """The adjoint of :func:`assemble_precision_values`'s arrangement: gradients of the entries of ``(L, Σ⁻¹, AᵀΣ⁻¹A)``.
+    """The adjoint of ``assemble_precision_values``'s arrangement: gradients of the entries of ``(L, Σ⁻¹, AᵀΣ⁻¹A)``.
 
     Returns the flat list ``[gL_ab for a, b] + [gΣ⁻¹_ab for a ≤ b] + [gQ_ab for a ≤ b]`` of
     ``(*batch, n − 1)`` tensors; a symmetric entry collects both of its positions. One transpose of
@@ -396,9 +398,9 @@ def gap_gradients(grad: Tensor, n: int, s: int) -> list[Tensor]:
 def precision_values_vjp(x: Tensor, nu: float, grad: Tensor, *, gamma: GammaFn = regularized_gamma) -> Tensor:
     """The gradient with respect to the scaled gaps ``x`` ``(*batch, n − 1)`` of ``⟨grad, values(x)⟩``.
 
-    ``values`` is :func:`assemble_precision_values` and ``grad`` ``(*batch, nnz)`` the upstream
+    ``values`` is ``assemble_precision_values`` and ``grad`` ``(*batch, nnz)`` the upstream
     gradient. The blocks are recomputed under autograd (with ``gamma``, e.g. one with a custom
-    backward) and the gradient of the values, rearranged by :func:`gap_gradients`, pulled back to
+    backward) and the gradient of the values, rearranged by ``gap_gradients``, pulled back to
     ``x``: nothing of size ``O(nnz)`` per intermediate need be kept between a forward and this.
     """
     s = matern_order(nu)

@@ -1,22 +1,22 @@
 """Fixed-radius neighbour search (core layer).
 
-:func:`radius_pairs` finds every pair of points closer than a radius without
+``radius_pairs`` finds every pair of points closer than a radius without
 an ``n × m`` distance matrix. Coordinates are first scaled by the radius, so
 the search is always for scaled distances ``< 1``.
 
-* **CPU tensors**: SciPy's :class:`scipy.spatial.cKDTree` (``query_pairs``
-  for ``y = None``, ``sparse_distance_matrix`` between two trees otherwise),
-  searched with the radius widened by a few ulps; the candidates whose
-  distance lies within that band of 1 are re-tested with the grid path's own
-  torch expression, so the pair set is identical to the grid search's
-  (strict ``< 1`` in the input dtype). 1.3–3× faster than the grid search on
-  one core (benchmarked for d = 1, 2, 3, 30–100 neighbours, 10⁴–10⁵ points).
+* **CPU tensors**: SciPy's ``scipy.spatial.cKDTree`` (``query_pairs``
+    for ``y = None``, ``sparse_distance_matrix`` between two trees otherwise),
+    searched with the radius widened by a few ulps; the candidates whose
+    distance lies within that band of 1 are re-tested with the grid path's own
+    torch expression, so the pair set is identical to the grid search's
+    (strict ``< 1`` in the input dtype). 1.3–3× faster than the grid search on
+    one core (benchmarked for d = 1, 2, 3, 30–100 neighbours, 10⁴–10⁵ points).
 * **Other devices (CUDA)**: a uniform grid in torch. Points are binned into
-  cells of side 1 (scaled), and each point is compared only with the points
-  of its own and the ``3^d − 1`` adjacent cells. Cost O((n + m) log m +
-  candidates), memory O(pairs + a bounded chunk of candidates). Candidates
-  per true neighbour: ``3^d / V_d`` on average (``V_d`` the unit-ball volume:
-  1.5 in 1-D, 2.9 in 2-D, 6.4 in 3-D).
+    cells of side 1 (scaled), and each point is compared only with the points
+    of its own and the ``3^d − 1`` adjacent cells. Cost O((n + m) log m +
+    candidates), memory O(pairs + a bounded chunk of candidates). Candidates
+    per true neighbour: ``3^d / V_d`` on average (``V_d`` the unit-ball volume:
+    1.5 in 1-D, 2.9 in 2-D, 6.4 in 3-D).
 
 This module is a core: plain tensors, no autograd, no gpytorch.
 """
@@ -141,7 +141,7 @@ def _too_many(max_pairs: int, radius: Tensor, n: int, m: int) -> RuntimeError:
 
 
 def _kdtree_pairs(zx: Tensor, zy: Tensor, symmetric: bool, radius: Tensor, max_pairs: int | None):
-    """CPU search with cKDTree on the scaled points; same pair set as :func:`_grid_pairs`.
+    """CPU search with cKDTree on the scaled points; same pair set as ``_grid_pairs``.
 
     The trees are searched with radius ``1 + δ`` (``δ`` a few ulps of the dtype, covering the rounding of
     the dtype's arithmetic against SciPy's float64); candidates with float64 squared distance ``< 1 − δ``

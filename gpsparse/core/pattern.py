@@ -3,12 +3,12 @@
 A sparse matrix in gpsparse is split in two (DESIGN.md §2):
 
 * ``values`` — a dense tensor of shape ``(*batch, nnz)``, the only thing that
-  carries gradients;
-* a :class:`SparsityPattern` — row pointers, column indices, the permutation to
-  the transpose, the positions of the diagonal and cached block-diagonal
-  layouts for batches. It holds no gradients and travels through
-  linear_operator's representation machinery *by reference* as a keyword
-  argument, so rebuilding an operator from ``(values, pattern)`` costs O(1).
+    carries gradients;
+* a [`SparsityPattern`][gpsparse.SparsityPattern] — row pointers, column indices, the permutation to
+    the transpose, the positions of the diagonal and cached block-diagonal
+    layouts for batches. It holds no gradients and travels through
+    linear_operator's representation machinery *by reference* as a keyword
+    argument, so rebuilding an operator from ``(values, pattern)`` costs O(1).
 
 Entries are stored in CSR order (sorted by row, then column, no duplicates).
 Batched operators share one pattern; values carry the batch dimensions.
@@ -32,7 +32,7 @@ _INT32_MAX = 2**31 - 1
 
 T = TypeVar("T")
 
-#: Partner patterns whose merged pattern :meth:`SparsityPattern.union` keeps.
+#: Partner patterns whose merged pattern ``SparsityPattern.union`` keeps.
 _UNION_CACHE_SIZE = 4
 
 
@@ -56,8 +56,8 @@ def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int])
 class SparsityPattern:
     """An immutable CSR sparsity pattern of an ``m × n`` matrix.
 
-    Construct it with :meth:`from_indices` (any order, duplicates rejected)
-    or :meth:`from_csr` (already sorted CSR). Operators built on the same
+    Construct it with [`from_indices`][] (any order, duplicates rejected)
+    or ``from_csr`` (already sorted CSR). Operators built on the same
     pattern object share all its caches.
 
     Parameters
@@ -103,7 +103,7 @@ class SparsityPattern:
         The one cache of pattern-derived structure (bandwidth, band layouts,
         merged patterns, Gram patterns, symbolic factorisations, stale
         factors): it lives and dies with the pattern object, is not copied by
-        :meth:`to` / :meth:`with_symmetric` (device- or declaration-specific
+        [`to`][] / [`with_symmetric`][] (device- or declaration-specific
         structures are rebuilt there), and is not pickled. Keys are strings
         or tuples whose first element names the owner (``"banded.layout"``,
         ``("union", id(other))``).
@@ -117,7 +117,7 @@ class SparsityPattern:
     def union(self, other: SparsityPattern) -> tuple[SparsityPattern, Tensor]:
         """Pattern of ``A + B`` and the positions of this pattern's then ``other``'s entries in it.
 
-        Cached (:meth:`derived`) for the last few partner patterns by identity,
+        Cached ([`derived`][]) for the last few partner patterns by identity,
         holding a strong reference so an ``id`` is never reused while cached: a
         training loop adding the same two patterns every step
         (``P = Q + WᵀD⁻¹W``) merges them once.
@@ -213,7 +213,7 @@ class SparsityPattern:
 
     @cached_property
     def transposed(self) -> SparsityPattern:
-        """The pattern of ``Aᵀ`` (its :attr:`transposed` is ``self``)."""
+        """The pattern of ``Aᵀ`` (its [`transposed`][] is ``self``)."""
         if self.symmetric:
             return self
         perm = self.transpose_perm

@@ -72,7 +72,7 @@ def tridiagonal(alpha: Tensor, beta: Tensor, steps: Tensor | int | None = None) 
         ``(..., K − 1)`` off-diagonals (``T[k, k+1] = T[k+1, k] = beta[k]``).
     steps : Tensor or int, optional
         Valid steps per matrix, broadcastable to ``alpha.shape[:-1]``: entries
-        beyond them are replaced by padding (:func:`pad_tridiagonal`), so each
+        beyond them are replaced by padding (``pad_tridiagonal``), so each
         matrix is ``T_j ⊕ I`` with ``T_j`` its leading ``j × j`` block. None
         (default) uses ``alpha`` and ``beta`` as given.
 

@@ -2,14 +2,14 @@
 
 Pure numerics on the CSC arrays of a lower-triangular factor ``L``; the
 CHOLMOD driver that produces ``L`` and gathers the result at the entries of
-``A`` is :func:`gpsparse.core.cholmod._selected_inverse`.
+``A`` is ``gpsparse.core.cholmod._selected_inverse``.
 
 Mathematics
 -----------
 CHOLMOD factorises ``Ã = A[p][:, p] = L Lᵀ`` (``p`` its fill-reducing
 permutation). ``Z̃ = Ã⁻¹`` satisfies ``Lᵀ Z̃ = L⁻¹`` (upper triangular with
 diagonal ``1/L_jj``), which gives, for ``j`` from ``n − 1`` down to ``0``
-(Takahashi, Fagan and Chen, 1973; Erisman and Tinney, 1975)::
+(Takahashi, Fagan and Chen, 1973; Erisman and Tinney, 1975):
 
     Z̃[i, j] = −(1 / L_jj) Σ_{k ∈ S_j} Z̃[i, k] L[k, j]          i ∈ S_j
     Z̃[j, j] = 1 / L_jj² − (1 / L_jj) Σ_{k ∈ S_j} L[k, j] Z̃[k, j]
@@ -17,9 +17,9 @@ diagonal ``1/L_jj``), which gives, for ``j`` from ``n − 1`` down to ``0``
 with ``S_j`` the rows below the diagonal in column ``j`` of ``L``. Every
 ``Z̃[i, k]`` needed lies in the (filled, elimination-closed) pattern of ``L``,
 so ``Z̃`` is computed on that pattern only and ``Z[i_e, j_e] =
-Z̃[p⁻¹[i_e], p⁻¹[j_e]]`` is then read off (:func:`_lookup_kernel`). Columns
+Z̃[p⁻¹[i_e], p⁻¹[j_e]]`` is then read off (``_lookup_kernel``). Columns
 sharing one structure (supernodes, found again in the factor CHOLMOD returns,
-:func:`_supernodes`) are done together with dense blocks: for columns ``J``
+``_supernodes``) are done together with dense blocks: for columns ``J``
 with rows ``R`` below them, ``Z̃_RJ = −Z̃_RR L_RJ L_JJ⁻¹`` and
 ``Z̃_JJ = L_JJ⁻ᵀ (L_JJ⁻¹ − L_RJᵀ Z̃_RJ)`` (Lin, Yang, Meza, Lu, Ying and E,
 "SelInv", 2011). Cost ``O(Σ_J |R|² |J| + |J|³)`` — the order of the numeric
@@ -28,7 +28,7 @@ factorisation — and ``nnz(L)`` extra memory, never a dense inverse.
 The kernels are compiled by numba on first use (~10–15 s in a fresh
 environment, then cached on disk; ~1 s to load in a new process). The dense
 blocks call BLAS: run them under
-:func:`gpsparse.core.cholmod._blas_threads`.
+``gpsparse.core.cholmod._blas_threads``.
 
 This module is a core: it imports numpy and numba only.
 """
@@ -206,8 +206,8 @@ def _takahashi_kernel(indptr, indices, lvals, z, starts, dense_min):
     (same length as ``lvals``) receives ``Z`` on that pattern. Supernodes
     (``starts``) are processed last to first; those with at least
     ``dense_min`` entries in their first column use dense blocks
-    (:func:`_takahashi_supernode`), the others one column at a time
-    (:func:`_takahashi_column`).
+    (``_takahashi_supernode``), the others one column at a time
+    (``_takahashi_column``).
     """
     n = len(indptr) - 1
     where = np.full(n, -1, dtype=np.int64)

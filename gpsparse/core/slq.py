@@ -13,24 +13,24 @@ and only the second term carries gradients.
 Two gradients with respect to the stored values:
 
 * ``"adjoint"`` — the exact gradient of the estimate above: the quadrature
-  gives cotangents on ``(α, β)`` (Daleckii–Krein, :mod:`gpsparse.core.quadrature`),
-  the Lanczos adjoint (:func:`gpsparse.core.lanczos.lanczos_adjoint`, Krämer et al.
-  2024) turns them into ``∂/∂Ã = Σ_k λ_k q_kᵀ``, and
-  ``∂/∂a[e] = Σ_k (C⁻ᵀλ_k)[i_e] (C⁻ᵀq_k)[j_e]`` is a sampled product at the
-  nonzeros. With fixed probes the estimate is a smooth deterministic
-  function of the values and this is its gradient (finite differences agree).
+    gives cotangents on ``(α, β)`` (Daleckii–Krein, ``gpsparse.core.quadrature``),
+    the Lanczos adjoint (``gpsparse.core.lanczos.lanczos_adjoint``, Krämer et al.
+    2024) turns them into ``∂/∂Ã = Σ_k λ_k q_kᵀ``, and
+    ``∂/∂a[e] = Σ_k (C⁻ᵀλ_k)[i_e] (C⁻ᵀq_k)[j_e]`` is a sampled product at the
+    nonzeros. With fixed probes the estimate is a smooth deterministic
+    function of the values and this is its gradient (finite differences agree).
 * ``"hutchinson"`` — probe reuse: one batched CG run on ``Ã`` with the probes
-  as right-hand sides gives ``x̃_l = Ã⁻¹ z_l`` and, from its coefficients, the
-  tridiagonals of the estimate; the gradient is the unbiased estimate of
-  ``A⁻¹`` at the nonzeros, ``(1/p) Σ_l (C⁻ᵀx̃_l)[i_e] (C⁻ᵀz_l)[j_e]``.
-  Cheaper (no stored basis, no second pass) but not the gradient of the
-  estimate.
+    as right-hand sides gives ``x̃_l = Ã⁻¹ z_l`` and, from its coefficients, the
+    tridiagonals of the estimate; the gradient is the unbiased estimate of
+    ``A⁻¹`` at the nonzeros, ``(1/p) Σ_l (C⁻ᵀx̃_l)[i_e] (C⁻ᵀz_l)[j_e]``.
+    Cheaper (no stored basis, no second pass) but not the gradient of the
+    estimate.
 
 Both symmetrise the value gradient (the operator is symmetric).
 
 This module holds the numerics (pure functions on tensors and matvec
 closures); the autograd Functions pairing them are in
-:mod:`gpsparse.autograd.slq`, and the public entry point is :func:`gpsparse.logdet`.
+``gpsparse.autograd.slq``, and the public entry point is [`gpsparse.logdet`][].
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """The single place where a Krylov core is run on a sparse matrix: ``run_solver`` / ``solve_with_info``.
 
-The static part of a solve is a frozen :class:`~gpsparse.core.config.SolverConfig`
+The static part of a solve is a frozen ``SolverConfig``
 (method, tolerances, iteration cap, preconditioner, strictness), kept separate
 from the per-call inputs (values, right-hand sides, initial guess), as in
 lineax; it travels into autograd Functions unchanged, so the backward pass
 solves with the forward's settings. Named preconditioners are built by the one
-registry (:func:`gpsparse.core.preconditioners.build_preconditioner`).
+registry (``gpsparse.core.preconditioners.build_preconditioner``).
 
 The stopping rule is the cores' (``gpsparse.core.krylov``): per column
 ``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``; non-convergence is reported here as a
-:class:`~gpsparse.errors.ConvergenceWarning` naming the residual reached, or a
-:class:`~gpsparse.errors.NonConvergenceError` with ``strict``.
+[`ConvergenceWarning`][gpsparse.errors.ConvergenceWarning] naming the residual reached, or a
+[`NonConvergenceError`][gpsparse.errors.NonConvergenceError] with ``strict``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from torch import Tensor
 from gpsparse.core import krylov
 from gpsparse.core.config import PreconditionerSpec, SolverConfig
 from gpsparse.core.pattern import SparsityPattern
-
 from gpsparse.core.preconditioners import build_preconditioner
 from gpsparse.core.sparse_ops import spmm
 from gpsparse.errors import ConvergenceWarning, NonConvergenceError
@@ -82,7 +81,7 @@ def solve_with_info(
     what: str = "solve",
     return_tridiag: bool = False,
 ) -> tuple[Tensor, krylov.SolverInfo]:
-    """:func:`run_solver` returning the core's :class:`~gpsparse.SolverInfo` too.
+    """``run_solver`` returning the core's [`SolverInfo`][gpsparse.SolverInfo] too.
 
     ``return_tridiag`` (CG only) records the Lanczos coefficients of every
     column in ``info.tridiag``, for quadrature.

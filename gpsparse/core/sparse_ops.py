@@ -1,18 +1,18 @@
-"""Sparse products on a :class:`~gpsparse.core.pattern.SparsityPattern` (core layer).
+"""Sparse products on a [`SparsityPattern`][gpsparse.SparsityPattern] (core layer).
 
 Two kernels carry every sparse operation in gpsparse:
 
-* :func:`spmm` — ``Y = A X`` for a batch of matrices sharing one pattern;
-* :func:`sampled_product` — ``g[e] = Σ_c L[i_e, c] · R[j_e, c]``, the dense
-  product ``L Rᵀ`` sampled at the stored entries (SDDMM). Every gradient with
-  respect to the values is one of these, which is what keeps backward passes
-  O(nnz · k) in time and O(nnz) in memory: no ``nnz × k`` temporary and never
-  an ``m × n`` matrix (DESIGN.md §2).
+* ``spmm`` — ``Y = A X`` for a batch of matrices sharing one pattern;
+* ``sampled_product`` — ``g[e] = Σ_c L[i_e, c] · R[j_e, c]``, the dense
+    product ``L Rᵀ`` sampled at the stored entries (SDDMM). Every gradient with
+    respect to the values is one of these, which is what keeps backward passes
+    O(nnz · k) in time and O(nnz) in memory: no ``nnz × k`` temporary and never
+    an ``m × n`` matrix (DESIGN.md §2).
 
 Batches are handled by laying ``B`` copies of the pattern on a block diagonal
-(:meth:`SparsityPattern.block_diagonal`), so each call is one torch kernel
+([`SparsityPattern.block_diagonal`][]), so each call is one torch kernel
 (MKL on CPU, cuSPARSE on CUDA). Both functions are plain tensor code without
-autograd support of their own; :mod:`gpsparse.autograd.sparse` pairs them.
+autograd support of their own; ``gpsparse.autograd.sparse`` pairs them.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def sampled_product(pattern: SparsityPattern, left: Tensor, right: Tensor) -> Te
     Uses torch's CSR ``sampled_addmm`` (SDDMM): no ``nnz × k`` temporary
     (measured 7× faster than a chunked gather with 16 columns at n = 10⁶).
     Wide operands (e.g. the ``p·K`` columns of a Lanczos adjoint) are
-    processed in column chunks of at most :data:`CHUNK_ELEMENTS` elements,
+    processed in column chunks of at most ``CHUNK_ELEMENTS`` elements,
     so the layout copies torch makes stay bounded whatever ``k``.
     """
     num_blocks, m, k = left.shape
@@ -118,7 +118,7 @@ def sampled_product(pattern: SparsityPattern, left: Tensor, right: Tensor) -> Te
     return total.reshape(num_blocks, pattern.nnz)
 
 
-#: Column-chunk size (elements of one dense operand) of :func:`sampled_product` (64 MiB in float64).
+#: Column-chunk size (elements of one dense operand) of ``sampled_product`` (64 MiB in float64).
 CHUNK_ELEMENTS = 2**23
 
 
@@ -134,7 +134,7 @@ def values_grad(pattern: SparsityPattern, left: Tensor, right: Tensor, scale: fl
 
     The one place every backward pass turns its dense factors ``(B, m, k)``,
     ``(B, n, k)`` into a ``(B, nnz)`` gradient aligned with the values
-    (:func:`sampled_product`, then :func:`symmetrize_values_grad` for
+    (``sampled_product``, then ``symmetrize_values_grad`` for
     symmetric patterns).
     """
     grad = sampled_product(pattern, left, right)
@@ -158,7 +158,7 @@ def to_dense(values: Tensor, pattern: SparsityPattern) -> Tensor:
 
 
 def gram_structure(pattern: SparsityPattern):
-    """Structure of ``Wᵀ diag(w) W`` for ``W`` on ``pattern`` (cached on it, :meth:`SparsityPattern.derived`).
+    """Structure of ``Wᵀ diag(w) W`` for ``W`` on ``pattern`` (cached on it, [`SparsityPattern.derived`][]).
 
     Returns ``(gram_pattern, pair_left, pair_right, pair_row, target)``: every
     pair of entries ``(e₁, e₂)`` in the same row ``i`` of ``W`` (Σ_i nnz_i²

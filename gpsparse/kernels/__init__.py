@@ -1,28 +1,28 @@
 """GPyTorch kernels that return sparse operators (adapters, DESIGN.md §1).
 
 SparsePrecisionKernel
-    Base class of kernels with covariance ``W Q⁻¹ Wᵀ`` (sparse precision ``Q``);
+:   Base class of kernels with covariance ``W Q⁻¹ Wᵀ`` (sparse precision ``Q``);
     hooks GPyTorch's prediction through the posterior precision.
 
 LatticeMaternKernel
-    SPDE/Matérn field on a regular 1-, 2- or 3-D grid, ``Q = τ(κ²I + L)^α``,
+:   SPDE/Matérn field on a regular 1-, 2- or 3-D grid, ``Q = τ(κ²I + L)^α``,
     read at arbitrary inputs by multilinear interpolation; exact ``log det Q``.
 
 GraphMaternKernel
-    Matérn on the nodes of a graph, ``Q = τ(κ²I + L)^α`` with ``L`` the graph
+:   Matérn on the nodes of a graph, ``Q = τ(κ²I + L)^α`` with ``L`` the graph
     Laplacian; inputs are node indices.
 
 MarkovMaternKernel
-    Matérn ν = 1/2, 3/2, 5/2 on 1-D inputs through its exact block-tridiagonal
+:   Matérn ν = 1/2, 3/2, 5/2 on 1-D inputs through its exact block-tridiagonal
     state-space precision (exact banded path, O(n)).
 
 WendlandKernel
-    Compactly supported Wendland φ₃,₁ covariance (inputs of dimension ≤ 3)
-    as a :class:`~gpsparse.SparseLinearOperator`, with a cached grid
+:   Compactly supported Wendland φ₃,₁ covariance (inputs of dimension ≤ 3)
+    as a [`SparseLinearOperator`][gpsparse.SparseLinearOperator], with a cached grid
     neighbour-search pattern.
 
 MaternPrecision
-    The shared structure of ``τ(κ²I + L)^α`` on a fixed sparse Laplacian.
+:   The shared structure of ``τ(κ²I + L)^α`` on a fixed sparse Laplacian.
 """
 
 from gpsparse.kernels.base import SparsePrecisionKernel

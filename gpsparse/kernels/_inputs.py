@@ -2,11 +2,11 @@
 
 Every kernel caches structure derived from its inputs only (an interpolation
 matrix, a selection, a sparsity pattern, a node ordering) in a short
-most-recently-used list of :class:`CachedInputs` entries: the payload, and
+most-recently-used list of ``CachedInputs`` entries: the payload, and
 what is needed to recognise the inputs again — a weak reference and the
 in-place version counter of each input tensor (an O(1) test) and a detached
 copy (the O(n·d) fallback, so that a new tensor holding the same inputs still
-hits the cache). :func:`cache_lookup` and :func:`cache_insert` keep the list.
+hits the cache). ``cache_lookup`` and ``cache_insert`` keep the list.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class CachedInputs(Generic[P]):
         One weak reference per input (the cache never keeps an input alive).
     versions : tuple of int
         The in-place version counters of the inputs when the entry was built
-        (:func:`input_version`).
+        (``input_version``).
     copies : tuple of Tensor
         Detached copies of the inputs, for the equality fallback.
     payload : P
@@ -80,7 +80,7 @@ class CachedInputs(Generic[P]):
         )
 
     def matches(self, inputs: Sequence[Tensor], *, any_dtype: bool = False) -> bool:
-        """Whether ``inputs`` are the inputs of this entry (:func:`same_input` for each).
+        """Whether ``inputs`` are the inputs of this entry (``same_input`` for each).
 
         ``any_dtype=True`` compares the values after casting the stored copy to
         each input's dtype (node ids given as integers or as floats).

@@ -10,7 +10,7 @@ __all__ = ["SparsePrecisionKernel"]
 
 
 class SparsePrecisionKernel(gpytorch.kernels.Kernel):
-    """A GPyTorch kernel returning :class:`~gpsparse.SparsePrecisionLinearOperator` covariances.
+    """A GPyTorch kernel returning ``SparsePrecisionLinearOperator`` covariances.
 
     Subclasses implement ``forward(x1, x2, diag=False, **params)`` returning
     ``SparsePrecisionLinearOperator(Q, interp=W(x1), right_interp=W(x2))``
@@ -18,7 +18,7 @@ class SparsePrecisionKernel(gpytorch.kernels.Kernel):
     for ``diag=True``). This base class hooks GPyTorch's prediction: through
     ``Kernel.prediction_strategy`` (which ``ScaleKernel`` forwards to its base
     kernel), ``model.eval(); likelihood(model(x_test))`` uses
-    :class:`~gpsparse.kernels.prediction.SparsePrecisionPredictionStrategy` — means
+    ``SparsePrecisionPredictionStrategy`` — means
     and variances through the sparse posterior precision, never a dense
     matrix.
     """

@@ -6,21 +6,22 @@ weighted undirected graph with Laplacian ``L`` (N × N) by the covariance
 ``(2ν/ℓ² I + L)^{−ν}``, up to a scale. For an integer ``ν`` its precision is
 sparse,
 
-.. math::
-    Q = τ (κ² I + L)^{ν}, \qquad κ² = 2ν / ℓ²,
+$$
+Q = τ (κ² I + L)^{ν}, \qquad κ² = 2ν / ℓ²,
+$$
 
 with ``ℓ`` the lengthscale (GPyTorch's ``lengthscale``) and ``τ`` chosen so
 that the *mean* marginal variance over the nodes is 1 — the normalisation of
-Borovitskiy et al., so that a :class:`gpytorch.kernels.ScaleKernel`'s
+Borovitskiy et al., so that a ``gpytorch.kernels.ScaleKernel``'s
 ``outputscale`` is the average prior variance of the field. On a graph the
 exponent ``α`` of the SPDE precision equals ``ν`` (a graph has no dimension,
 so there is no ``d/2`` offset as on a lattice or manifold).
 
 This module is an adapter (DESIGN.md §1): the graph is validated and turned
-into a Laplacian (SciPy, once), :class:`~gpsparse.kernels.spde.MaternPrecision`
+into a Laplacian (SciPy, once), [`MaternPrecision`][gpsparse.kernels.MaternPrecision]
 holds the pattern and the value basis of ``Q``, and the covariance of the
 observed nodes is ``W Q⁻¹ Wᵀ`` with ``W`` the selection matrix of the node
-indices — a :class:`~gpsparse.SparsePrecisionLinearOperator`, never a dense
+indices — a [`SparsePrecisionLinearOperator`][gpsparse.SparsePrecisionLinearOperator], never a dense
 matrix.
 """
 
@@ -31,10 +32,11 @@ import scipy.sparse as sp
 import torch
 from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
-from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from gpsparse import settings as gs_settings
+from gpsparse.core.graph import adjacency as adjacency_matrix
+from gpsparse.core.graph import graph_laplacian, laplacian_from_adjacency, null_space
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.errors import DenseSizeError
 from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup
@@ -47,214 +49,19 @@ __all__ = ["GraphMaternKernel", "graph_laplacian"]
 
 NORMALIZATIONS = ("auto", "exact", "stochastic", "none")
 
-#: Relative tolerance of the check that both directions of an edge carry the same weight.
-_SYMMETRY_RTOL = 1e-12
-
-
-# ------------------------------------------------------------------ the graph
-def graph_laplacian(graph, num_nodes: int | None = None, *, edge_weight=None, normalized: bool = False):
-    r"""The Laplacian of an undirected graph with non-negative edge weights (SciPy CSR, N × N).
-
-    * ``normalized=False``: ``L = D − A`` (``D`` the weighted degrees).
-    * ``normalized=True``: ``L = I − D^{−1/2} A D^{−1/2}``, with the rows and
-      columns of isolated nodes (degree 0) defined as 0 (so ``L`` stays
-      positive semi-definite with eigenvalues in ``[0, 2]``).
-
-    Parameters
-    ----------
-    graph : Tensor, numpy.ndarray, torch sparse tensor or scipy.sparse matrix/array
-        Either an edge index ``(2, E)`` of integer node ids (torch or NumPy;
-        ``graph[0, e]`` – ``graph[1, e]`` is edge ``e``) or a sparse adjacency
-        matrix ``(N, N)`` whose stored values are the edge weights.
-    num_nodes : int, optional
-        ``N``. Default: ``max(edge index) + 1``, or the adjacency's size. Nodes
-        without edges (isolated nodes) are allowed.
-    edge_weight : Tensor or array, optional
-        ``(E,)`` non-negative weights of an edge index (default 1).
-    normalized : bool
-        Symmetric normalised Laplacian instead of ``D − A``.
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix
-        Symmetric positive semi-definite ``L``, sorted indices.
-
-    Notes
-    -----
-    *Undirected.* An edge given in one direction only is mirrored; an edge
-    given in both directions must carry the same weight in both (else
-    ``ValueError``). Repeated entries of the same directed edge are summed
-    (the multigraph convention of SciPy's and torch's COO formats).
-    *Self-loops* are ignored (dropped): in ``D − A`` a loop adds its weight to
-    both ``D`` and ``A`` and cancels, and dropping it in the normalised
-    Laplacian too keeps both depending on the edges between distinct nodes
-    only. Zero weights are dropped. Edge weights are constants (detached).
-
-    Raises
-    ------
-    TypeError
-        A graph of another type (e.g. a dense adjacency matrix).
-    ValueError
-        A malformed edge index (shape, non-integer dtype, ids out of range),
-        negative or non-finite weights, a non-square adjacency, weights that
-        differ between the two directions of an edge.
-
-    Examples
-    --------
-    >>> import torch
-    >>> L = graph_laplacian(torch.tensor([[0, 1], [1, 2]]))  # the path 0 – 1 – 2
-    >>> L.toarray()
-    array([[ 1., -1.,  0.],
-           [-1.,  2., -1.],
-           [ 0., -1.,  1.]])
-    """
-    adjacency = _adjacency(graph, num_nodes, edge_weight)
-    return _laplacian(adjacency, normalized)
-
-
-def _adjacency(graph, num_nodes, edge_weight) -> sp.csr_matrix:
-    """Symmetric adjacency without self-loops and zeros (float64 CSR) from an edge index or a sparse matrix."""
-    if num_nodes is not None and (int(num_nodes) != num_nodes or num_nodes < 1):
-        raise ValueError(f"num_nodes must be a positive integer, got {num_nodes}")
-    if sp.issparse(graph) or (isinstance(graph, Tensor) and graph.layout != torch.strided):
-        if edge_weight is not None:
-            raise ValueError("edge_weight is only used with an edge index; a sparse adjacency holds its own weights")
-        adjacency = _from_sparse(graph, num_nodes)
-    elif isinstance(graph, (Tensor, np.ndarray)):
-        adjacency = _from_edge_index(graph, num_nodes, edge_weight)
-    else:
-        raise TypeError(
-            "graph must be an edge index (an integer torch tensor or NumPy array of shape (2, E)) or a sparse "
-            f"adjacency matrix (torch sparse or scipy.sparse), got {type(graph).__name__}"
-        )
-    adjacency.setdiag(0)  # self-loops are ignored (see graph_laplacian)
-    adjacency.eliminate_zeros()
-    return _symmetrized(adjacency)
-
-
-def _from_sparse(graph, num_nodes) -> sp.csr_matrix:
-    if isinstance(graph, Tensor):
-        coo = graph.detach().to_sparse_coo().coalesce().cpu()
-        if coo.dim() != 2:
-            raise ValueError(f"a sparse adjacency must be a 2-D (N, N) matrix, got shape {tuple(coo.shape)}")
-        row, col = coo.indices().numpy()
-        matrix = sp.csr_matrix((coo.values().double().numpy(), (row, col)), shape=tuple(coo.shape))
-    else:
-        matrix = sp.csr_matrix(graph, dtype=np.float64)
-    if matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"a sparse adjacency must be square, got shape {matrix.shape}")
-    if num_nodes is not None and int(num_nodes) != matrix.shape[0]:
-        raise ValueError(f"num_nodes={num_nodes} but the adjacency has shape {matrix.shape}")
-    matrix.sum_duplicates()
-    _check_weights(matrix.data)
-    return matrix
-
-
-def _from_edge_index(edge_index, num_nodes, edge_weight) -> sp.csr_matrix:
-    index = edge_index.detach().cpu().numpy() if isinstance(edge_index, Tensor) else np.asarray(edge_index)
-    if index.ndim != 2 or index.shape[0] != 2:
-        raise ValueError(
-            f"an edge index must have shape (2, E), got {tuple(index.shape)} (a sparse adjacency must be a torch "
-            "sparse tensor or a scipy.sparse matrix; dense adjacency matrices are not accepted: use .to_sparse())"
-        )
-    if not np.issubdtype(index.dtype, np.integer):
-        raise ValueError(f"an edge index must have an integer dtype, got {edge_index.dtype}")
-    num_edges = index.shape[1]
-    if num_edges and index.min() < 0:
-        raise ValueError(f"edge index holds a negative node id ({index.min()})")
-    largest = int(index.max()) if num_edges else -1
-    if num_nodes is None:
-        if not num_edges:
-            raise ValueError("an empty edge index needs num_nodes")
-        num_nodes = largest + 1
-    elif largest >= num_nodes:
-        raise ValueError(f"edge index holds node id {largest}, out of range for num_nodes={num_nodes}")
-    if edge_weight is None:
-        weight = np.ones(num_edges)
-    else:
-        weight = edge_weight.detach().cpu().double().numpy() if isinstance(edge_weight, Tensor) else edge_weight
-        weight = np.asarray(weight, dtype=np.float64)
-        if weight.shape != (num_edges,):
-            raise ValueError(f"edge_weight must have shape (E,) = ({num_edges},), got {weight.shape}")
-    _check_weights(weight)
-    n = int(num_nodes)
-    return sp.csr_matrix((weight, (index[0].astype(np.int64), index[1].astype(np.int64))), shape=(n, n))
-
-
-def _check_weights(weight: np.ndarray) -> None:
-    if not np.isfinite(weight).all():
-        raise ValueError("edge weights must be finite")
-    if (weight < 0).any():
-        raise ValueError(f"edge weights must be non-negative, got {weight.min()}")
-
-
-def _symmetrized(adjacency: sp.csr_matrix) -> sp.csr_matrix:
-    """``max(A, Aᵀ)`` after checking that edges given in both directions agree (see graph_laplacian)."""
-    transposed = adjacency.T.tocsr()
-    both = adjacency.multiply(transposed != 0).tocoo()  # entries (i, j) whose reverse (j, i) is also given
-    reverse = np.asarray(transposed[both.row, both.col]).ravel()
-    scale = max(float(np.abs(adjacency.data).max(initial=0.0)), 1.0)
-    bad = np.abs(both.data - reverse) > _SYMMETRY_RTOL * scale
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        i, j = int(both.row[k]), int(both.col[k])
-        raise ValueError(
-            f"the graph must be undirected: edge ({i}, {j}) has weight {both.data[k]} but ({j}, {i}) has weight "
-            f"{reverse[k]}"
-        )
-    result = adjacency.maximum(transposed).tocsr()
-    result.sort_indices()
-    return result
-
-
-def _laplacian(adjacency: sp.csr_matrix, normalized: bool) -> sp.csr_matrix:
-    degree = np.asarray(adjacency.sum(axis=1)).ravel()
-    n = adjacency.shape[0]
-    if not normalized:
-        laplacian = sp.diags(degree) - adjacency
-    else:
-        connected = degree > 0
-        inv_sqrt = np.zeros(n)
-        inv_sqrt[connected] = 1.0 / np.sqrt(degree[connected])
-        scale = sp.diags(inv_sqrt)
-        laplacian = sp.diags(connected.astype(np.float64)) - scale @ adjacency @ scale
-        laplacian = 0.5 * (laplacian + laplacian.T)  # exact symmetry despite the order of the products
-    laplacian = sp.csr_matrix(laplacian)
-    laplacian.sum_duplicates()
-    laplacian.sort_indices()
-    return laplacian
-
-
-def _null_space(adjacency: sp.csr_matrix, normalized: bool) -> tuple[int, np.ndarray, np.ndarray]:
-    """Orthonormal null vectors of ``L``, one per connected component, with disjoint supports.
-
-    Returns ``(c, labels, u)``: the number of components, the component of
-    every node ``(N,)`` and the entries ``u (N,)`` of the null vectors
-    (``u_C = 1_C / √|C|`` for ``D − A``; ``D^{1/2} 1_C / ‖·‖`` for the
-    normalised Laplacian, ``e_i`` for an isolated node).
-    """
-    count, labels = connected_components(adjacency, directed=False)
-    weight = np.ones(adjacency.shape[0])
-    if normalized:
-        degree = np.asarray(adjacency.sum(axis=1)).ravel()
-        weight = np.where(degree > 0, np.sqrt(degree), 1.0)  # isolated nodes are their own component: e_i
-    norms = np.sqrt(np.bincount(labels, weights=weight**2, minlength=count))
-    return count, labels, weight / norms[labels]
-
-
-# ---------------------------------------------------------------- the kernel
 class GraphMaternKernel(SparsePrecisionKernel):
     r"""Matérn covariance on the nodes of a graph, ``K = W Q⁻¹ Wᵀ`` with ``Q = τ (κ² I + L)^ν`` sparse.
 
-    .. math::
-        k(i, j) = \bigl[ Q^{-1} \bigr]_{ij}, \qquad
-        Q = τ(κ) (κ² I + L)^{ν}, \qquad κ² = \frac{2ν}{ℓ²}, \qquad
-        τ(κ) = \frac{1}{N} \operatorname{tr} (κ² I + L)^{-ν},
+    $$
+    k(i, j) = \bigl[ Q^{-1} \bigr]_{ij}, \qquad
+    Q = τ(κ) (κ² I + L)^{ν}, \qquad κ² = \frac{2ν}{ℓ²}, \qquad
+    τ(κ) = \frac{1}{N} \operatorname{tr} (κ² I + L)^{-ν},
+    $$
 
     for node indices ``i, j`` — the graph Matérn kernel of Borovitskiy et al.
     (2021) for an integer smoothness ``ν`` (module docstring), normalised so
     that the **mean marginal variance over the N nodes is 1**. Wrap it in a
-    :class:`gpytorch.kernels.ScaleKernel` whose ``outputscale`` is then the
+    ``gpytorch.kernels.ScaleKernel`` whose ``outputscale`` is then the
     average prior variance. The individual node variances differ (they
     depend on the degree and the position in the graph).
 
@@ -264,14 +71,14 @@ class GraphMaternKernel(SparsePrecisionKernel):
     ``SparsePrecisionLinearOperator(Q, interp=W(x1), right_interp=W(x2))``
     with ``W`` the ``n × N`` selection matrix of the ids; GPyTorch's Gaussian
     likelihood turns ``K + σ²I`` into the sparse posterior precision
-    ``P = Q + σ⁻² WᵀW`` (:mod:`gpsparse.operators.precision`), and prediction goes
-    through :mod:`gpsparse.kernels.prediction`.
+    ``P = Q + σ⁻² WᵀW`` (``gpsparse.operators.precision``), and prediction goes
+    through ``gpsparse.kernels.prediction``.
 
     Parameters
     ----------
     graph : Tensor, numpy.ndarray, torch sparse tensor or scipy.sparse matrix/array
         An edge index ``(2, E)`` of integer node ids or a sparse weighted
-        adjacency ``(N, N)``; undirected (see :func:`graph_laplacian` for
+        adjacency ``(N, N)``; undirected (see [`graph_laplacian`][gpsparse.kernels.graph_laplacian] for
         symmetrisation, self-loops and weights).
     num_nodes : int, optional
         ``N`` (default: from the edge index or the adjacency); isolated nodes
@@ -281,7 +88,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
     alpha : int
         The exponent ``α`` of ``Q``, an integer ≥ 1 (default 2); on a graph
         it is the smoothness, ``ν = α`` (attribute ``nu``; the argument is
-        named as in :class:`~gpsparse.kernels.lattice.LatticeMaternKernel`,
+        named as in [`LatticeMaternKernel`][gpsparse.kernels.LatticeMaternKernel],
         where ``ν = α − d/2``). ``Q`` stores the entries of ``(|L| + I)^α``
         (α-hop neighbourhoods): α = 1 keeps the sparsity of ``L``; a node of
         degree ``d`` adds about ``d²`` entries per extra power.
@@ -315,7 +122,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
         Selection matrices kept (default 4: the training inputs and those of
         a prediction's test rows and columns).
     **kwargs
-        ``active_dims``, as for :class:`gpytorch.kernels.Kernel`.
+        ``active_dims``, as for ``gpytorch.kernels.Kernel``.
 
     Notes
     -----
@@ -327,36 +134,36 @@ class GraphMaternKernel(SparsePrecisionKernel):
     *Normalisation* (``τ``, a differentiable function of ``ℓ``):
 
     * ``"exact"``: ``τ = (1/N) Σ_k (κ² + λ_k)^{−ν}`` from the eigenvalues
-      ``λ_k`` of ``L`` (needs ``N ≤ max_eigen_nodes``).
+        ``λ_k`` of ``L`` (needs ``N ≤ max_eigen_nodes``).
     * ``"stochastic"``: a deflated Hutchinson estimate with fixed probes,
-      ``τ ≈ (1/N) [c κ^{−2ν} + (1/S) Σ_s z_sᵀ (κ²I + L)^{−ν} z_s]``, where
-      the ``c`` connected components' null vectors of ``L`` (known in closed
-      form; eigenvalue ``κ²`` of ``κ²I + L``) are counted exactly and the
-      ``S = num_probes`` Rademacher probes are projected onto their
-      orthogonal complement (removing the dominant low-frequency mass).
-      The quadratic forms are ``⌈ν/2⌉`` sparse solves with ``κ²I + L`` per
-      probe block (:class:`~gpsparse.SparseLinearOperator` solves: exact
-      banded, CHOLMOD or CG per :mod:`gpsparse.settings`), differentiable
-      through gpsparse's sparse-gradient solves. The probes are fixed, so
-      ``τ(ℓ)`` is a smooth deterministic function and the model a valid GP;
-      only "mean variance 1" is approximate: measured standard deviation
-      of ``τ`` ≤ 4 % (32 probes; 30 × 30 lattice and a 900-node random
-      geometric graph with 7 components, ν ∈ {1, 2}, ℓ from 0.5 to 200 hops;
-      largest for ℓ comparable to the graph's diameter); errors measured
-      at N ≈ 10⁵: 0.4 % (316 × 316 grid, ℓ = 10), 0.9 % (3 × 33 334
-      ladder, ℓ = 20).
+        ``τ ≈ (1/N) [c κ^{−2ν} + (1/S) Σ_s z_sᵀ (κ²I + L)^{−ν} z_s]``, where
+        the ``c`` connected components' null vectors of ``L`` (known in closed
+        form; eigenvalue ``κ²`` of ``κ²I + L``) are counted exactly and the
+        ``S = num_probes`` Rademacher probes are projected onto their
+        orthogonal complement (removing the dominant low-frequency mass).
+        The quadratic forms are ``⌈ν/2⌉`` sparse solves with ``κ²I + L`` per
+        probe block ([`SparseLinearOperator`][gpsparse.SparseLinearOperator] solves: exact
+        banded, CHOLMOD or CG per [`gpsparse.settings`][]), differentiable
+        through gpsparse's sparse-gradient solves. The probes are fixed, so
+        ``τ(ℓ)`` is a smooth deterministic function and the model a valid GP;
+        only "mean variance 1" is approximate: measured standard deviation
+        of ``τ`` ≤ 4 % (32 probes; 30 × 30 lattice and a 900-node random
+        geometric graph with 7 components, ν ∈ {1, 2}, ℓ from 0.5 to 200 hops;
+        largest for ℓ comparable to the graph's diameter); errors measured
+        at N ≈ 10⁵: 0.4 % (316 × 316 grid, ℓ = 10), 0.9 % (3 × 33 334
+        ladder, ℓ = 20).
     * ``"none"``: ``τ = 1``. ``ScaleKernel``'s outputscale is then *not*
-      the variance; the variance scales like ``κ^{−2ν}`` (roughly
-      ``ℓ^{2ν}``), strongly coupling outputscale and lengthscale.
+        the variance; the variance scales like ``κ^{−2ν}`` (roughly
+        ``ℓ^{2ν}``), strongly coupling outputscale and lengthscale.
 
     *Log-determinant.* With the eigenvalues (``N ≤ max_eigen_nodes``)
-    ``Q`` is a :class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`
+    ``Q`` is a ``KnownLogdetSparseLinearOperator``
     with the exact ``log det Q = N log τ + ν Σ_k log(κ² + λ_k)``; otherwise
-    ``log det Q`` goes through :class:`~gpsparse.SparseLinearOperator`'s
+    ``log det Q`` goes through [`SparseLinearOperator`][gpsparse.SparseLinearOperator]'s
     paths (banded, CHOLMOD, SLQ).
 
     *diag=True* returns the marginal variances ``diag(W Q⁻¹ Wᵀ)`` from
-    :func:`gpsparse.operators.precision.covariance_diagonal` (one solve in ``Q`` per
+    ``gpsparse.operators.precision.covariance_diagonal`` (one solve in ``Q`` per
     row up to ``gpsparse.settings.variance_defaults``' exact limit, a
     stochastic estimate beyond); with ``x1 ≠ x2`` the entries
     ``[Q⁻¹]_{x1_i, x2_i}``, one solve per row.
@@ -371,7 +178,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
     Raises
     ------
     ValueError
-        A malformed graph (see :func:`graph_laplacian`), ``alpha`` not an
+        A malformed graph (see [`graph_laplacian`][gpsparse.kernels.graph_laplacian]), ``alpha`` not an
         integer ≥ 1, an unknown ``normalization``, ``"exact"`` with more
         than ``max_eigen_nodes`` nodes, ``ard_num_dims`` other than 1;
         at call time inputs that are not integer node ids in range, of last
@@ -435,8 +242,8 @@ class GraphMaternKernel(SparsePrecisionKernel):
             lengthscale_constraint=lengthscale_constraint,
             **kwargs,
         )
-        adjacency = _adjacency(graph, num_nodes, edge_weight)
-        self.laplacian: sp.csr_matrix = _laplacian(adjacency, bool(normalized))
+        adjacency = adjacency_matrix(graph, num_nodes, edge_weight)
+        self.laplacian: sp.csr_matrix = laplacian_from_adjacency(adjacency, bool(normalized))
         self.num_nodes = int(self.laplacian.shape[0])
         self.alpha = int(alpha)
         self.normalized = bool(normalized)
@@ -457,7 +264,7 @@ class GraphMaternKernel(SparsePrecisionKernel):
         self.num_probes = int(num_probes)
         if normalization == "stochastic":
             self._shifted_laplacian = MaternPrecision(self.laplacian, 1)  # κ²I + L
-            self._num_components, labels, null = _null_space(adjacency, self.normalized)
+            self._num_components, labels, null = null_space(adjacency, self.normalized)
             self._deflation = (labels, null)
             gen = torch.Generator().manual_seed(int(probe_seed))
             self._signs = (torch.randint(0, 2, (self.num_nodes, self.num_probes), generator=gen) * 2 - 1).to(torch.int8)

@@ -7,15 +7,15 @@ the Matérn covariance of smoothness ``ν = α − d/2`` and inverse range ``κ`
 (the SPDE ``(κ² − Δ)^{α/2} u = W``, white noise ``W``). Observations at
 arbitrary points read the lattice through sparse multilinear interpolation
 ``W``, so the covariance of the observations is ``W Q⁻¹ Wᵀ``
-(:class:`~gpsparse.SparsePrecisionLinearOperator`).
+([`SparsePrecisionLinearOperator`][gpsparse.SparsePrecisionLinearOperator]).
 
 An adapter (DESIGN.md §1): the numerics are those of
-:class:`~gpsparse.SparseLinearOperator` and
-:mod:`gpsparse.operators.precision`; this module builds the lattice, the
+[`SparseLinearOperator`][gpsparse.SparseLinearOperator] and
+``gpsparse.operators.precision``; this module builds the lattice, the
 normalisation ``τ``, the interpolation and validates inputs. The precision
-structure is :class:`~gpsparse.kernels.spde.MaternPrecision` with the
+structure is [`MaternPrecision`][gpsparse.kernels.MaternPrecision] with the
 closed-form Laplacian spectrum, so ``log det Q`` is exact
-(:class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`).
+(``KnownLogdetSparseLinearOperator``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from gpytorch.constraints import Interval
 from gpytorch.priors import Prior
 from torch import Tensor
 
+from gpsparse.core.lattice import lattice_variance, neumann_eigenvalues, neumann_laplacian
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
 from gpsparse.kernels.base import SparsePrecisionKernel
@@ -43,122 +43,6 @@ __all__ = ["LatticeMaternKernel", "neumann_laplacian", "neumann_eigenvalues", "l
 _MAX_DIMS = 3
 _INT32_MAX = 2**31 - 1
 
-#: Trapezoid rule of :func:`lattice_variance` in ``s = log t``: step and range. The integrand is
-#: analytic in the strip ``|Im s| < π/2``, so the error is ~``exp(−π²/step)`` (7e-18 at 0.25);
-#: the range leaves out ≤ ``exp(−40 α)`` below and ``t κ² > 80`` above (both < 1e-16 relative).
-_QUAD_STEP = 0.25
-_QUAD_LOWER = 40.0
-_QUAD_UPPER = 80.0
-
-
-# ------------------------------------------------------------------ lattice
-def _path_laplacian(m: int, h: float) -> sp.csr_matrix:
-    """Neumann path Laplacian ``(1/h²)·tridiag(−1, [1, 2, …, 2, 1], −1)`` (m × m)."""
-    main = np.full(m, 2.0)
-    main[[0, -1]] = 1.0
-    off = -np.ones(m - 1)
-    return sp.diags([off, main, off], [-1, 0, 1], format="csr") / h**2
-
-
-def neumann_laplacian(grid_size, spacing) -> sp.csr_matrix:
-    r"""Finite-difference Laplacian ``L`` of a regular grid with Neumann (reflecting) boundaries.
-
-    .. math::
-        L = \sum_d I ⊗ \cdots ⊗ \frac{1}{h_d^2} L^{path}_{m_d} ⊗ \cdots ⊗ I,
-
-    ``L^{path}_m = tridiag(−1, [1, 2, …, 2, 1], −1)``: the graph Laplacian of
-    a path, i.e. the 2·d+1-point stencil ``−Δ`` with a mirror half a cell
-    beyond the outermost nodes (zero normal derivative). Nodes are numbered
-    in C order (the first dimension varies slowest).
-
-    Parameters
-    ----------
-    grid_size : sequence of int
-        Nodes per dimension ``(m_1, …, m_d)``, each ≥ 2.
-    spacing : sequence of float
-        Node spacing per dimension ``(h_1, …, h_d)``.
-
-    Returns
-    -------
-    scipy.sparse.csr_matrix
-        ``N × N`` (``N = Π m_d``), symmetric positive semi-definite (constants in its kernel).
-    """
-    sizes, spacing = [int(m) for m in grid_size], [float(h) for h in spacing]
-    total = sp.csr_matrix((math.prod(sizes), math.prod(sizes)))
-    for d, (m, h) in enumerate(zip(sizes, spacing)):
-        left = sp.identity(math.prod(sizes[:d]), format="csr")
-        right = sp.identity(math.prod(sizes[d + 1 :]), format="csr")
-        total = total + sp.kron(sp.kron(left, _path_laplacian(m, h)), right)
-    return total.tocsr()
-
-
-def neumann_eigenvalues(grid_size, spacing) -> np.ndarray:
-    r"""The ``N`` eigenvalues of :func:`neumann_laplacian`, in closed form, O(N).
-
-    .. math::
-        λ_{k} = \sum_d \frac{2 − 2\cos(π k_d / m_d)}{h_d^2}, \qquad k_d = 0, …, m_d − 1
-
-    (the eigenvectors are products of DCT-II vectors). Returned in C order of ``k``.
-    """
-    total = np.zeros(())
-    for m, h in zip(grid_size, spacing):
-        total = np.add.outer(total, (2.0 - 2.0 * np.cos(np.pi * np.arange(int(m)) / int(m))) / float(h) ** 2)
-    return total.reshape(-1)
-
-
-def lattice_variance(kappa2: Tensor, spacing, alpha: int) -> Tensor:
-    r"""Marginal variance of ``(κ² I + L)^{−α}`` on the *infinite* lattice of spacing ``h``, differentiable in κ².
-
-    With ``1/x^α = Γ(α)⁻¹ ∫₀^∞ t^{α−1} e^{−t x} dt`` and the separability of
-    the lattice Laplacian,
-
-    .. math::
-        v(κ) = [(κ² I + L)^{−α}]_{ii} = \frac{1}{Γ(α)} \int_0^∞ t^{α−1} e^{−t κ²}
-               \prod_d e^{−z_d} I_0(z_d)\, dt, \qquad z_d = 2t / h_d^2,
-
-    (``e^{−z} I₀(z)``, ``torch.special.i0e``, is the diagonal of the heat
-    kernel ``e^{−tL}`` of the infinite path). The integral runs by the
-    trapezoid rule in ``s = log t`` (exponentially convergent, ~200 nodes,
-    relative error ~1e-14; see ``_QUAD_STEP``), in float64, through a
-    log-sum-exp; gradients with respect to ``κ²`` are those of the rule.
-
-    Parameters
-    ----------
-    kappa2 : Tensor
-        ``κ² > 0``, any shape ``(*batch)``.
-    spacing : sequence of float
-        Node spacing per dimension.
-    alpha : int
-        Power ``α ≥ 1``.
-
-    Returns
-    -------
-    Tensor
-        ``v(κ)``, shape and dtype of ``kappa2``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> v = lattice_variance(torch.tensor(0.5, dtype=torch.float64), [1.0], alpha=1)
-    >>> round(float(v), 12)  # 1-D, α = 1: 1 / √(κ² (κ² + 4))
-    0.666666666667
-    """
-    h = torch.as_tensor([float(s) for s in spacing], dtype=torch.float64, device=kappa2.device)
-    k2 = kappa2.to(torch.float64)
-    detached = k2.detach()
-    smallest = min(float(h.min()) ** 2, 1.0 / float(detached.max()))
-    lower = math.log(smallest) - _QUAD_LOWER
-    upper = math.log(_QUAD_UPPER / float(detached.min()))
-    steps = int(math.ceil((upper - lower) / _QUAD_STEP)) + 1
-    s = lower + _QUAD_STEP * torch.arange(steps, dtype=torch.float64, device=kappa2.device)
-    t = s.exp()
-    heat = torch.log(torch.special.i0e(2.0 * t.unsqueeze(-1) / h**2)).sum(-1)  # (K,)
-    log_integrand = alpha * s + heat - t * k2.unsqueeze(-1)  # (*batch, K); dt = t ds
-    log_v = torch.logsumexp(log_integrand, -1) + math.log(_QUAD_STEP) - math.lgamma(alpha)
-    return log_v.exp().to(kappa2.dtype)
-
-
-# ------------------------------------------------------------ interpolation
 def _cell_and_fraction(x: Tensor, low: Tensor, spacing: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
     """Lower cell corner ``i (n, d)`` (int64, ``0 … m−2``) and fractions ``f = (x − x_i)/h`` in ``[0, 1]``."""
     scaled = (x - low) / spacing
@@ -196,12 +80,13 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     m_d)`` per dimension, spacing ``h_d = (high_d − low_d)/(m_d − 1)``; the
     cells may be anisotropic, the covariance is isotropic). Its precision is
 
-    .. math::
-        Q = τ (κ² I + L)^α, \qquad κ = \sqrt{8ν} / ℓ, \qquad ν = α − d/2 > 0,
+    $$
+    Q = τ (κ² I + L)^α, \qquad κ = \sqrt{8ν} / ℓ, \qquad ν = α − d/2 > 0,
+    $$
 
     with ``L`` the finite-difference Laplacian with Neumann boundaries
-    (:func:`neumann_laplacian`) and ``ℓ`` the learnable ``lengthscale``.
-    ``τ = v(κ)`` (:func:`lattice_variance`) makes the marginal variance of
+    (``neumann_laplacian``) and ``ℓ`` the learnable ``lengthscale``.
+    ``τ = v(κ)`` (``lattice_variance``) makes the marginal variance of
     the *discretised* field exactly 1 on the infinite lattice, hence ≈ 1 at
     nodes away from the boundary (within 1e-6 beyond about 4ℓ from it, see
     the notes; wrap the kernel in ``gpytorch.kernels.ScaleKernel`` for an
@@ -221,13 +106,13 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     d = 3, α = 2).
 
     *Log-determinant.* The Neumann Laplacian has closed-form eigenvalues
-    (:func:`neumann_eigenvalues`), so ``log det Q = N log τ + α Σ_k log(κ² + λ_k)``
-    is exact and O(N) (:class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`);
+    (``neumann_eigenvalues``), so ``log det Q = N log τ + α Σ_k log(κ² + λ_k)``
+    is exact and O(N) (``KnownLogdetSparseLinearOperator``);
     the marginal likelihood only estimates ``log det`` of the posterior
-    precision ``P = Q + Wᵀ D⁻¹ W`` (:mod:`gpsparse.operators.precision`). In 1-D ``Q``
+    precision ``P = Q + Wᵀ D⁻¹ W`` (``gpsparse.operators.precision``). In 1-D ``Q``
     and ``P`` are banded (half-bandwidth α ≤ 6, the default
     ``max_banded_bandwidth``), so every solve and log-determinant is exact
-    (:mod:`gpsparse.core.banded`).
+    (``gpsparse.core.banded``).
 
     Parameters
     ----------
@@ -249,7 +134,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         Interpolation matrices kept (default 4: e.g. training inputs, test
         inputs and their concatenation during prediction).
     **kwargs
-        ``active_dims`` (``d`` of them) etc., as for :class:`gpytorch.kernels.Kernel`.
+        ``active_dims`` (``d`` of them) etc., as for ``gpytorch.kernels.Kernel``.
 
     Notes
     -----
@@ -270,17 +155,15 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     correlation over all node offsets ``r ≤ 3ℓ`` (infinite lattice, square
     cells), by cells per lengthscale ``ℓ/h``:
 
-    ===  ===  =====  ======  ======  =======  ========
-    d    α    ν      2       4       8        16
-    ===  ===  =====  ======  ======  =======  ========
-    1    1    1/2    0.0141  0.00375 0.000953 0.000239
-    1    2    3/2    0.0834  0.0576  0.0184   0.00495
-    1    3    5/2    0.112   0.0525  0.0133   0.00313
-    2    2    1      0.0626  0.0727  0.0363   0.0137
-    2    3    2      0.104   0.0841  0.0227   0.00536
-    3    2    1/2    0.0578  0.0285  0.0281   0.0197
-    3    3    3/2    0.0870  0.0991  0.0373   0.0103
-    ===  ===  =====  ======  ======  =======  ========
+    | d | α | ν | 2 | 4 | 8 | 16 |
+    |---|---|---|---|---|---|---|
+    | 1 | 1 | 1/2 | 0.0141 | 0.00375 | 0.000953 | 0.000239 |
+    | 1 | 2 | 3/2 | 0.0834 | 0.0576 | 0.0184 | 0.00495 |
+    | 1 | 3 | 5/2 | 0.112 | 0.0525 | 0.0133 | 0.00313 |
+    | 2 | 2 | 1 | 0.0626 | 0.0727 | 0.0363 | 0.0137 |
+    | 2 | 3 | 2 | 0.104 | 0.0841 | 0.0227 | 0.00536 |
+    | 3 | 2 | 1/2 | 0.0578 | 0.0285 | 0.0281 | 0.0197 |
+    | 3 | 3 | 3/2 | 0.0870 | 0.0991 | 0.0373 | 0.0103 |
 
     The error falls like ``(h/ℓ)²`` from about 8 cells per lengthscale,
     except for the rough fields (d = 2, ν = 1 and d = 3, ν = 1/2), where the
@@ -297,7 +180,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     like ``N = Π m_d`` nodes, whatever the number of observations.
 
     *Caches.* The precision structure (pattern and value basis,
-    :class:`~gpsparse.kernels.spde.MaternPrecision`, ``(α+1)·nnz`` numbers)
+    [`MaternPrecision`][gpsparse.kernels.MaternPrecision], ``(α+1)·nnz`` numbers)
     is built on the first call and kept; each call then costs one
     ``(α+1) × nnz`` product for ``Q`` and ~200 quadrature nodes for ``τ``.
     ``W`` is cached per input tensor (identity and in-place version, else
@@ -306,8 +189,8 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     grad get weights recomputed differentiably (piecewise linear in ``x``).
 
     ``diag=True`` returns ``diag(W Q⁻¹ Wᵀ)`` through
-    :func:`gpsparse.operators.precision.covariance_diagonal` (exact solves up to
-    :func:`gpsparse.settings.variance_defaults`' ``exact_limit`` points, a
+    ``gpsparse.operators.precision.covariance_diagonal`` (exact solves up to
+    [`gpsparse.settings.variance_defaults`][]' ``exact_limit`` points, a
     stochastic estimator beyond); for ``x1 ≠ x2`` by polarisation
     ``(diag((W₁+W₂)Q⁻¹(W₁+W₂)ᵀ) − diag((W₁−W₂)Q⁻¹(W₁−W₂)ᵀ))/4``. Inputs with
     batch dimensions must have equal members (one ``W``); the output is

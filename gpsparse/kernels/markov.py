@@ -5,15 +5,15 @@ state is ``s = p + 1`` derivatives (Hartikainen & Särkkä, 2010). On sorted
 nodes the states form a Markov chain, so their joint precision ``Q`` is block
 tridiagonal and the covariance of the observations is ``W Q⁻¹ Wᵀ`` with ``W``
 selecting the first state component — the exact Matérn covariance, never
-formed. gpsparse's banded Cholesky (:mod:`gpsparse.core.banded`) then gives
+formed. gpsparse's banded Cholesky (``gpsparse.core.banded``) then gives
 exact log-determinants, solves and gradients in ``O(n)``.
 
 The layers (DESIGN.md §1): the mathematics and the numerics (state space,
 transitions and noise, the precision values and their adjoint, the pattern)
-are :mod:`gpsparse.core.markov`; the autograd Functions
-:mod:`gpsparse.autograd.markov`. This module holds :func:`matern_precision`
-(the precision as a :class:`~gpsparse.SparseLinearOperator`), the kernel
-:class:`MarkovMaternKernel` with its input handling, and re-exports
+are ``gpsparse.core.markov``; the autograd Functions
+``gpsparse.autograd.markov``. This module holds ``matern_precision``
+(the precision as a [`SparseLinearOperator`][gpsparse.SparseLinearOperator]), the kernel
+[`MarkovMaternKernel`][gpsparse.kernels.MarkovMaternKernel] with its input handling, and re-exports
 ``matern_state_space``, ``matern_transition_and_noise``,
 ``matern_covariance``, ``precision_pattern``, ``MaternStateSpace`` and
 ``SUPPORTED_NU``.
@@ -89,7 +89,7 @@ def matern_precision(
     -------
     SparseLinearOperator
         ``(*batch, n·s, n·s)`` symmetric block-tridiagonal ``Q`` (module
-        docstring of :mod:`gpsparse.core.markov`);
+        docstring of ``gpsparse.core.markov``);
         ``(Q⁻¹)[i·s, j·s] = k_ν(|t_i − t_j|)``, the unit-variance Matérn
         covariance. Half-bandwidth ``2s − 1``. Values in the promoted dtype
         of ``times`` and ``rate``.
@@ -130,7 +130,7 @@ def matern_precision(
 class _Nodes:
     """Sorting/merging of one pair of inputs into latent nodes, with the patterns built for them.
 
-    The payload of a :class:`~gpsparse.kernels._inputs.CachedInputs` entry keyed on ``(x1,)``
+    The payload of a ``CachedInputs`` entry keyed on ``(x1,)``
     (symmetric) or ``(x1, x2)``.
     """
 
@@ -145,16 +145,17 @@ class _Nodes:
 class MarkovMaternKernel(SparsePrecisionKernel):
     r"""Matérn ν ∈ {1/2, 3/2, 5/2} on 1-D inputs through its exact sparse (Markov) precision.
 
-    .. math::
-        k(t, t') = \phi_\nu(λ|t − t'|), \quad λ = \sqrt{2ν}/ℓ, \quad
-        \phi_{1/2}(d) = e^{−d},\ \phi_{3/2}(d) = (1 + d)e^{−d},\
-        \phi_{5/2}(d) = (1 + d + d²/3)e^{−d}
+    $$
+    k(t, t') = \phi_\nu(λ|t − t'|), \quad λ = \sqrt{2ν}/ℓ, \quad
+    \phi_{1/2}(d) = e^{−d},\ \phi_{3/2}(d) = (1 + d)e^{−d},\
+    \phi_{5/2}(d) = (1 + d + d²/3)e^{−d}
+    $$
 
     — the same covariance as ``gpytorch.kernels.MaternKernel(nu)`` (unit
     variance; wrap in ``ScaleKernel``). ``forward`` sorts the inputs, merges
     equal ones into one latent node and returns
     ``SparsePrecisionLinearOperator(Q, interp=W₁, right_interp=W₂)`` with the
-    block-tridiagonal state precision ``Q`` of :func:`matern_precision` and
+    block-tridiagonal state precision ``Q`` of ``matern_precision`` and
     selections ``W`` of the first state component (several rows of ``W`` hit
     the same node for duplicate inputs). For ``k(x1, x2)`` with different
     inputs the nodes are those of ``cat(x1, x2)``. The half-bandwidth of ``Q``
@@ -171,7 +172,7 @@ class MarkovMaternKernel(SparsePrecisionKernel):
         Node structures kept (default 3: training inputs, and the test–train
         and test–test pairs of a prediction).
     **kwargs
-        As :class:`gpytorch.kernels.MaternKernel`: ``lengthscale_prior``,
+        As ``gpytorch.kernels.MaternKernel``: ``lengthscale_prior``,
         ``lengthscale_constraint`` (default ``Positive()``), ``batch_shape``,
         ``active_dims`` (to pick one column of multi-dimensional inputs),
         ``ard_num_dims`` (must be 1 or None).
@@ -201,16 +202,14 @@ class MarkovMaternKernel(SparsePrecisionKernel):
     ``λΔ``) among 120 well-separated points (float64,
     ``test_accuracy_versus_gap``):
 
-    ========  ======  ======  ======  ======  ======  ======
-    λΔ        0.3     0.1     0.03    0.01    1e-3    1e-4
-    ========  ======  ======  ======  ======  ======  ======
-    ν = 3/2   <1e-15  5e-14   6e-14   1e-10   9e-8    1e-4
-    ν = 5/2   8e-12   3e-9    8e-7    6e-4    ~1      fails
-    ========  ======  ======  ======  ======  ======  ======
+    | λΔ | 0.3 | 0.1 | 0.03 | 0.01 | 1e-3 | 1e-4 |
+    |---|---|---|---|---|---|---|
+    | ν = 3/2 | <1e-15 | 5e-14 | 6e-14 | 1e-10 | 9e-8 | 1e-4 |
+    | ν = 5/2 | 8e-12 | 3e-9 | 8e-7 | 6e-4 | ~1 | fails |
 
     Many close pairs add up; predictions at test points close to training
     points suffer alike (the joint nodes then have the small gap). A
-    :class:`CloseInputsWarning` is issued once per input set when ``λΔ_min``
+    ``CloseInputsWarning`` is issued once per input set when ``λΔ_min``
     is below 1e-3 (ν = 3/2) or 0.1 (ν = 5/2); round or merge near-duplicate
     inputs, or use ν = 1/2 (or 3/2) there. GPyTorch's dense ``MaternKernel``
     computes distances as ``√(x² + x'² − 2xx')``, itself only accurate to
@@ -300,7 +299,7 @@ class MarkovMaternKernel(SparsePrecisionKernel):
         check_batch_shapes(x1, x2, self.batch_shape)
 
     def _warn_if_close(self, nodes: _Nodes, rate: Tensor) -> None:
-        """One :class:`CloseInputsWarning` per input set, repeated only when ``λ`` has dropped 10× since."""
+        """One ``CloseInputsWarning`` per input set, repeated only when ``λ`` has dropped 10× since."""
         limit = _WARN_GAP[self.nu]
         smallest = float(rate.detach().min()) if rate.numel() else math.inf
         scaled = nodes.min_gap * smallest

@@ -8,13 +8,13 @@ latent field has the sparse precision ``P = Q + Wᵀ D⁻¹ W``, so
     covar* = W* P⁻¹ W*ᵀ                            (a SparsePrecisionLinearOperator with precision P)
 
 — the posterior is again a sparse-precision covariance. Its variances
-``diag(W* P⁻¹ W*ᵀ)`` come from :func:`gpsparse.operators.precision.covariance_diagonal`
+``diag(W* P⁻¹ W*ᵀ)`` come from ``gpsparse.operators.precision.covariance_diagonal``
 (exact up to 1024 test points, a stochastic diagonal estimator beyond or
 under ``gpytorch.settings.fast_pred_var()``; see there for its error).
 
 *Nodes that depend on the inputs.* GPyTorch evaluates the cross-covariance
 as ``k(x*, x)``; a kernel whose latent nodes are built from its inputs (the
-1-D Markov kernels of :mod:`gpsparse.kernels.markov`) returns it over the
+1-D Markov kernels of ``gpsparse.kernels.markov``) returns it over the
 nodes of the *joint* inputs, ``W*_J Q_J⁻¹ W_Jᵀ``. When ``Q_J`` is not the
 training precision (another size, pattern or values), the posterior is
 formed on the joint nodes,
@@ -27,7 +27,7 @@ graphs) keep the cached path above.
 
 ``gpytorch.settings.skip_posterior_variances()`` returns a zero covariance.
 Samples (``rsample``) are ``W* P^{-1/2} z`` by Lanczos ``f(P)v``. Solves use
-:func:`gpsparse.settings.solver_defaults` (``rtol = 1e-6``), not GPyTorch's
+[`gpsparse.settings.solver_defaults`][] (``rtol = 1e-6``), not GPyTorch's
 ``eval_cg_tolerance``.
 """
 
@@ -47,7 +47,7 @@ __all__ = ["SparsePrecisionPredictionStrategy"]
 class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
     """Exact GP prediction through the posterior precision (module docstring).
 
-    Returned by :meth:`gpsparse.kernels.SparsePrecisionKernel.prediction_strategy`;
+    Returned by ``gpsparse.kernels.SparsePrecisionKernel.prediction_strategy``;
     ``model.eval(); likelihood(model(x_test))`` then never forms a dense
     matrix.
     """

@@ -5,8 +5,9 @@ Borovitskiy et al. 2021) share one structure: a fixed symmetric positive
 semi-definite sparse ``L`` (N × N) and an integer power ``α ≥ 1``. By the
 binomial theorem (``I`` and ``L`` commute)
 
-.. math::
-    Q(κ, τ) = τ \sum_{k=0}^{α} \binom{α}{k} κ^{2(α-k)} L^k ,
+$$
+Q(κ, τ) = τ \sum_{k=0}^{α} \binom{α}{k} κ^{2(α-k)} L^k ,
+$$
 
 so the stored values of ``Q`` are a linear combination of ``α + 1`` fixed
 vectors — the entries of ``L⁰, …, L^α`` embedded in the pattern of
@@ -18,11 +19,12 @@ When the eigenvalues ``λ_k`` of ``L`` are known (lattices with Neumann
 boundaries: closed form; small graphs: one dense eigendecomposition), the
 log-determinant is exact and O(N),
 
-.. math::
-    \log\det Q = N \log τ + α \sum_k \log(κ² + λ_k),
+$$
+\log\det Q = N \log τ + α \sum_k \log(κ² + λ_k),
+$$
 
-and :meth:`MaternPrecision.operator` returns a
-:class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`.
+and [`MaternPrecision.operator`][] returns a
+``KnownLogdetSparseLinearOperator``.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class MaternPrecision:
     def operator(self, kappa2: Tensor, tau: Tensor) -> SparseLinearOperator:
         """``Q`` for ``κ² (*batch)`` and ``τ (*batch)`` (broadcast), values ``(*batch, nnz)``.
 
-        A :class:`~gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator`
+        A ``KnownLogdetSparseLinearOperator``
         when the eigenvalues are known.
         """
         kappa2, tau = torch.broadcast_tensors(kappa2, tau)

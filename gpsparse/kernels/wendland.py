@@ -1,9 +1,9 @@
 r"""The compactly supported Wendland covariance φ₃,₁ as a sparse GPyTorch kernel.
 
-An adapter (DESIGN.md §1): the neighbour search is :mod:`gpsparse.core.neighbors`,
-the function φ₃,₁ and its derivative are :mod:`gpsparse.core.wendland` (applied
-through the autograd Function of :mod:`gpsparse.autograd.wendland`), the matrix
-is a :class:`~gpsparse.SparseLinearOperator`; this module only validates
+An adapter (DESIGN.md §1): the neighbour search is ``gpsparse.core.neighbors``,
+the function φ₃,₁ and its derivative are ``gpsparse.core.wendland`` (applied
+through the autograd Function of ``gpsparse.autograd.wendland``), the matrix
+is a [`SparseLinearOperator`][gpsparse.SparseLinearOperator]; this module only validates
 inputs, caches the sparsity pattern and assembles the scaled squared distances
 at the stored entries. ``wendland_phi31`` is re-exported here.
 """
@@ -35,7 +35,7 @@ _MAX_DIMS = 3
 class _Pattern:
     """One cached pattern: its search radius and the squared distances at its entries.
 
-    The payload of a :class:`~gpsparse.kernels._inputs.CachedInputs` entry keyed on ``(x1,)``
+    The payload of a ``CachedInputs`` entry keyed on ``(x1,)``
     (symmetric) or ``(x1, x2)``.
     """
 
@@ -47,17 +47,18 @@ class _Pattern:
 class WendlandKernel(Kernel):
     r"""Compactly supported Wendland covariance φ₃,₁ returning a sparse operator.
 
-    .. math::
-        k(x, x') = (1 - r)_+^4 (4 r + 1), \qquad r = \lVert x - x' \rVert / \rho,
+    $$
+    k(x, x') = (1 - r)_+^4 (4 r + 1), \qquad r = \lVert x - x' \rVert / \rho,
+    $$
 
     positive definite for inputs of dimension ``d ≤ 3`` (Wendland, 1995) and
     exactly zero beyond the support radius ``ρ``. With ``ard_num_dims = d``
     every dimension has its own radius, ``r² = Σ_k (x_k − x'_k)² / ρ_k²``
     (an axis-aligned ellipsoidal support; still positive definite).
 
-    ``forward`` returns a :class:`~gpsparse.SparseLinearOperator` whose
+    ``forward`` returns a [`SparseLinearOperator`][gpsparse.SparseLinearOperator] whose
     pattern holds every pair within the current radius, found by a grid
-    neighbour search (:func:`gpsparse.core.neighbors.radius_pairs`, O(n · neighbours),
+    neighbour search (``gpsparse.core.neighbors.radius_pairs``, O(n · neighbours),
     never an ``n × m`` distance matrix), and whose values are a differentiable
     function of ``ρ`` (and of the inputs when they require grad). For
     ``x1 is x2`` (or equal tensors) the pattern is declared symmetric and
@@ -90,7 +91,7 @@ class WendlandKernel(Kernel):
         Number of patterns kept (default 2: training inputs and one more,
         e.g. the train+test inputs of a prediction).
     **kwargs
-        ``active_dims`` etc., as for :class:`gpytorch.kernels.Kernel`.
+        ``active_dims`` etc., as for ``gpytorch.kernels.Kernel``.
 
     Notes
     -----

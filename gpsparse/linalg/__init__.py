@@ -1,10 +1,10 @@
 """Linear algebra on sparse matrices: the public functions and the one dispatcher that chooses their road.
 
 Layer: above ``gpsparse.core`` and ``gpsparse.autograd``, below the operators.
-:mod:`gpsparse.linalg.functional` holds ``solve``, ``logdet``,
-``inv_quad_logdet``, ``lanczos`` and ``funm``; :mod:`gpsparse.linalg.dispatch`
+``gpsparse.linalg.functional`` holds ``solve``, ``logdet``,
+``inv_quad_logdet``, ``lanczos`` and ``funm``; ``gpsparse.linalg.dispatch``
 chooses between the banded, CHOLMOD, dense and Krylov/SLQ roads for them and
-for every operator; :mod:`gpsparse.linalg.config` reads the settings into a
+for every operator; ``gpsparse.linalg.config`` reads the settings into a
 frozen configuration once per call.
 """
 

@@ -1,8 +1,8 @@
 """Global settings → frozen configuration, read once at the boundary.
 
-:func:`road_config` is the single place below the operators where
-:mod:`gpsparse.settings` is read: public functions and operators call it once
-per call and pass the frozen :class:`~gpsparse.core.config.RoadConfig` down;
+``road_config`` is the single place below the operators where
+[`gpsparse.settings`][] is read: public functions and operators call it once
+per call and pass the frozen ``RoadConfig`` down;
 nothing below (autograd Functions, cores) reads global state.
 """
 
@@ -26,7 +26,7 @@ def road_config(
     num_lanczos: int | None = None,
     road: str = "auto",
 ) -> RoadConfig:
-    """The :class:`~gpsparse.core.config.RoadConfig` that the settings in force give a matrix.
+    """The ``RoadConfig`` that the settings in force give a matrix.
 
     Parameters
     ----------
@@ -34,7 +34,7 @@ def road_config(
         Whether the matrix is declared symmetric (CG; else BiCGSTAB).
     num_rows : int
         Its size (the large-size log-determinant defaults switch on it,
-        :func:`gpsparse.settings.logdet_defaults`).
+        [`gpsparse.settings.logdet_defaults`][]).
     device_type : str
         ``"cpu"`` or ``"cuda"`` (IC(0) is replaced by the Jacobi scaling off the CPU).
     dense_max_rows : int
@@ -43,7 +43,7 @@ def road_config(
         Overrides of the SLQ probe count and depth (the operators pass
         linear_operator's settings when a user changed them).
     road : str
-        ``"auto"`` or a forced road (:data:`gpsparse.core.config.ROADS`).
+        ``"auto"`` or a forced road (``gpsparse.core.config.ROADS``).
     """
     s = settings.current()
 

@@ -1,20 +1,21 @@
 r"""The one dispatcher: which road computes ``solve``, ``inv_quad``, ``logdet`` and ``inv_quad_logdet``.
 
-Every entry point — the public functions (:func:`gpsparse.solve`,
-:func:`gpsparse.logdet`, :func:`gpsparse.inv_quad_logdet`) and every operator
-(:class:`~gpsparse.SparseLinearOperator` and the sparse-precision covariances
+Every entry point — the public functions ([`gpsparse.solve`][],
+[`gpsparse.logdet`][], [`gpsparse.inv_quad_logdet`][]) and every operator
+([`SparseLinearOperator`][gpsparse.SparseLinearOperator] and the sparse-precision covariances
 built on it) — calls the functions below with ``(values, pattern)`` and a
-frozen :class:`~gpsparse.core.config.RoadConfig`. The roads, in the order
+frozen ``RoadConfig``. The roads, in the order
 ``road="auto"`` tries them:
 
 ``banded``
-    Symmetric matrices of half-bandwidth ``≤ max_banded_bandwidth`` (1-D
+:   Symmetric matrices of half-bandwidth ``≤ max_banded_bandwidth`` (1-D
     Markov precisions): exact banded Cholesky (LAPACK ``pbtrf``), O(N·b²),
-    gradients by selected inversion (:mod:`gpsparse.autograd.banded`).
+    gradients by selected inversion (``gpsparse.autograd.banded``).
+
 ``cholesky``
     Symmetric matrices when ``cholesky`` is set (``logdet_defaults(method="cholesky")``):
     exact sparse Cholesky by CHOLMOD, gradients by selected inversion
-    (:mod:`gpsparse.autograd.cholmod`).
+    (``gpsparse.autograd.cholmod``).
 ``dense``
     Log-determinants of at most ``dense_max_rows`` rows within
     ``max_dense_size`` elements (the operators use linear_operator's
@@ -22,12 +23,12 @@ frozen :class:`~gpsparse.core.config.RoadConfig`. The roads, in the order
     differentiable by autograd through the stored entries.
 ``krylov``
     Everything else: CG / MINRES / BiCGSTAB solves with sparse adjoints
-    (:mod:`gpsparse.autograd.sparse`) and stochastic Lanczos quadrature
-    (:mod:`gpsparse.autograd.slq`) for log-determinants. Only here do the
+    (``gpsparse.autograd.sparse``) and stochastic Lanczos quadrature
+    (``gpsparse.autograd.slq``) for log-determinants. Only here do the
     stochastic options (probes, Lanczos depth, gradient mode) apply.
 
 Both exact Cholesky roads assume a positive definite matrix (they raise
-:class:`~gpsparse.errors.NotPositiveDefiniteError` otherwise), as CG and SLQ do.
+[`NotPositiveDefiniteError`][gpsparse.errors.NotPositiveDefiniteError] otherwise), as CG and SLQ do.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def inv_quad(values: Tensor, pattern: SparsityPattern, rhs: Tensor, config: Road
     """Per-column ``diag(Rᵀ A⁻¹ R)`` ``(*batch, k)`` for ``rhs`` ``(n,)`` (one column) or ``(*batch, n, k)``.
 
     Symmetric matrices on the Krylov road take one CG solve forward and none
-    backward (:class:`~gpsparse.autograd.sparse.SparseInvQuad`).
+    backward (``SparseInvQuad``).
     """
     _check_square(pattern, "inv_quad")
     _check_rhs(rhs, values, pattern, "inv_quad_rhs")

@@ -1,9 +1,9 @@
 r"""The public linear-algebra functions: ``solve``, ``logdet``, ``inv_quad_logdet``, ``lanczos``, ``funm``.
 
 Each validates its operands, builds a frozen configuration from its arguments
-and the settings in force (:func:`gpsparse.linalg.config.road_config`, read
+and the settings in force (``gpsparse.linalg.config.road_config``, read
 once here), and hands ``(values, pattern)`` to the one dispatcher
-(:mod:`gpsparse.linalg.dispatch`) that the operators call too.
+(``gpsparse.linalg.dispatch``) that the operators call too.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def solve(
     ----------
     A : Tensor or SparseLinearOperator
         ``(n, n)`` torch sparse COO or CSR tensor (its values may require
-        grad), or a :class:`~gpsparse.SparseLinearOperator` (values
+        grad), or a [`SparseLinearOperator`][gpsparse.SparseLinearOperator] (values
         ``(*batch, nnz)``).
     B : Tensor
         Dense right-hand side ``(n,)``, ``(n, k)`` or ``(*batch, n, k)``.
@@ -62,7 +62,7 @@ def solve(
         ``cg`` (symmetric positive definite), ``minres`` (symmetric
         indefinite) or ``bicgstab`` (non-symmetric).
     preconditioner : None, "jacobi", "ic0", Preconditioner or callable
-        See :class:`~gpsparse.core.solver.SolverConfig`.
+        See ``SolverConfig``.
     rtol, atol : float
         Stop a column when ``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``.
     max_iters : int, optional
@@ -74,9 +74,9 @@ def solve(
     road : {"auto", "banded", "cholesky", "krylov"}
         ``"auto"`` (default): for a symmetric ``A`` with ``method="cg"`` and
         no ``x0`` or preconditioner, the exact roads of the dispatcher
-        (:mod:`gpsparse.linalg.dispatch`) where they apply — the banded
+        (``gpsparse.linalg.dispatch``) where they apply — the banded
         Cholesky for half-bandwidth ≤ ``max_banded_bandwidth``
-        (:func:`gpsparse.settings.solver_defaults`), CHOLMOD under
+        ([`gpsparse.settings.solver_defaults`][]), CHOLMOD under
         ``logdet_defaults(method="cholesky")`` — else the iterative solve.
         The Krylov arguments (``method``, ``preconditioner``, ``rtol``,
         ``atol``, ``max_iters``, ``x0``, ``strict``) apply only on the
@@ -89,7 +89,7 @@ def solve(
 
     Notes
     -----
-    Gradients (``G`` the upstream gradient of ``X``)::
+    Gradients (``G`` the upstream gradient of ``X``):
 
         Ĝ = A⁻ᵀ G                    (one solve with Aᵀ, same method)
         ∂L/∂B    = Ĝ
@@ -111,7 +111,7 @@ def solve(
         CG met ``pᵀAp ≤ 0``.
     NonConvergenceError
         ``strict=True`` and the tolerance was not reached (otherwise a
-        :class:`~gpsparse.errors.ConvergenceWarning` names the residual).
+        [`ConvergenceWarning`][gpsparse.errors.ConvergenceWarning] names the residual).
 
     Examples
     --------
@@ -186,14 +186,14 @@ def logdet(
         Byte budget for stored Krylov bases (adjoint mode).
     road : {"auto", "banded", "cholesky", "dense", "krylov"}
         ``"auto"`` (default): the dispatcher's exact roads where they apply
-        (:mod:`gpsparse.linalg.dispatch`) — the banded Cholesky for symmetric
+        (``gpsparse.linalg.dispatch``) — the banded Cholesky for symmetric
         matrices of half-bandwidth ≤ ``max_banded_bandwidth``
-        (:func:`gpsparse.settings.solver_defaults`, default 6), CHOLMOD under
+        ([`gpsparse.settings.solver_defaults`][], default 6), CHOLMOD under
         ``logdet_defaults(method="cholesky")`` — else stochastic Lanczos
         quadrature. All stochastic arguments above (probes, depth, gradient,
         preconditioner, generator) apply only on the Krylov road; explicit
         ``probes`` select it, and ``road="krylov"`` forces it. ``"dense"`` forms the
-        matrix (within :func:`gpsparse.settings.max_dense_size`).
+        matrix (within [`gpsparse.settings.max_dense_size`][]).
 
     Returns
     -------
@@ -251,7 +251,7 @@ def inv_quad_logdet(
     The inverse quadratic form of the columns of ``rhs`` (``(n,)``, ``(n, k)``
     or ``(*batch, n, k)``; per column ``(*batch, k)`` when
     ``reduce_inv_quad=False``; zero without ``rhs``) and the log-determinant,
-    by the same road (see :func:`logdet` for the arguments and roads). With
+    by the same road (see [`logdet`][gpsparse.logdet] for the arguments and roads). With
     ``gradient="hutchinson"`` on the Krylov road one batched CG run serves the
     probes and the quadratic term; with ``"adjoint"`` the quadratic term gets
     its own CG solve (``rtol``).
@@ -373,7 +373,7 @@ def funm(
         dimension of the Krylov space; the error otherwise falls
         geometrically with a rate set by the condition number and ``f``).
     breakdown_tol : float, optional
-        See :func:`lanczos`. The value ``f(A)v`` is exact at an invariant
+        See [`lanczos`][gpsparse.lanczos]. The value ``f(A)v`` is exact at an invariant
         Krylov space, but its *gradient* involves directions outside it: a
         tiny tolerance (continuing past rounding-level breakdowns) makes the
         gradient exact too when ``num_lanczos = n``.
@@ -401,7 +401,7 @@ def matrix_parts(A) -> tuple[Tensor, SparsityPattern]:
     """``(values, pattern)`` of a torch sparse COO/CSR tensor or of any operator carrying them.
 
     Operators are recognised by their ``values`` tensor and
-    :class:`~gpsparse.SparsityPattern` attributes (so this layer needs no
+    [`SparsityPattern`][gpsparse.SparsityPattern] attributes (so this layer needs no
     import of the operator classes above it).
     """
     pattern = getattr(A, "pattern", None)

@@ -1,19 +1,19 @@
 r"""Variances ``diag(W Q⁻¹ Wᵀ)`` of Gaussian Markov random fields, never forming ``Q⁻¹``.
 
-Two estimators, chosen by the caller (:func:`gpsparse.operators.precision.covariance_diagonal`
+Two estimators, chosen by the caller (``gpsparse.operators.precision.covariance_diagonal``
 reads the settings and passes the choice down):
 
-* :func:`exact_diagonal` — one solve per row of ``W``, batched ``block`` at a time.
-* :func:`stochastic_diagonal` — Monte Carlo over samples of the field,
-  ``diag(W Q⁻¹ Wᵀ) = E[(W x)²]`` for ``x = Q^{-1/2} ε`` (``ε ~ N(0, I)``,
-  Lanczos ``f(Q)v`` with ``inv_sqrt``, all ``S`` samples in one block).
-  Unbiased up to the Lanczos error; every entry has relative standard
-  deviation ``√(2/S)`` (χ² with ``S`` degrees of freedom) whatever the
-  correlations between rows — unlike the probe estimator
-  ``Σ_s (B z_s) ∘ z_s / S`` (Bekas et al. 2007), whose error grows with the
-  off-diagonal mass: measured on a 16 × 16 lattice posterior with 2000
-  interpolated points, 47 % mean relative error with 64 probes against 18 %
-  expected here.
+* ``exact_diagonal`` — one solve per row of ``W``, batched ``block`` at a time.
+* ``stochastic_diagonal`` — Monte Carlo over samples of the field,
+    ``diag(W Q⁻¹ Wᵀ) = E[(W x)²]`` for ``x = Q^{-1/2} ε`` (``ε ~ N(0, I)``,
+    Lanczos ``f(Q)v`` with ``inv_sqrt``, all ``S`` samples in one block).
+    Unbiased up to the Lanczos error; every entry has relative standard
+    deviation ``√(2/S)`` (χ² with ``S`` degrees of freedom) whatever the
+    correlations between rows — unlike the probe estimator
+    ``Σ_s (B z_s) ∘ z_s / S`` (Bekas et al. 2007), whose error grows with the
+    off-diagonal mass: measured on a 16 × 16 lattice posterior with 2000
+    interpolated points, 47 % mean relative error with 64 probes against 18 %
+    expected here.
 
 ``Q`` is a symmetric positive definite sparse operator (anything with
 ``values``/``pattern``, ``solve`` and ``batch_shape``) and ``W`` an ``m × N``

@@ -2,18 +2,18 @@ r"""Sparse operators whose log-determinant is known in closed form.
 
 Some precisions come with their spectrum: ``Q = τ (κ² I + L)^α`` on a
 regular lattice with Neumann boundaries has the Laplacian eigenvalues
-``λ_k = Σ_d (2 − 2 cos(π k_d / m_d)) / h_d²`` (:mod:`gpsparse.kernels.lattice`),
+``λ_k = Σ_d (2 − 2 cos(π k_d / m_d)) / h_d²`` (``gpsparse.kernels.lattice``),
 so ``log det Q = N log τ + α Σ_k log(κ² + λ_k)`` costs O(N), is exact, and is
 differentiable in ``κ`` and ``τ`` by plain autograd. The operator below carries
 that value beside the values: its ``logdet`` / ``inv_quad_logdet`` return it
 instead of estimating (stochastic Lanczos quadrature) or factorising.
 
 Products, solves and the quadratic term are those of
-:class:`~gpsparse.SparseLinearOperator`. Operations that keep the closed
+[`SparseLinearOperator`][gpsparse.SparseLinearOperator]. Operations that keep the closed
 form (scaling by positive constants, batch expansion, permutation and
 selection of batch members, transposition) keep the type; every other
 operation (``add_diagonal``, sums, row/column indexing) returns a plain
-:class:`~gpsparse.SparseLinearOperator`, whose log-determinant then goes
+[`SparseLinearOperator`][gpsparse.SparseLinearOperator], whose log-determinant then goes
 through the general paths.
 """
 
@@ -102,7 +102,7 @@ class KnownLogdetSparseLinearOperator(SparseLinearOperator):
         return KnownLogdetSparseLinearOperator(scaled.values, logdet, pattern=self.pattern)
 
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
-        """The quadratic term as :class:`~gpsparse.SparseLinearOperator` computes it; the known ``log det``."""
+        """The quadratic term as ``SparseLinearOperator`` computes it; the known ``log det``."""
         if not logdet:
             return super().inv_quad_logdet(inv_quad_rhs, logdet=False, reduce_inv_quad=reduce_inv_quad)
         quad = self.values.new_zeros(())

@@ -13,7 +13,7 @@ marginal likelihood goes through the sparse *posterior precision*
 
 (DESIGN.md §3). This module holds the two adapters; their numerics are
 gpsparse's solves and log-determinants on ``Q`` and ``P``
-(:class:`~gpsparse.SparseLinearOperator`), whose gradients reach the values
+([`SparseLinearOperator`][gpsparse.SparseLinearOperator]), whose gradients reach the values
 of ``Q``, of ``W`` and the noise.
 """
 
@@ -89,10 +89,10 @@ class SparsePrecisionLinearOperator(LinearOperator):
     * ``K v = W · solve(Q, W'ᵀ v)`` (gpsparse CG, sparse gradients).
     * With ``W = I``: ``solve = Q v`` and ``logdet = −logdet Q``.
     * ``K + D`` (``add_diagonal``, ``+ DiagLinearOperator``; what GPyTorch's
-      Gaussian likelihood does) returns a
-      :class:`NoisySparsePrecisionLinearOperator` working through the
-      posterior precision; ``D + K`` (diagonal on the left) goes through
-      linear_operator's generic ``AddedDiagLinearOperator`` — write ``K + D``.
+        Gaussian likelihood does) returns a
+        [`NoisySparsePrecisionLinearOperator`][gpsparse.NoisySparsePrecisionLinearOperator] working through the
+        posterior precision; ``D + K`` (diagonal on the left) goes through
+        linear_operator's generic ``AddedDiagLinearOperator`` — write ``K + D``.
     * Scaling ``c·K`` (``ScaleKernel``) returns ``W (Q/c)⁻¹ Wᵀ``.
 
     Examples
@@ -157,13 +157,13 @@ class SparsePrecisionLinearOperator(LinearOperator):
         return SparsePrecisionLinearOperator(Q, interp=rows, right_interp=cols)
 
     def _diagonal(self) -> Tensor:
-        """``diag(W Q⁻¹ Wᵀ)`` — see :func:`covariance_diagonal` (exact or stochastic)."""
+        """``diag(W Q⁻¹ Wᵀ)`` — see ``covariance_diagonal`` (exact or stochastic)."""
         if not self.is_symmetric:
             raise ValueError("the diagonal of a cross-covariance is not defined here")
         return covariance_diagonal(self.Q, self.interp)
 
     def to_dense(self) -> Tensor:
-        """Dense ``W Q⁻¹ W'ᵀ`` within :func:`gpsparse.settings.max_dense_size` (solves with dense columns)."""
+        """Dense ``W Q⁻¹ W'ᵀ`` within [`gpsparse.settings.max_dense_size`][] (solves with dense columns)."""
         rows, cols = self.shape[-2:]
         limit = gs_settings.current().max_dense_size
         if math.prod(self.shape) > limit or self.Q.shape[-1] * cols > limit:
@@ -376,14 +376,14 @@ def covariance_diagonal(Q: SparseLinearOperator, interp, *, method: str | None =
     r"""``diag(W Q⁻¹ Wᵀ)`` (variances of a GMRF, prior or posterior), never forming ``Q⁻¹``.
 
     * ``"exact"``: one solve per row of ``W``, batched
-      (:func:`gpsparse.linalg.variance.exact_diagonal`).
+        (``gpsparse.linalg.variance.exact_diagonal``).
     * ``"stochastic"``: Monte Carlo over Lanczos samples of the field, relative
-      standard deviation ``√(2/S)`` per entry
-      (:func:`gpsparse.linalg.variance.stochastic_diagonal`).
+        standard deviation ``√(2/S)`` per entry
+        (``gpsparse.linalg.variance.stochastic_diagonal``).
     * ``"auto"``: exact up to ``exact_variance_limit`` rows unless
-      ``gpytorch.settings.fast_pred_var()`` is on.
+        ``gpytorch.settings.fast_pred_var()`` is on.
 
-    Defaults from :func:`gpsparse.settings.variance_defaults`, read here (the
+    Defaults from [`gpsparse.settings.variance_defaults`][], read here (the
     adapter boundary) and passed down.
     """
     s = gs_settings.current()

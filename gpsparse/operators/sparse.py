@@ -1,15 +1,15 @@
 """``SparseLinearOperator``: a linear_operator ``LinearOperator`` backed by a sparse matrix.
 
 An adapter (DESIGN.md §1): it validates, lays out operands and delegates to
-the Functions in :mod:`gpsparse.autograd.sparse`; it has no numerics of its own.
+the Functions in ``gpsparse.autograd.sparse``; it has no numerics of its own.
 
 Every path linear_operator or GPyTorch reaches is overridden so that nothing
 densifies: products are CSR SpMMs, gradients are sampled products at the
 stored entries, solves are gpsparse's Krylov solvers (also below
 linear_operator's ``max_cholesky_size``), sums with diagonals and scalings
 keep the type. Dense materialisation (``to_dense``, dense Cholesky and
-eigendecompositions) is allowed up to :func:`gpsparse.settings.max_dense_size`
-elements and refused with :class:`~gpsparse.errors.DenseSizeError` above it.
+eigendecompositions) is allowed up to [`gpsparse.settings.max_dense_size`][]
+elements and refused with [`DenseSizeError`][gpsparse.errors.DenseSizeError] above it.
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ class SparseLinearOperator(LinearOperator):
     Notes
     -----
     *Symmetry.* A pattern declared symmetric (see
-    :class:`~gpsparse.core.pattern.SparsityPattern`) makes the operator symmetric:
+    [`SparsityPattern`][gpsparse.SparsityPattern]) makes the operator symmetric:
     transposition returns an equal operator, solves use CG, and every
     gradient with respect to ``values`` is symmetrised,
     ``g ← (g + g[transpose_perm]) / 2``, the gradient for a symmetric matrix
     parameterised by its stored entries (the convention of linear_operator's
     test-suite). General operators get the plain per-entry gradient.
 
-    *Solves* use :func:`gpsparse.settings.solver_defaults` (``rtol = 1e-6``,
+    *Solves* use [`gpsparse.settings.solver_defaults`][] (``rtol = 1e-6``,
     CG for symmetric, BiCGSTAB otherwise), not linear_operator's loose
     training tolerance.
 
@@ -94,7 +94,7 @@ class SparseLinearOperator(LinearOperator):
         """Wrap a 2-D torch sparse COO or CSR tensor; gradients flow back to ``matrix.values()``.
 
         ``symmetric=None`` detects symmetry (pattern and values, to rounding);
-        see :func:`gpsparse.core.convert.sparse_parts` for errors.
+        see ``gpsparse.core.convert.sparse_parts`` for errors.
         """
         values, pattern = sparse_parts(matrix, symmetric=symmetric)
         return cls(values, pattern=pattern)
@@ -190,7 +190,7 @@ class SparseLinearOperator(LinearOperator):
         return self._new(values[..., entries], pattern)
 
     def to_dense(self) -> Tensor:
-        """The dense matrix ``(*batch, m, n)``; refused above :func:`gpsparse.settings.max_dense_size`."""
+        """The dense matrix ``(*batch, m, n)``; refused above [`gpsparse.settings.max_dense_size`][]."""
         self._check_dense("to_dense")
         return to_dense(self._values_for_gather(), self.pattern)
 
@@ -292,7 +292,7 @@ class SparseLinearOperator(LinearOperator):
 
     # -------------------------------------------------------------- solves
     def _road_config(self, *, dense: bool = False) -> RoadConfig:
-        """The settings in force as the dispatcher's frozen configuration (see :func:`operator_road_config`)."""
+        """The settings in force as the dispatcher's frozen configuration (see ``operator_road_config``)."""
         return operator_road_config(
             symmetric=self.pattern.symmetric, num_rows=self.pattern.size[0], device_type=self.device.type, dense=dense
         )
@@ -301,7 +301,7 @@ class SparseLinearOperator(LinearOperator):
         """The road the dispatcher takes now: ``"banded"``, ``"cholesky"``, ``"dense"`` or ``"krylov"``.
 
         ``logdet``: for a log-determinant (else for a solve, which never takes
-        the dense road). See :mod:`gpsparse.linalg.dispatch`.
+        the dense road). See ``gpsparse.linalg.dispatch``.
         """
         road = dispatch.choose_road(
             self.pattern, self._road_config(dense=logdet), logdet=logdet, batch_numel=self.batch_shape.numel()
@@ -309,13 +309,13 @@ class SparseLinearOperator(LinearOperator):
         return "krylov" if road == "dense" and not logdet else road
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        r"""``A⁻¹ R`` (or ``L A⁻¹ R``) by the dispatcher's road (:mod:`gpsparse.linalg.dispatch`).
+        r"""``A⁻¹ R`` (or ``L A⁻¹ R``) by the dispatcher's road (``gpsparse.linalg.dispatch``).
 
         Banded symmetric operators use the exact banded Cholesky, CHOLMOD under
         ``logdet_defaults(method="cholesky")``; otherwise CG for symmetric
         operators, BiCGSTAB for others, with the tolerances of
-        :func:`gpsparse.settings.solver_defaults`. Gradients: see
-        :func:`gpsparse.solve`.
+        [`gpsparse.settings.solver_defaults`][]. Gradients: see
+        [`gpsparse.solve`][].
         """
         if not self.is_square:
             raise ValueError(f"solve needs a square operator, got size {tuple(self.shape)}")
@@ -332,24 +332,24 @@ class SparseLinearOperator(LinearOperator):
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
         r"""Inverse quadratic form ``diag(Rᵀ A⁻¹ R)`` and ``log det A`` with sparse gradients.
 
-        The road is the dispatcher's (:mod:`gpsparse.linalg.dispatch`):
+        The road is the dispatcher's (``gpsparse.linalg.dispatch``):
 
         * banded operators (half-bandwidth ≤ ``max_banded_bandwidth`` of
-          :func:`gpsparse.settings.solver_defaults`, e.g. 1-D Markov
-          precisions): exact banded Cholesky, O(N·b²);
+            [`gpsparse.settings.solver_defaults`][], e.g. 1-D Markov
+            precisions): exact banded Cholesky, O(N·b²);
         * under ``logdet_defaults(method="cholesky")``: exact sparse Cholesky
-          (CHOLMOD), gradients by selected inversion;
-        * without ``logdet``: gpsparse's CG (:meth:`inv_quad`), at every size;
+            (CHOLMOD), gradients by selected inversion;
+        * without ``logdet``: gpsparse's CG ([`inv_quad`][]), at every size;
         * with ``logdet``, for ``n ≤`` linear_operator's ``max_cholesky_size``
-          (and within :func:`gpsparse.settings.max_dense_size`): an exact
-          dense Cholesky, as linear_operator does;
+            (and within [`gpsparse.settings.max_dense_size`][]): an exact
+            dense Cholesky, as linear_operator does;
         * otherwise stochastic Lanczos quadrature, configured by
-          :func:`gpsparse.settings.logdet_defaults`: with
-          ``gradient="hutchinson"`` one batched CG run serves the probes and
-          the quadratic term; with ``"adjoint"`` (default) the log-determinant
-          gets the exact gradient of its estimate through Lanczos adjoints and
-          the quadratic term its own CG solve. Probes are Rademacher vectors
-          from torch's global generator (seed it for reproducible estimates).
+            [`gpsparse.settings.logdet_defaults`][]: with
+            ``gradient="hutchinson"`` one batched CG run serves the probes and
+            the quadratic term; with ``"adjoint"`` (default) the log-determinant
+            gets the exact gradient of its estimate through Lanczos adjoints and
+            the quadratic term its own CG solve. Probes are Rademacher vectors
+            from torch's global generator (seed it for reproducible estimates).
         """
         if not logdet:
             if inv_quad_rhs is None:
@@ -397,7 +397,7 @@ class SparseLinearOperator(LinearOperator):
 
         Below linear_operator's ``max_cholesky_size`` (within the dense limit)
         a dense Cholesky root is used, as linear_operator does. Lanczos depth:
-        :func:`gpsparse.settings.logdet_defaults`' ``num_lanczos``.
+        [`gpsparse.settings.logdet_defaults`][]' ``num_lanczos``.
         """
         n = self.pattern.size[0]
         if n <= lo_settings.max_cholesky_size.value() and math.prod(self.shape) <= gs_settings.current().max_dense_size:
@@ -411,7 +411,7 @@ class SparseLinearOperator(LinearOperator):
         r"""``A^{-1/2} R`` (or ``(L A^{-1/2} R, diag(L A⁻¹ Lᵀ))``) by Lanczos ``f(A)v`` with adjoint gradients.
 
         Replaces linear_operator's contour-integral quadrature. Depth:
-        ``min(n, num_lanczos)`` of :func:`gpsparse.settings.logdet_defaults`
+        ``min(n, num_lanczos)`` of [`gpsparse.settings.logdet_defaults`][]
         (exact when it reaches the Krylov dimension).
         """
         self._require_symmetric("sqrt_inv_matmul")
@@ -436,7 +436,7 @@ class SparseLinearOperator(LinearOperator):
 def operator_road_config(
     *, symmetric: bool, num_rows: int, device_type: str = "cpu", dense: bool = False
 ) -> RoadConfig:
-    """The operators' configuration: :func:`gpsparse.linalg.config.road_config` plus linear_operator's settings.
+    """The operators' configuration: ``gpsparse.linalg.config.road_config`` plus linear_operator's settings.
 
     ``dense`` allows the dense road for log-determinants below
     linear_operator's ``max_cholesky_size``, as linear_operator does.

@@ -4,18 +4,18 @@ These are pure tensor functions (no gpytorch, no autograd machinery). They run
 inside ``torch.no_grad()`` and return detached tensors; gradients are the job of
 the autograd Functions built on top of them.
 
-Conventions shared by :func:`cg`, :func:`minres` and :func:`bicgstab`
+Conventions shared by [`cg`][gpsparse.cg], [`minres`][gpsparse.minres] and [`bicgstab`][gpsparse.bicgstab]
 -----------------------------------------------------------------------
 
 Shapes
-    ``rhs`` is ``(n,)``, ``(n, k)`` or ``(*batch, n, k)``. Internally every
+:   ``rhs`` is ``(n,)``, ``(n, k)`` or ``(*batch, n, k)``. Internally every
     solver works on blocks ``(*batch, n, k)``: a vector is viewed as ``(n, 1)``
     and the solution is squeezed back, so the solution always has ``rhs``'s
-    shape. The per-column fields of :class:`SolverInfo` have shape
+    shape. The per-column fields of [`SolverInfo`][gpsparse.SolverInfo] have shape
     ``(*batch, k)``; for a vector ``rhs`` that is ``(1,)``.
 
 The ``matvec`` contract
-    ``matvec(v)`` receives a tensor of shape ``(*batch, n, k)`` (always at
+:   ``matvec(v)`` receives a tensor of shape ``(*batch, n, k)`` (always at
     least 2-D, even for a vector ``rhs``) and must return ``A v`` with exactly
     that shape, dtype and device. It must not modify ``v``. It may return a
     buffer that it reuses between calls: the solvers never write into a
@@ -24,7 +24,7 @@ The ``matvec`` contract
     the same contract and returns ``M⁻¹ r``.
 
 Stopping rule (one rule, per column)
-    ``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``, evaluated with the residual the
+:   ``‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol)``, evaluated with the residual the
     method carries: the recursively updated residual vector in CG and
     BiCGSTAB, the Paige–Saunders residual-norm estimate ``φ̄`` in
     unpreconditioned MINRES, and a recursively updated residual vector in
@@ -44,36 +44,36 @@ Stopping rule (one rule, per column)
     after 0 iterations, with residual 0.
 
 Failures
-    Slow convergence is never an error here: it is reported in
-    :class:`SolverInfo` (``converged``, ``residual_norm``). A genuine
-    breakdown raises: :class:`~gpsparse.errors.NotPositiveDefiniteError` when
+:   Slow convergence is never an error here: it is reported in
+    [`SolverInfo`][gpsparse.SolverInfo] (``converged``, ``residual_norm``). A genuine
+    breakdown raises: [`NotPositiveDefiniteError`][gpsparse.errors.NotPositiveDefiniteError] when
     CG meets ``pᵀAp ≤ 0`` or a preconditioner gives ``rᵀM⁻¹r ≤ 0`` on an
-    unconverged column, :class:`~gpsparse.errors.SolverBreakdownError` when
+    unconverged column, [`SolverBreakdownError`][gpsparse.errors.SolverBreakdownError] when
     MINRES or BiCGSTAB would divide by (numerically) zero or when a NaN/Inf
     appears in the iterates. Messages name the quantity, its value (of the
     system normalised to ``‖b‖ = 1``), the iteration and the column.
 
 Default ``max_iters``
-    ``min(10·n, 10_000)``. CG needs at most ``n`` steps in exact arithmetic;
+:   ``min(10·n, 10_000)``. CG needs at most ``n`` steps in exact arithmetic;
     the factor 10 leaves room for rounding on small ill-conditioned systems,
     the cap keeps a solve on a large system from running for hours (raise
     it, or precondition, when a problem needs more).
 
 Performance
-    The methods are memory-bandwidth-bound: besides the ``matvec``, each
+:   The methods are memory-bandwidth-bound: besides the ``matvec``, each
     iteration costs a few passes over ``(n, k)`` blocks. All vectors are
     preallocated and updated in place (``addcmul_``); column dot products
-    (:func:`gpsparse.core.columns.column_dot`) use one GEMM ``aᵀb`` and keep
+    (``gpsparse.core.columns.column_dot``) use one GEMM ``aᵀb`` and keep
     its diagonal for ``k ≤ 32`` (one read of each operand, measured faster
     than ``sum(a*b)`` and ``einsum``) and ``torch.dot`` for a single vector.
     Per iteration CG makes 12 passes (without preconditioner), MINRES about
     22, BiCGSTAB about 30 with two matvecs.
 
 Layout
-    :mod:`~gpsparse.core.krylov.problem` (validation, the normalised initial
-    state, :class:`SolverInfo`, breakdown messages) and one module per
-    method: :mod:`~gpsparse.core.krylov.cg`, :mod:`~gpsparse.core.krylov.minres`,
-    :mod:`~gpsparse.core.krylov.bicgstab`. The package attributes ``cg``,
+:   ``problem`` (validation, the normalised initial
+    state, [`SolverInfo`][gpsparse.SolverInfo], breakdown messages) and one module per
+    method: ``cg``, ``minres``,
+    ``bicgstab``. The package attributes ``cg``,
     ``minres`` and ``bicgstab`` are the functions (they shadow the submodules
     of the same name; callers look methods up by name with
     ``getattr(krylov, method)``, and tests patch them there).

@@ -33,7 +33,7 @@ def bicgstab(
     r"""Right-preconditioned BiCGSTAB (van der Vorst, 1992) for general square ``A``.
 
     Runs BiCGSTAB on ``A M⁻¹ u = b``, ``x = M⁻¹u``, so the residual it
-    carries and tests is the unpreconditioned ``b − A x``::
+    carries and tests is the unpreconditioned ``b − A x``:
 
         r̂ = r₀,  ρ = r̂ᵀr,  β = (ρ/ρ_old)(α/ω),  p ← r + β(p − ω v)
         p̂ = M⁻¹p,  v = A p̂,  α = ρ / r̂ᵀv,  s = r − α v,  x ← x + α p̂

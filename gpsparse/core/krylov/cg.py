@@ -34,7 +34,7 @@ def cg(
 ) -> tuple[Tensor, SolverInfo]:
     r"""Preconditioned conjugate gradients (Hestenes & Stiefel, 1952) for SPD ``A``.
 
-    Solves ``A X = B`` column by column in one block iteration::
+    Solves ``A X = B`` column by column in one block iteration:
 
         r₀ = b − A x₀,  z₀ = M⁻¹r₀,  p₀ = z₀
         αⱼ = rⱼᵀzⱼ / pⱼᵀApⱼ,   x ← x + αⱼpⱼ,   r ← r − αⱼApⱼ
@@ -43,7 +43,7 @@ def cg(
     Parameters
     ----------
     matvec : callable
-        ``v ↦ A v`` on ``(*batch, n, k)`` tensors (contract: :mod:`gpsparse.core.krylov`).
+        ``v ↦ A v`` on ``(*batch, n, k)`` tensors (contract: ``gpsparse.core.krylov``).
         ``A`` symmetric positive definite.
     rhs : Tensor
         ``(n,)``, ``(n, k)`` or ``(*batch, n, k)``, real floating.
@@ -59,7 +59,7 @@ def cg(
         Iteration cap, default ``min(10·n, 10_000)``.
     return_tridiag : bool
         Also return the Lanczos tridiagonal matrices of every column in
-        ``info.tridiag`` (see :class:`SolverInfo` for layout and padding).
+        ``info.tridiag`` (see [`SolverInfo`][gpsparse.SolverInfo] for layout and padding).
 
     Returns
     -------
@@ -177,7 +177,7 @@ def _tridiag(alphas: list[Tensor], betas: list[Tensor], its: Tensor, dtype: torc
     The CG → Lanczos conversion of linear_operator's mBCG,
     ``diag_j = 1/α_j + β_{j−1}/α_{j−1}``, ``offdiag_j = √β_j / α_j``; entries
     beyond a column's ``its`` steps are padding (``diag = 1``, ``offdiag = 0``,
-    :func:`gpsparse.core.quadrature.pad_tridiagonal`).
+    ``gpsparse.core.quadrature.pad_tridiagonal``).
     """
     m = len(alphas)
     if m == 0:

@@ -1,9 +1,9 @@
-"""The shared part of the Krylov cores: input validation, the normalised initial state, :class:`SolverInfo`.
+"""The shared part of the Krylov cores: input validation, the normalised initial state, ``SolverInfo``.
 
-:class:`_Problem` validates ``(matvec, rhs, x0, preconditioner, rtol, atol,
+``_Problem`` validates ``(matvec, rhs, x0, preconditioner, rtol, atol,
 max_iters)`` once for every method, normalises each column to ``‖b‖ = 1`` and
 holds the iterates; the ``_raise_*`` helpers build the breakdown messages
-(quantity, value, iteration, column) that :mod:`gpsparse.core.krylov`
+(quantity, value, iteration, column) that ``gpsparse.core.krylov``
 documents. The conventions (shapes, ``matvec`` contract, stopping rule,
 failures) are in the package docstring.
 """
@@ -48,7 +48,7 @@ class SolverInfo:
         iterations).
     residual_norm : Tensor
         ``(*batch, k)``: final relative residual ``‖r‖₂ / ‖b‖₂`` per column,
-        with ``r`` the residual the stopping rule used (:mod:`gpsparse.core.krylov`); 0
+        with ``r`` the residual the stopping rule used (``gpsparse.core.krylov``); 0
         for zero columns of ``rhs``.
     converged : Tensor
         ``(*batch, k)`` bool: the column met the stopping rule.

@@ -11,14 +11,16 @@ offers
 so that it can be passed straight to ``cg(..., preconditioner=P)`` and used
 for preconditioned log-determinants,
 
-.. math:: \\log\\det A = \\log\\det M + \\log\\det(C^{-1} A C^{-T}),
+$$
+\\log\\det A = \\log\\det M + \\log\\det(C^{-1} A C^{-T}),
+$$
 
 where the second term is estimated with the matvec
 ``v ↦ C⁻¹ A C⁻ᵀ v``.
 
 Preconditioners are never differentiated. Their state is detached from the
 autograd graph when they are built, and every apply runs under
-:func:`torch.no_grad`, so outputs never carry autograd history even when
+``torch.no_grad``, so outputs never carry autograd history even when
 ``r`` does. Gradients of a preconditioned quantity flow only through the
 parts that use ``A`` itself (see ``DESIGN.md``, section "Preconditioning").
 
@@ -27,31 +29,31 @@ shape (Jacobi broadcasts its own batch dimensions against ``r``'s).
 
 Classes
 -------
-:class:`Preconditioner`
+Preconditioner
     The abstract contract.
-:class:`JacobiPreconditioner`
+JacobiPreconditioner
     ``M = diag(A)``, batched.
-:class:`IncompleteCholeskyPreconditioner`
+IncompleteCholeskyPreconditioner
     ``M = L Lᵀ`` with ``L`` the zero fill-in incomplete Cholesky factor,
     IC(0).
 
 Names and the registry
 ----------------------
-:data:`PRECONDITIONER_NAMES` (``"jacobi"``, ``"ic0"``, ``"cholesky"``) are the
-keys of :data:`PRECONDITIONER_BUILDERS`; :func:`build_preconditioner` resolves a
+``PRECONDITIONER_NAMES`` (``"jacobi"``, ``"ic0"``, ``"cholesky"``) are the
+keys of ``PRECONDITIONER_BUILDERS``; ``build_preconditioner`` resolves a
 name for the detached values of a matrix on a
-:class:`~gpsparse.core.pattern.SparsityPattern`
-(:mod:`gpsparse.core.preconditioners.registry`). Adding a preconditioner is
+SparsityPattern
+(``gpsparse.core.preconditioners.registry``). Adding a preconditioner is
 one class and one registry entry.
 
 Layout
 ------
-:mod:`~gpsparse.core.preconditioners.base` (the contract and shared input
-checks), :mod:`~gpsparse.core.preconditioners.jacobi`,
-:mod:`~gpsparse.core.preconditioners.ic0` (IC(0) with its numba/numpy
-kernels) and :mod:`~gpsparse.core.preconditioners.registry`. The CHOLMOD
-factor (:class:`~gpsparse.core.cholmod.CholeskyPreconditioner`) implements the
-same contract in :mod:`gpsparse.core.cholmod`.
+``base`` (the contract and shared input
+checks), ``jacobi``,
+``ic0`` (IC(0) with its numba/numpy
+kernels) and ``registry``. The CHOLMOD
+factor ([`CholeskyPreconditioner`][gpsparse.CholeskyPreconditioner]) implements the
+same contract in ``gpsparse.core.cholmod``.
 
 Backends
 --------
@@ -61,7 +63,7 @@ with n = 10⁶ and 13 nonzeros per row in ~0.1 s; the first call in a
 process loads the compiled kernels from numba's cache, ~1 s, or compiles
 them, a few seconds). Without numba the factorisation runs the same
 algorithm as a plain Python loop (~11 s at that size) and CPU solves use
-:func:`torch.triangular_solve` (needs a torch build with MKL).
+``torch.triangular_solve`` (needs a torch build with MKL).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The preconditioner contract (:class:`Preconditioner`) and the input checks shared by its implementations.
+"""The preconditioner contract (``Preconditioner``) and the input checks shared by its implementations.
 
-Used by :mod:`~gpsparse.core.preconditioners.jacobi`,
-:mod:`~gpsparse.core.preconditioners.ic0` and :mod:`gpsparse.core.cholmod`.
+Used by ``jacobi``,
+``ic0`` and ``gpsparse.core.cholmod``.
 """
 
 from __future__ import annotations
@@ -24,24 +24,24 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 class Preconditioner(abc.ABC):
     """A fixed symmetric positive definite ``M = C Cᵀ ≈ A`` with cheap solves.
 
-    Subclasses implement :meth:`_solve`, :meth:`_apply_inv_factor`,
-    :meth:`_apply_inv_factor_t`, :meth:`logdet`, :meth:`to` and the
+    Subclasses implement ``_solve``, ``_apply_inv_factor``,
+    ``_apply_inv_factor_t``, [`logdet`][], [`to`][] and the
     properties ``size``, ``device``, ``dtype``; the public apply methods
-    validate ``r`` and run the subclass method under :func:`torch.no_grad`.
+    validate ``r`` and run the subclass method under ``torch.no_grad``.
 
     Contract
     --------
     * ``P(r)`` and ``P.solve(r)`` return ``M⁻¹ r``; ``r`` has shape
-      ``(*batch, n, k)`` (at least 2-D, ``n = P.size``), the same dtype and
-      device as ``P``. The result has shape ``(*batch, n, k)`` (broadcast
-      against ``P.batch_shape``).
+        ``(*batch, n, k)`` (at least 2-D, ``n = P.size``), the same dtype and
+        device as ``P``. The result has shape ``(*batch, n, k)`` (broadcast
+        against ``P.batch_shape``).
     * ``apply_inv_factor(r) = C⁻¹ r`` and ``apply_inv_factor_t(r) = C⁻ᵀ r``,
-      so ``apply_inv_factor_t(apply_inv_factor(r)) = M⁻¹ r``.
+        so ``apply_inv_factor_t(apply_inv_factor(r)) = M⁻¹ r``.
     * ``logdet()`` is ``log det M`` exactly, shape ``P.batch_shape``.
     * ``to(device=None, dtype=None)`` returns a new preconditioner.
     * Inputs are never modified in place.
     * Not differentiable: state is detached and applies run under
-      ``torch.no_grad()``; outputs have ``requires_grad=False``.
+        ``torch.no_grad()``; outputs have ``requires_grad=False``.
     """
 
     # -- metadata -----------------------------------------------------------
@@ -68,7 +68,7 @@ class Preconditioner(abc.ABC):
 
     @abc.abstractmethod
     def logdet(self) -> torch.Tensor:
-        """``log det M``, exact; shape :attr:`batch_shape`."""
+        """``log det M``, exact; shape [`batch_shape`][]."""
 
     @abc.abstractmethod
     def to(
@@ -87,7 +87,7 @@ class Preconditioner(abc.ABC):
             return self._solve(r.detach())
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`solve`, so ``P`` can be passed as a callable."""
+        """Same as [`solve`][], so ``P`` can be passed as a callable."""
         return self.solve(r)
 
     def apply_inv_factor(self, r: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ with n = 10⁶ and 13 nonzeros per row in ~0.1 s; the first call in a
 process loads the compiled kernels from numba's cache, ~1 s, or compiles
 them, a few seconds). Without numba the factorisation runs the same
 algorithm as a plain Python loop (~11 s at that size) and CPU solves use
-:func:`torch.triangular_solve` (needs a torch build with MKL).
+``torch.triangular_solve`` (needs a torch build with MKL).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _ic0_kernel(indptr, indices, values, pos):
     ``indptr, indices, values`` hold the lower triangle of ``A`` with sorted
     columns and the diagonal as the last entry of every row; ``values`` is
     overwritten with ``L``. ``pos`` is an int array of length n filled with
-    -1 (work space, restored on return). For row ``i`` and stored ``j < i``::
+    -1 (work space, restored on return). For row ``i`` and stored ``j < i``:
 
         L_ij = (A_ij - Σ_{k<j, (i,k),(j,k) stored} L_ik L_jk) / L_jj
         L_ii = sqrt(A_ii - Σ_{k<i} L_ik²)
@@ -252,7 +252,7 @@ class IncompleteCholeskyPreconditioner(Preconditioner):
     fill-in (tridiagonal, banded with full band, ...) IC(0) is the exact
     Cholesky factor.
 
-    Build with :meth:`from_matrix`. Not batched: ``A`` is ``(n, n)``; ``r`` may
+    Build with [`from_matrix`][]. Not batched: ``A`` is ``(n, n)``; ``r`` may
     carry batch dimensions ``(*batch, n, k)``, which share the factor.
 
     IC(0) exists for M-matrices and diagonally dominant matrices, but can
@@ -268,7 +268,7 @@ class IncompleteCholeskyPreconditioner(Preconditioner):
     13-point stencil), compiled with numba when installed; the factor is then
     cast to ``A``'s dtype. Storage: ``L`` as CSR (int32 indices when they
     fit), ``nnz(tril A)`` values. Measured (2-core CPU, 1 torch thread, 2-D
-    lattice, 13 nonzeros per row, n = 10⁶): :meth:`from_matrix` ~0.4 s, of
+    lattice, 13 nonzeros per row, n = 10⁶): [`from_matrix`][] ~0.4 s, of
     which ~0.1 s is the numba factorisation (~11 s in pure Python) and the
     rest input conversion; ``M⁻¹ r`` costs 1.1–1.8 int32 CSR SpMVs of ``A``
     for ``k = 1`` and about one SpMM for ``k = 16``.
@@ -276,21 +276,21 @@ class IncompleteCholeskyPreconditioner(Preconditioner):
     Devices
     -------
     * **CPU**: triangular solves by numba substitution kernels (one thread)
-      reading ``L`` only; without numba, by :func:`torch.triangular_solve`
-      with the sparse CSR ``L`` (MKL), ``transpose=True`` for ``Lᵀ``.
+        reading ``L`` only; without numba, by ``torch.triangular_solve``
+        with the sparse CSR ``L`` (MKL), ``transpose=True`` for ``Lᵀ``.
     * **CUDA**: the factorisation always runs on the CPU (``A``'s values are
-      copied to the host once, ``L`` is copied back to ``A``'s device); solves
-      use :func:`torch.triangular_solve` on the GPU (cuSPARSE) with CSR ``L``
-      and an explicit CSR ``Lᵀ`` built on the CPU at the first solve and
-      cached. Vectors never leave the GPU. This is the same torch call tested
-      on the CPU (MKL), but it was not run on a GPU during development.
+        copied to the host once, ``L`` is copied back to ``A``'s device); solves
+        use ``torch.triangular_solve`` on the GPU (cuSPARSE) with CSR ``L``
+        and an explicit CSR ``Lᵀ`` built on the CPU at the first solve and
+        cached. Vectors never leave the GPU. This is the same torch call tested
+        on the CPU (MKL), but it was not run on a GPU during development.
 
-    Not differentiable (see :class:`Preconditioner`).
+    Not differentiable (see [`Preconditioner`][gpsparse.Preconditioner]).
 
     Raises
     ------
     NotPositiveDefiniteError
-        From :meth:`from_matrix`, when a pivot ``L_ii² ≤ 0`` (or the factor
+        From [`from_matrix`][], when a pivot ``L_ii² ≤ 0`` (or the factor
         overflows); the message names the row and suggests ``shift``.
     """
 

@@ -35,7 +35,7 @@ class JacobiPreconditioner(Preconditioner):
     Notes
     -----
     Works on any device with plain elementwise ops; cost ``O(n k)`` per
-    apply. Not differentiable (see :class:`Preconditioner`).
+    apply. Not differentiable (see [`Preconditioner`][gpsparse.Preconditioner]).
 
     Examples
     --------

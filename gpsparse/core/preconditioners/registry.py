@@ -1,36 +1,37 @@
-"""The one registry of named preconditioners, and :func:`build_preconditioner`, which resolves a name.
+"""The one registry of named preconditioners, and ``build_preconditioner``, which resolves a name.
 
-A name in a :class:`~gpsparse.core.config.SolverConfig` or
-:class:`~gpsparse.core.config.LogdetConfig` (``preconditioner="ic0"``) is
+A name in a ``SolverConfig`` or
+``LogdetConfig`` (``preconditioner="ic0"``) is
 turned into a preconditioner for the current, detached values of the matrix
-by the builder registered under that name in :data:`PRECONDITIONER_BUILDERS`.
-A builder has the signature ::
+by the builder registered under that name in ``PRECONDITIONER_BUILDERS``.
+A builder has the signature
 
     builder(values, pattern, *, cholesky_refresh) -> Preconditioner or callable r ↦ M⁻¹r
 
 with ``values`` the detached ``(B, nnz)`` values and ``pattern`` their
-:class:`~gpsparse.core.pattern.SparsityPattern`. Adding a preconditioner is
-one class (the :class:`~gpsparse.core.preconditioners.base.Preconditioner`
-contract) and one entry here; :data:`PRECONDITIONER_NAMES`, which the
+[`SparsityPattern`][gpsparse.SparsityPattern]. Adding a preconditioner is
+one class (the [`Preconditioner`][gpsparse.Preconditioner]
+contract) and one entry here; ``PRECONDITIONER_NAMES``, which the
 configurations validate against, follows the registry.
 
 Registered:
 
 ``"jacobi"``
-    :class:`~gpsparse.core.preconditioners.jacobi.JacobiPreconditioner` from
+:   [`JacobiPreconditioner`][gpsparse.JacobiPreconditioner] from
     the stored diagonal (batched; a missing diagonal entry counts as 0 and is
     rejected).
+
 ``"ic0"``
-    :func:`incomplete_cholesky_with_shift`: IC(0), retried with growing
-    diagonal shifts (:data:`IC_SHIFTS`) when it breaks down. Not batched.
+    ``incomplete_cholesky_with_shift``: IC(0), retried with growing
+    diagonal shifts (``IC_SHIFTS``) when it breaks down. Not batched.
 ``"cholesky"``
-    :func:`stale_cholesky`: a CHOLMOD factor from an earlier call, cached on
+    ``stale_cholesky``: a CHOLMOD factor from an earlier call, cached on
     the pattern and refactorised every ``cholesky_refresh`` uses.
 
 This module reads no global settings: ``cholesky_refresh`` is an argument
 (the configurations carry it; its default is
-:data:`~gpsparse.core.config.DEFAULT_CHOLESKY_REFRESH`, repeated here as
-:data:`DEFAULT_CHOLESKY_REFRESH` because the configuration module imports
+``DEFAULT_CHOLESKY_REFRESH``, repeated here as
+``DEFAULT_CHOLESKY_REFRESH`` because the configuration module imports
 this package).
 """
 
@@ -67,7 +68,7 @@ __all__ = [
 #: ``(values (B, nnz) detached, pattern, *, cholesky_refresh) -> Preconditioner or callable r ↦ M⁻¹r``.
 PreconditionerBuilder = Callable[..., Preconditioner | Callable[[Tensor], Tensor]]
 
-#: Relative diagonal shifts tried in turn by :func:`incomplete_cholesky_with_shift`.
+#: Relative diagonal shifts tried in turn by ``incomplete_cholesky_with_shift``.
 IC_SHIFTS = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 
 #: Key of the stale CHOLMOD factor in the pattern's derived-structure cache.
@@ -75,7 +76,7 @@ _STALE_CHOLESKY_KEY = "preconditioners.stale_cholesky"
 
 
 def incomplete_cholesky_with_shift(matrix: Any) -> IncompleteCholeskyPreconditioner:
-    """IC(0) of ``A + s·diag(A)`` for the first shift ``s`` in :data:`IC_SHIFTS` that has positive pivots.
+    """IC(0) of ``A + s·diag(A)`` for the first shift ``s`` in ``IC_SHIFTS`` that has positive pivots.
 
     IC(0) can break down on SPD matrices that are not M-matrices (e.g. the
     13-point lattice precision ``τ(κ²I + L)² + σ⁻²I`` with small κ and
@@ -87,7 +88,7 @@ def incomplete_cholesky_with_shift(matrix: Any) -> IncompleteCholeskyPreconditio
     ----------
     matrix : sparse Tensor or object with ``to_sparse_csr()``
         ``(n, n)``, as for
-        :meth:`~gpsparse.core.preconditioners.ic0.IncompleteCholeskyPreconditioner.from_matrix`.
+        ``from_matrix``.
 
     Raises
     ------
@@ -170,7 +171,7 @@ def _cholesky(values: Tensor, pattern: SparsityPattern, *, cholesky_refresh: int
     return stale_cholesky(values, pattern, cholesky_refresh=cholesky_refresh)
 
 
-#: The registry: preconditioner name → builder (:data:`PreconditionerBuilder`). Read-only.
+#: The registry: preconditioner name → builder (``PreconditionerBuilder``). Read-only.
 PRECONDITIONER_BUILDERS: Mapping[str, PreconditionerBuilder] = MappingProxyType(
     {
         "jacobi": _jacobi,
@@ -195,7 +196,7 @@ def build_preconditioner(
     Parameters
     ----------
     spec : None, str, Preconditioner or callable
-        A name from :data:`PRECONDITIONER_NAMES` is built by its registered
+        A name from ``PRECONDITIONER_NAMES`` is built by its registered
         builder from the detached values; None or any non-string (an object
         or callable ``r ↦ M⁻¹ r``) is returned unchanged.
     values : Tensor
