@@ -38,6 +38,17 @@ def _no_slq():
     return patch("gpsparse.linalg.dispatch._slq_inv_quad_logdet", side_effect=AssertionError("SLQ used"))
 
 
+def _count_slq(calls: list):
+    """Count the Krylov-road log-determinants while still computing them."""
+    real = dispatch._slq_inv_quad_logdet
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    return patch("gpsparse.linalg.dispatch._slq_inv_quad_logdet", side_effect=spy)
+
+
 def test_logdet_of_a_tridiagonal_matrix_is_exact_and_banded():
     A, exact = tridiagonal(100_000)
     op = SparseLinearOperator.from_tensor(A)
@@ -56,13 +67,7 @@ def test_logdet_of_a_lattice_takes_the_krylov_road():
     with linear_operator.settings.max_cholesky_size(0):
         assert op.road() == "krylov"
     calls = []
-    real = dispatch._slq_inv_quad_logdet
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    with patch("gpsparse.linalg.dispatch._slq_inv_quad_logdet", side_effect=spy):
+    with _count_slq(calls):
         estimate = gpsparse.logdet(A, generator=torch.Generator().manual_seed(0))
     assert calls == [1]
     exact = torch.linalg.slogdet(A.to_dense())[1]
@@ -74,13 +79,7 @@ def test_explicit_probes_or_road_select_the_estimator():
     n = A.shape[0]
     probes = torch.eye(n, dtype=torch.float64) * n**0.5
     calls = []
-    real = dispatch._slq_inv_quad_logdet
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    with patch("gpsparse.linalg.dispatch._slq_inv_quad_logdet", side_effect=spy):
+    with _count_slq(calls):
         with_probes = gpsparse.logdet(A, probes=probes, num_lanczos=n)  # exact SLQ: K = n, probes √n·I
         forced = gpsparse.logdet(A, road="krylov", generator=torch.Generator().manual_seed(1))
     assert len(calls) == 2
@@ -158,6 +157,8 @@ def test_forced_roads_and_bad_road_names():
             torch.ones(40, dtype=torch.float64),
             RoadConfig(road="banded"),
         )
+    with pytest.raises(ValueError, match="serves log-determinants only"):
+        gpsparse.solve(lattice, torch.ones(36, dtype=torch.float64), road="dense")
     with pytest.raises(ValueError, match="unknown road"):
         gpsparse.logdet(lattice, road="magic")
     with gpsparse.settings.solver_defaults(max_banded_bandwidth=0):

@@ -104,9 +104,9 @@ def solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor, config: RoadCon
     """``A⁻¹ rhs`` for values ``(*batch, nnz)`` and ``rhs`` ``(n,)``, ``(n, k)`` or ``(*batch, n, k)``."""
     _check_square(pattern, "solve")
     _check_rhs(rhs, values, pattern, "right-hand side")
+    if config.road == "dense":
+        raise ValueError("road='dense' serves log-determinants only; solves take 'banded', 'cholesky' or 'krylov'")
     road = choose_road(pattern, config)
-    if road == "dense":
-        road = "krylov"  # the dense road serves log-determinants only
     if road == "banded":
         return banded_solve(values, pattern, rhs)
     if road == "cholesky":
