@@ -228,3 +228,17 @@ def test_csr_built_from_grad_values_never_densifies():
         )
     op = gpsparse.SparseLinearOperator.from_csr(torch.arange(n + 1), i, v * 1.0, (n, n))
     assert op.is_symmetric and op.values.grad_fn is not None
+
+
+def test_convergence_warning_is_a_linear_operator_numerical_warning():
+    """Users filter gpsparse's and linear_operator's numerical warnings together."""
+    import warnings
+
+    from linear_operator.utils.warnings import NumericalWarning
+
+    assert issubclass(ConvergenceWarning, NumericalWarning)
+    coo = build("lattice13-5x5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=NumericalWarning)
+        gpsparse.solve(coo, torch.randn(25, dtype=torch.float64), max_iters=2)  # silenced, not raised
