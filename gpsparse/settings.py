@@ -79,6 +79,9 @@ class _Settings:
     variance_probes: int = DEFAULT_VARIANCE_PROBES
     #: "auto" computes variances exactly up to this many points.
     exact_variance_limit: int = 1024
+    #: "auto" computes variances exactly at any number of points from a selected inverse of the
+    #: precision (banded road, or CHOLMOD when installed) for precisions of at most this many nodes.
+    selected_inverse_limit: int = 250_000
 
 
 _state = threading.local()
@@ -233,12 +236,21 @@ def logdet_setting(name: str, num_rows: int, device_type: str = "cpu"):
     return LARGE_SIZE_DEFAULTS[name]
 
 
-def variance_defaults(*, method: str | None = None, num_probes: int | None = None, exact_limit: int | None = None):
+def variance_defaults(
+    *,
+    method: str | None = None,
+    num_probes: int | None = None,
+    exact_limit: int | None = None,
+    selected_inverse_limit: int | None = None,
+):
     """How variances ``diag(W Q⁻¹ Wᵀ)`` of sparse-precision covariances are computed (prediction).
 
-    ``method``: "auto" (exact up to ``exact_limit`` points, default 1024, and
-    stochastic beyond or under ``gpytorch.settings.fast_pred_var()``), "exact"
-    or "stochastic" (``num_probes`` Rademacher probes, default 64). See
+    ``method``: "auto", "exact" or "stochastic" (``num_probes`` Monte Carlo
+    samples, default 64). "auto" is exact — from a selected inverse of ``Q``
+    (the banded road, or CHOLMOD when scikit-sparse is installed) at any number
+    of points for ``Q`` of at most ``selected_inverse_limit`` nodes (default
+    250 000), else by solves up to ``exact_limit`` points (default 1024) — and
+    stochastic beyond or under ``gpytorch.settings.fast_pred_var()``. See
     ``gpsparse.operators.precision.covariance_diagonal``.
     """
     if method is not None and method not in ("auto", "exact", "stochastic"):
@@ -246,5 +258,12 @@ def variance_defaults(*, method: str | None = None, num_probes: int | None = Non
     for name, value in (("num_probes", num_probes), ("exact_limit", exact_limit)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    changes = dict(variance_method=method, variance_probes=num_probes, exact_variance_limit=exact_limit)
+    if selected_inverse_limit is not None and int(selected_inverse_limit) < 0:
+        raise ValueError(f"selected_inverse_limit must be non-negative, got {selected_inverse_limit}")
+    changes = dict(
+        variance_method=method,
+        variance_probes=num_probes,
+        exact_variance_limit=exact_limit,
+        selected_inverse_limit=selected_inverse_limit,
+    )
     return _override(**{k: v for k, v in changes.items() if v is not None})

@@ -277,3 +277,68 @@ def test_stale_cholesky_preconditioner_needs_few_lanczos_steps():
         plain = Q_new.logdet()
     assert abs(float(estimate - exact)) < 1e-3 * abs(float(exact))
     assert abs(float(estimate - exact)) < abs(float(plain - exact))
+
+
+@pytest.mark.parametrize("which", ["identity", "selection", "interpolation"])
+@pytest.mark.parametrize("road", ["banded", "cholesky"])
+def test_exact_variances_from_a_selected_inverse_match_dense(which, road):
+    """diag(W Q⁻¹ Wᵀ) from one selected inverse (any number of rows) equals the dense reference."""
+    from gpsparse.operators.precision import covariance_diagonal
+
+    if road == "cholesky" and not gpsparse.core.cholmod.cholmod_available():
+        pytest.skip("scikit-sparse (CHOLMOD) not installed")
+    with torch.no_grad():
+        Q = _precision(torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64))
+    W = _interps()[which]
+    interp = None if W is None else SparseLinearOperator.from_tensor(W, symmetric=False)
+    bandwidth = 0 if road == "cholesky" else 2 * M  # the lattice's half-bandwidth is 2M
+    solves = []
+    real_solve = SparseLinearOperator.solve
+
+    def counting_solve(self, *args, **kwargs):
+        solves.append(1)
+        return real_solve(self, *args, **kwargs)
+
+    with (
+        torch.no_grad(),
+        gpsparse.settings.solver_defaults(max_banded_bandwidth=bandwidth),
+        patch.object(SparseLinearOperator, "solve", counting_solve),
+    ):
+        assert Q.road(logdet=False) == ("banded" if road == "banded" else "krylov")
+        variances = covariance_diagonal(Q, interp, method="auto")
+    assert solves == []  # no solve at all: the selected inverse served every row
+    expected = torch.diagonal(_dense_cov(Q.to_dense(), W))
+    torch.testing.assert_close(variances, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_exact_variances_solve_when_the_inverse_is_off_pattern_or_gradients_are_needed():
+    from gpsparse.operators.precision import covariance_diagonal
+
+    kappa = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    Q = _precision(kappa, torch.tensor(1.5, dtype=torch.float64))
+    far = torch.sparse_coo_tensor(  # one row coupling two distant nodes: (Q⁻¹)[0, M²−1] is not on Q's pattern
+        torch.tensor([[0, 0], [0, M * M - 1]]), torch.tensor([0.5, 0.5], dtype=torch.float64), (1, M * M)
+    )
+    W = SparseLinearOperator.from_tensor(far, symmetric=False)
+    dense = _dense_cov(Q.to_dense().detach(), far)
+    with gpsparse.settings.solver_defaults(max_banded_bandwidth=2 * M, rtol=1e-12):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                covariance_diagonal(Q, W, method="exact"), torch.diagonal(dense), rtol=1e-9, atol=0
+            )
+        variance = covariance_diagonal(Q, None, method="exact").sum()  # gradients in κ: solves, differentiable
+    variance.backward()
+    k = kappa.detach().clone().requires_grad_(True)
+    torch.diagonal(torch.linalg.inv(_precision(k, torch.tensor(1.5, dtype=torch.float64)).to_dense())).sum().backward()
+    torch.testing.assert_close(kappa.grad, k.grad, rtol=1e-6, atol=1e-10)
+
+
+def test_selected_inverse_is_cached_per_operator():
+    with torch.no_grad():
+        Q = _precision(torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64))
+    with gpsparse.settings.solver_defaults(max_banded_bandwidth=2 * M):
+        first = Q.selected_inverse()
+        assert Q.selected_inverse() is first
+    with gpsparse.settings.solver_defaults(max_banded_bandwidth=0):
+        if not gpsparse.core.cholmod.cholmod_available():
+            assert SparseLinearOperator(Q.values.clone(), pattern=Q.pattern).selected_inverse() is None

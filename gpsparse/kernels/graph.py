@@ -49,6 +49,7 @@ __all__ = ["GraphMaternKernel", "graph_laplacian"]
 
 NORMALIZATIONS = ("auto", "exact", "stochastic", "none")
 
+
 class GraphMaternKernel(SparsePrecisionKernel):
     r"""Matérn covariance on the nodes of a graph, ``K = W Q⁻¹ Wᵀ`` with ``Q = τ (κ² I + L)^ν`` sparse.
 

@@ -43,6 +43,7 @@ __all__ = ["LatticeMaternKernel", "neumann_laplacian", "neumann_eigenvalues", "l
 _MAX_DIMS = 3
 _INT32_MAX = 2**31 - 1
 
+
 def _cell_and_fraction(x: Tensor, low: Tensor, spacing: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
     """Lower cell corner ``i (n, d)`` (int64, ``0 … m−2``) and fractions ``f = (x − x_i)/h`` in ``[0, 1]``."""
     scaled = (x - low) / spacing

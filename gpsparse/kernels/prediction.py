@@ -56,6 +56,7 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         super().__init__(train_inputs, train_prior_dist, train_labels, likelihood, root=root, inv_root=inv_root)
         self._alpha: Tensor | None = None
         self._train_op: NoisySparsePrecisionLinearOperator | None = None
+        self._precision = None
 
     def _train_operator(self) -> NoisySparsePrecisionLinearOperator:
         if self._train_op is not None:
@@ -70,6 +71,20 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         self._train_op = op
         return op
 
+    def posterior_precision(self):
+        """The training posterior precision ``P = Q + WᵀD⁻¹W``.
+
+        Built once per strategy under ``torch.no_grad()`` (the usual prediction), so
+        that its selected inverse (exact variances) is computed once across calls;
+        rebuilt at every call when gradients are on (a cached graph could be
+        back-propagated only once).
+        """
+        if torch.is_grad_enabled():
+            return self._train_operator().posterior_precision()
+        if self._precision is None:
+            self._precision = self._train_operator().posterior_precision()
+        return self._precision
+
     def posterior_weights(self) -> Tensor:
         """``α = P⁻¹ Wᵀ D⁻¹ (y − μ)``, shape ``(*batch, N)`` — the mean cache (one solve)."""
         if self._alpha is None:
@@ -77,7 +92,7 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
             residual = (self.train_labels - self.train_prior_dist.mean).unsqueeze(-1)
             scaled = residual / op.noise.unsqueeze(-1)
             rhs = scaled if op.interp is None else op.interp._transpose_nonbatch()._matmul(scaled)
-            self._alpha = op.posterior_precision().solve(rhs).squeeze(-1)
+            self._alpha = self.posterior_precision().solve(rhs).squeeze(-1)
         return self._alpha
 
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
@@ -97,9 +112,9 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         w_test = cross.interp
         if _same_nodes(cross, op):
             if test_mean is None:
-                return None, op.posterior_precision(), w_test
+                return None, self.posterior_precision(), w_test
             mean = test_mean + _apply(w_test, self.posterior_weights().unsqueeze(-1)).squeeze(-1)
-            return mean, op.posterior_precision(), w_test
+            return mean, self.posterior_precision(), w_test
         # The joint nodes: P_J = Q_J + W_Jᵀ D⁻¹ W_J with the training rows W_J of the cross-covariance.
         joint = NoisySparsePrecisionLinearOperator(cross.Q, op.noise, interp=cross._right)
         precision = joint.posterior_precision()

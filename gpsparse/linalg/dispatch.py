@@ -41,7 +41,7 @@ from torch import Tensor
 from gpsparse.autograd.banded import banded_logdet, banded_solve
 from gpsparse.autograd.slq import slq_apply
 from gpsparse.autograd.sparse import SparseInvQuad, SparseSolve
-from gpsparse.core.banded import bandwidth
+from gpsparse.core.banded import banded_inverse_band, bandwidth
 from gpsparse.core.batching import flatten_operands
 from gpsparse.core.config import RoadConfig, SolverConfig
 from gpsparse.core.convert import check_finite, check_operand, symmetrized
@@ -59,6 +59,7 @@ __all__ = [
     "logdet",
     "inv_quad_logdet",
     "krylov_solve_detached",
+    "selected_inverse",
     "broadcast_batch",
 ]
 
@@ -224,6 +225,26 @@ def _dense_inv_quad_logdet(values, pattern, rhs, batch, config: RoadConfig):
     factor = factor.expand(*batch, *factor.shape[-2:])
     quad = (torch.cholesky_solve(rhs.expand(*batch, *rhs.shape[-2:]), factor) * rhs).sum(-2)
     return quad, logdet_term
+
+
+def selected_inverse(values: Tensor, pattern: SparsityPattern, config: RoadConfig) -> Tensor | None:
+    """``(A⁻¹)[i_e, j_e]`` at every stored entry ``(*batch, nnz)`` on an exact road, else None (no gradient).
+
+    The banded road inverts within the band (O(N·b²)), the CHOLMOD road by
+    Takahashi's selected inversion (O(nnz(L)) after one factorisation); on the
+    Krylov road the entries of ``A⁻¹`` have no cheap exact form and the caller
+    solves instead.
+    """
+    if not pattern.symmetric:
+        raise ValueError("a selected inverse needs a symmetric positive definite matrix")
+    road = choose_road(pattern, config)
+    if road == "banded":
+        return banded_inverse_band(values, pattern)
+    if road == "cholesky":
+        from gpsparse.autograd.cholmod import cholesky_selected_inverse
+
+        return cholesky_selected_inverse(values, pattern)
+    return None
 
 
 def krylov_solve_detached(

@@ -1,6 +1,6 @@
 r"""Variances ``diag(W Q⁻¹ Wᵀ)`` of Gaussian Markov random fields, never forming ``Q⁻¹``.
 
-Two estimators, chosen by the caller (``gpsparse.operators.precision.covariance_diagonal``
+Three ways, chosen by the caller (``gpsparse.operators.precision.covariance_diagonal``
 reads the settings and passes the choice down):
 
 * ``exact_diagonal`` — one solve per row of ``W``, batched ``block`` at a time.
@@ -25,9 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gpsparse.core.pattern import SparsityPattern
+from gpsparse.core.sparse_ops import gram_structure
 from gpsparse.linalg.functional import funm
 
-__all__ = ["exact_diagonal", "stochastic_diagonal"]
+__all__ = ["diagonal_from_inverse", "exact_diagonal", "stochastic_diagonal"]
 
 
 def _apply(W, x: Tensor) -> Tensor:
@@ -36,6 +38,25 @@ def _apply(W, x: Tensor) -> Tensor:
 
 def _apply_t(W, x: Tensor) -> Tensor:
     return x if W is None else W._transpose_nonbatch()._matmul(x)
+
+
+def diagonal_from_inverse(inverse: Tensor, pattern: SparsityPattern, interp) -> Tensor | None:
+    """Exact ``diag(W Q⁻¹ Wᵀ)`` ``(*batch, m)`` from ``inverse = (Q⁻¹)[i_e, j_e]`` on ``Q``'s ``pattern``.
+
+    Returns None when a row of ``W`` couples two nodes whose entry of ``Q⁻¹`` is
+    not on the pattern (then solve instead). Differentiable in ``W``'s values
+    only (``inverse`` is a constant).
+    """
+    if interp is None:
+        return inverse[..., pattern.diagonal_positions]
+    _, left, right, row, _ = gram_structure(interp.pattern)
+    cols = interp.pattern.col_long
+    position, found = pattern.positions(cols[left], cols[right])
+    if not bool(found.all()):
+        return None
+    w = interp.values
+    contrib = w[..., left] * w[..., right] * inverse[..., position]
+    return contrib.new_zeros(*contrib.shape[:-1], interp.shape[-2]).index_add(-1, row, contrib)
 
 
 def exact_diagonal(Q, interp, block: int = 64) -> Tensor:

@@ -31,7 +31,7 @@ from gpsparse.core.pattern import SparsityPattern
 from gpsparse.core.sparse_ops import gram_structure
 from gpsparse.errors import DenseSizeError
 from gpsparse.linalg.functional import funm
-from gpsparse.linalg.variance import exact_diagonal, stochastic_diagonal
+from gpsparse.linalg.variance import diagonal_from_inverse, exact_diagonal, stochastic_diagonal
 from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = [
@@ -375,13 +375,19 @@ VARIANCE_METHODS = ("auto", "exact", "stochastic")
 def covariance_diagonal(Q: SparseLinearOperator, interp, *, method: str | None = None, generator=None) -> Tensor:
     r"""``diag(W Q⁻¹ Wᵀ)`` (variances of a GMRF, prior or posterior), never forming ``Q⁻¹``.
 
-    * ``"exact"``: one solve per row of ``W``, batched
-        (``gpsparse.linalg.variance.exact_diagonal``).
+    * ``"exact"``: from a selected inverse of ``Q`` (entries of ``Q⁻¹`` on its
+      pattern, :meth:`SparseLinearOperator.selected_inverse`: the banded road, or
+      CHOLMOD when installed; one factorisation for any number of rows,
+      :func:`gpsparse.linalg.variance.diagonal_from_inverse`) when no gradient
+      with respect to ``Q`` is needed, else one solve per row of ``W``, batched
+      (:func:`gpsparse.linalg.variance.exact_diagonal`).
     * ``"stochastic"``: Monte Carlo over Lanczos samples of the field, relative
-        standard deviation ``√(2/S)`` per entry
-        (``gpsparse.linalg.variance.stochastic_diagonal``).
-    * ``"auto"``: exact up to ``exact_variance_limit`` rows unless
-        ``gpytorch.settings.fast_pred_var()`` is on.
+      standard deviation ``√(2/S)`` per entry
+      (:func:`gpsparse.linalg.variance.stochastic_diagonal`).
+    * ``"auto"``: exact when a selected inverse is available and ``Q`` has at
+      most ``selected_inverse_limit`` nodes, or up to ``exact_variance_limit``
+      rows by solves; stochastic otherwise or when
+      ``gpytorch.settings.fast_pred_var()`` is on.
 
     Defaults from [`gpsparse.settings.variance_defaults`][], read here (the
     adapter boundary) and passed down.
@@ -391,12 +397,28 @@ def covariance_diagonal(Q: SparseLinearOperator, interp, *, method: str | None =
     if method not in VARIANCE_METHODS:
         raise ValueError(f"method must be one of {VARIANCE_METHODS}, got {method!r}")
     m = Q.shape[-1] if interp is None else interp.shape[-2]
+    inverse = None
+    if method == "exact" or (method == "auto" and not gpytorch.settings.fast_pred_var.on()):
+        inverse = _variance_inverse(Q, s.selected_inverse_limit if method == "auto" else None)
     if method == "auto":
-        exact = m <= s.exact_variance_limit and not gpytorch.settings.fast_pred_var.on()
+        exact = inverse is not None or (m <= s.exact_variance_limit and not gpytorch.settings.fast_pred_var.on())
         method = "exact" if exact else "stochastic"
     if method == "exact":
+        if inverse is not None:
+            diagonal = diagonal_from_inverse(inverse, Q.pattern, interp)
+            if diagonal is not None:
+                return diagonal
         return exact_diagonal(Q, interp)
     return stochastic_diagonal(Q, interp, num_probes=s.variance_probes, num_lanczos=s.num_lanczos, generator=generator)
+
+
+def _variance_inverse(Q: SparseLinearOperator, limit: int | None) -> Tensor | None:
+    """``Q``'s selected inverse for exact variances, if an exact road has one and no gradient in ``Q`` is needed."""
+    if torch.is_grad_enabled() and Q.values.requires_grad:
+        return None  # the selected inverse is a constant: solve instead, differentiably
+    if limit is not None and Q.shape[-1] > limit:
+        return None
+    return Q.selected_inverse()
 
 
 #: Exact ``diag(W Q⁻¹ Wᵀ)`` (kept under its former name).

@@ -15,6 +15,7 @@ elements and refused with [`DenseSizeError`][gpsparse.errors.DenseSizeError] abo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from linear_operator import settings as lo_settings
@@ -24,6 +25,7 @@ from torch import Tensor
 from gpsparse import settings as gs_settings
 from gpsparse.autograd.sparse import SparseMatmul
 from gpsparse.core.batching import flatten_operands
+from gpsparse.core.cholmod import cholmod_available
 from gpsparse.core.config import RoadConfig
 from gpsparse.core.convert import check_finite, declare_symmetry, sparse_parts, symmetrized
 from gpsparse.core.pattern import SparsityPattern
@@ -307,6 +309,24 @@ class SparseLinearOperator(LinearOperator):
             self.pattern, self._road_config(dense=logdet), logdet=logdet, batch_numel=self.batch_shape.numel()
         )
         return "krylov" if road == "dense" and not logdet else road
+
+    def selected_inverse(self) -> Tensor | None:
+        """``(A⁻¹)[i_e, j_e]`` at every stored entry ``(*batch, nnz)``, or None without an exact road.
+
+        The banded road (always) or CHOLMOD (when scikit-sparse is installed,
+        whatever ``logdet_defaults(method=...)`` says: an exact inverse is
+        asked for) by selected inversion; None on the Krylov road. No
+        gradient. Cached on the operator (one factorisation per operator
+        object, e.g. per posterior precision in prediction).
+        """
+        key = ("selected_inverse", self.values._version)
+        cached = getattr(self, "_selected_inverse_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        config = replace(self._road_config(), cholesky=self.pattern.symmetric and cholmod_available())
+        inverse = dispatch.selected_inverse(self.values.detach(), self.pattern, config)
+        self._selected_inverse_cache = (key, inverse)
+        return inverse
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
         r"""``A⁻¹ R`` (or ``L A⁻¹ R``) by the dispatcher's road (``gpsparse.linalg.dispatch``).
