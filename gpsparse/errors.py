@@ -45,3 +45,8 @@ class ConvergenceWarning(NumericalWarning):
     category=NumericalWarning)`` silences gpsparse's and linear_operator's
     numerical warnings together.
     """
+
+
+class DenseKernelWarning(UserWarning):
+    """A kernel's sparse matrix stores a large share of all entries (e.g. a compact support radius
+    that covers most of the data): sparse algebra then costs more than dense would."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -430,3 +431,39 @@ def test_kernel_matrix_at_200k_points_stays_sparse_under_2gb():
     assert 200_000 * 5 < report["nnz"] < 200_000 * 30  # a few neighbours each (the margin adds ~20 %)
     assert report["grad"] != 0
     assert report["peak_mib"] < 2048, report  # an n × n float64 matrix would need 320 GB
+
+
+# ---------------------------------------------------------------- defaults
+def test_default_radius_comes_from_the_data_spread():
+    x = _points(20_000, 2, seed=7)
+    kernel = WendlandKernel()
+    K = kernel(x).evaluate_kernel()
+    per_row = K.pattern.nnz / x.shape[0]
+    assert 15 < per_row < 60  # ~30 within the radius, the search margin stores a few more
+    assert not kernel.radius_from_data
+    expected = (30 / (20_000 * math.pi)) ** 0.5  # unit square: ρ = √(30 / (n π))
+    assert float(kernel.radius) == pytest.approx(expected, rel=0.05)
+    scaled = WendlandKernel.default_radius(x * torch.tensor([10.0, 1.0], dtype=x.dtype))
+    assert scaled == pytest.approx(expected * 10**0.5, rel=0.05)  # the area grew 10×
+
+
+def test_a_set_or_loaded_radius_is_kept():
+    x = _points(500, 2)
+    kernel = WendlandKernel()
+    kernel.radius = 0.3
+    kernel(x).evaluate_kernel()
+    assert float(kernel.radius) == pytest.approx(0.3)
+    other = WendlandKernel()
+    other.load_state_dict(kernel.state_dict())
+    other(x).evaluate_kernel()
+    assert float(other.radius) == pytest.approx(0.3)
+    assert WendlandKernel.default_radius(torch.zeros(5, 2)) == 1.0  # coincident points: no spread
+
+
+def test_nearly_dense_matrix_warns():
+    from gpsparse.errors import DenseKernelWarning
+
+    kernel = WendlandKernel()
+    kernel.radius = 0.69  # gpsparse 0.1's fixed default: most pairs of unit-square points
+    with pytest.warns(DenseKernelWarning, match="stores .* of its entries"):
+        kernel(_points(1_200, 2)).evaluate_kernel()

@@ -11,6 +11,7 @@ at the stored entries. ``wendland_phi31`` is re-exported here.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 from gpsparse.autograd.wendland import wendland_of_square, wendland_phi31
 from gpsparse.core.neighbors import radius_pairs
 from gpsparse.core.pattern import SparsityPattern
+from gpsparse.errors import DenseKernelWarning
 from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
 from gpsparse.operators.sparse import SparseLinearOperator
 
@@ -29,6 +31,11 @@ __all__ = ["WendlandKernel", "wendland_phi31"]
 
 #: φ₃,₁ is positive definite on ℝ^d for d ≤ 3 only (Wendland 1995).
 _MAX_DIMS = 3
+#: Points per support ball that the data-based default radius aims at (``WendlandKernel.default_radius``).
+DEFAULT_NEIGHBOURS = 30.0
+#: A pattern storing more than this share of a matrix with at least ``DENSE_WARNING_MIN_SIZE`` entries warns.
+DENSE_WARNING_FRACTION = 0.2
+DENSE_WARNING_MIN_SIZE = 10**6
 
 
 @dataclass
@@ -95,6 +102,13 @@ class WendlandKernel(Kernel):
 
     Notes
     -----
+    *Default radius.* Until a radius is set (``kernel.radius = …``,
+    ``initialize(radius=…)``, a prior's sample, a loaded state dict), the first
+    call on training inputs (``x1 is x2``) sets ``ρ`` from their spread, to
+    about 30 points per support ball ([`default_radius`][]); a matrix with
+    ``≥ 10⁶`` entries of which more than 20 % are stored raises a
+    [`DenseKernelWarning`][gpsparse.errors.DenseKernelWarning].
+
     *Pattern cache.* A pattern is reused when the inputs are the same
     (identity and in-place version, else ``torch.equal`` against a stored
     copy: O(n·d)) and the current radius ``ρ`` (the largest over the batch,
@@ -175,6 +189,10 @@ class WendlandKernel(Kernel):
             self.register_prior("radius_prior", radius_prior, self._radius_param, self._radius_closure)
         self._pattern_cache: list[CachedInputs[_Pattern]] = []
         self.num_pattern_builds = 0
+        #: Until a radius is set (``kernel.radius = …``, ``initialize``, a loaded state dict), the
+        #: first call on training inputs sets it from the data (``default_radius``).
+        self.radius_from_data = True
+        self.register_load_state_dict_post_hook(_radius_loaded)
 
     # ------------------------------------------------------------ radius
     @property
@@ -189,6 +207,39 @@ class WendlandKernel(Kernel):
     def _set_radius(self, value) -> None:
         value = torch.as_tensor(value, dtype=self.raw_radius.dtype, device=self.raw_radius.device)
         self.initialize(raw_radius=self.raw_radius_constraint.inverse_transform(value))
+
+    def initialize(self, **kwargs):
+        if any(name in kwargs for name in ("raw_radius", "radius")):
+            self.radius_from_data = False
+        return super().initialize(**kwargs)
+
+    @staticmethod
+    def default_radius(x: Tensor, neighbours: float = DEFAULT_NEIGHBOURS) -> float:
+        r"""The radius giving about ``neighbours`` points per support ball for inputs ``x`` ``(..., n, d)``.
+
+        For ``n`` points spread over their bounding box of volume ``V`` (side
+        lengths ``s_k``, a degenerate side counting as the largest), a ball of
+        radius ``ρ`` holds ``n c_d ρ^d / V`` points on average (``c_d`` the
+        volume of the unit ball: 2, π, 4π/3), so
+
+        $$ ρ = \left(\frac{\text{neighbours} \cdot V}{n \, c_d}\right)^{1/d}. $$
+
+        Default 30 neighbours: a sparse matrix with ~30 entries per row at any
+        ``n`` (n = 20 000 uniform points in the unit square: ``ρ ≈ 0.022``;
+        the fixed default of ``softplus(0) = 0.69`` made that matrix 80 %
+        dense). Training then moves ``ρ`` by the marginal likelihood.
+        """
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        n, d = flat.shape
+        if n < 2:
+            return 1.0
+        sides = (flat.amax(0) - flat.amin(0)).clamp_min(0.0)
+        largest = float(sides.max())
+        if largest <= 0.0:
+            return 1.0
+        sides = torch.where(sides > 0, sides, torch.full_like(sides, largest))
+        ball = (2.0, math.pi, 4.0 * math.pi / 3.0)[d - 1]
+        return float((neighbours * float(sides.prod()) / (n * ball)) ** (1.0 / d))
 
     def _radius_param(self, m: WendlandKernel) -> Tensor:
         return m.radius
@@ -205,6 +256,9 @@ class WendlandKernel(Kernel):
             )
         symmetric = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
         self._check_inputs(x1, x2)
+        if self.radius_from_data and symmetric and not diag and x1.shape[-2] > 1:
+            with torch.no_grad():
+                self._set_radius(self.default_radius(x1))
         radius = self.radius
         if diag:
             q = (((x1 - x2) / radius) ** 2).sum(-1)
@@ -290,6 +344,7 @@ class WendlandKernel(Kernel):
                 f"the Wendland pattern would store {row.numel():,} entries, above max_nnz = {self.max_nnz:,}"
             )
         pattern, _ = SparsityPattern.from_indices(row, col, (n1, n2), symmetric=symmetric)
+        _warn_if_dense(pattern.nnz, n1, n2, search_radius)
         row, col = pattern.row, pattern.col_long
         if search_radius.numel() == 1:
             squared = sum((x1d[..., row, k] - x2d[..., col, k]) ** 2 for k in range(x1d.shape[-1]))
@@ -310,6 +365,25 @@ class WendlandKernel(Kernel):
         state = dict(super().__getstate__())
         state["_pattern_cache"] = []
         return state
+
+
+def _radius_loaded(module: WendlandKernel, incompatible_keys) -> None:
+    """A loaded state dict sets the radius: the data no longer do."""
+    module.radius_from_data = False
+
+
+def _warn_if_dense(nnz: int, n1: int, n2: int, search_radius: Tensor) -> None:
+    """Warn when the pattern stores more than ``DENSE_WARNING_FRACTION`` of a large matrix."""
+    total = n1 * n2
+    if total >= DENSE_WARNING_MIN_SIZE and nnz > DENSE_WARNING_FRACTION * total:
+        radius = ", ".join(f"{float(r):.3g}" for r in search_radius.reshape(-1))
+        warnings.warn(
+            f"the WendlandKernel matrix ({n1:,} × {n2:,}) stores {nnz / total:.0%} of its entries at search radius "
+            f"{radius}: sparse algebra costs more than dense here; lower the radius (kernel.radius = …, or leave it "
+            "unset to start from WendlandKernel.default_radius) or use a dense kernel",
+            DenseKernelWarning,
+            stacklevel=4,
+        )
 
 
 def _distinct_members(x: Tensor) -> list[Tensor]:
