@@ -68,7 +68,8 @@ def table(kind: str, before: list[Path], after: list[Path]) -> str:
     if ratios:
         lines.append(
             f"\n{main}: median ratio {statistics.median(ratios):.3f}, geometric mean "
-            f"{statistics.geometric_mean(ratios):.3f}, range {min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} cases"
+            f"{statistics.geometric_mean(ratios):.3f}, range {min(ratios):.2f}–{max(ratios):.2f} "
+            f"over {len(ratios)} cases"
         )
     return "\n".join(lines) + "\n"
 

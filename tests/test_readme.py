@@ -9,7 +9,7 @@ import torch
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: The only edits made to the snippet: a coarser lattice and fewer steps (the README's run: 20 000 points).
-SMALL = {"grid_size=128": "grid_size=24", "range(60)": "range(25)"}
+SMALL = {"grid_size=128": "grid_size=24", "range(100)": "range(25)"}
 
 
 def readme_model_snippet() -> str:
