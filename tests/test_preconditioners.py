@@ -661,3 +661,26 @@ def test_docstring_examples(module):
 
     failures, _ = doctest.testmod(importlib.import_module(f"gpsparse.core.preconditioners.{module}"), verbose=False)
     assert failures == 0
+
+
+def test_no_sparse_invariant_warning():
+    """IC(0) builds its CSR tensors without torch's "invariant checks are implicitly disabled" warning.
+
+    Run in a fresh interpreter: torch emits that warning once per process.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "from gpsparse import IncompleteCholeskyPreconditioner\n"
+        "i = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]])\n"
+        "A = torch.sparse_coo_tensor(i, torch.tensor([4.0, 1.0, 1.0, 3.0], dtype=torch.float64), (2, 2),\n"
+        "                            check_invariants=False).to_sparse_csr()\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    IncompleteCholeskyPreconditioner.from_matrix(A)(torch.ones(2, 1, dtype=torch.float64))\n"
+        "print(sum('invariant' in str(w.message) for w in caught))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stdout + out.stderr

@@ -221,6 +221,7 @@ def _transpose_csr(L: torch.Tensor) -> torch.Tensor:
         torch.from_numpy(rows[order]).to(L.col_indices().dtype),
         values[torch.from_numpy(order)],
         (n, n),
+        check_invariants=False,  # built from a valid CSR factor; an explicit choice keeps torch from warning
     ).to(L.device)
 
 
@@ -231,6 +232,7 @@ def _csr_tensor(indptr, indices, values, n, dtype, device) -> torch.Tensor:
         torch.from_numpy(indices).to(index_dtype),
         torch.from_numpy(values).to(dtype),
         (n, n),
+        check_invariants=False,  # valid by construction; an explicit choice keeps torch from warning
     ).to(device)
 
 
