@@ -342,3 +342,16 @@ def test_selected_inverse_is_cached_per_operator():
     with gpsparse.settings.solver_defaults(max_banded_bandwidth=0):
         if not gpsparse.core.cholmod.cholmod_available():
             assert SparseLinearOperator(Q.values.clone(), pattern=Q.pattern).selected_inverse() is None
+
+
+@pytest.mark.parametrize("index", [1, slice(0, 2), torch.tensor([0, 2]), (slice(0, 3), slice(1, 4))], ids=str)
+def test_row_indexing_without_interpolation(index):
+    """K = Q⁻¹ (W = I): selecting rows keeps all columns (issue 11, item 2)."""
+    with torch.no_grad():
+        Q = _precision(torch.tensor(0.8, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64))
+    K = SparsePrecisionLinearOperator(Q)
+    dense = torch.linalg.inv(Q.to_dense())
+    with gpsparse.settings.solver_defaults(rtol=1e-13):
+        got = K[index]
+        got = got.to_dense() if hasattr(got, "to_dense") else got
+    torch.testing.assert_close(got, dense[index], rtol=1e-8, atol=1e-10)

@@ -154,6 +154,8 @@ class SparsePrecisionLinearOperator(LinearOperator):
         Q = self.Q._getitem(slice(None), slice(None), *batch_indices) if batch_indices else self.Q
         rows = _select_rows(self.interp, row_index, self.shape[-2], Q)
         cols = _select_rows(self._right, col_index, self.shape[-1], Q)
+        if cols is None and rows is not None:  # None on the right would mean "the same as the rows"
+            cols = _select_rows(None, torch.arange(Q.shape[-1], device=Q.device), Q.shape[-1], Q)
         return SparsePrecisionLinearOperator(Q, interp=rows, right_interp=cols)
 
     def _diagonal(self) -> Tensor:
