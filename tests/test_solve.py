@@ -242,3 +242,32 @@ def test_convergence_warning_is_a_linear_operator_numerical_warning():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=NumericalWarning)
         gpsparse.solve(coo, torch.randn(25, dtype=torch.float64), max_iters=2)  # silenced, not raised
+
+
+@pytest.mark.parametrize("symmetric_grad", [None, True, False])
+def test_symmetric_grad_switch_matches_dense_autograd(symmetric_grad):
+    """False: the entry-wise gradient of dense torch.linalg.solve (and torchsparsegradutils); None/True: symmetrised."""
+    A = build("lattice5-6x6")
+    B = torch.randn(36, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    G = torch.randn(36, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    values = A.values().clone().requires_grad_(True)
+    X = gpsparse.solve(
+        torch.sparse_coo_tensor(A.indices(), values, A.shape), B, rtol=1e-13, symmetric_grad=symmetric_grad
+    )
+    (X * G).sum().backward()
+    dense_values = A.values().clone().requires_grad_(True)
+    dense = torch.sparse_coo_tensor(A.indices(), dense_values, A.shape).to_dense()
+    (torch.linalg.solve(dense, B) * G).sum().backward()
+    expected = dense_values.grad
+    if symmetric_grad is not False:  # (g + gᵀ)/2 on the pattern: the transpose of entry (i, j) is entry (j, i)
+        i, j = A.indices()
+        transpose = torch.sparse_coo_tensor(torch.stack([j, i]), expected, A.shape).coalesce().values()
+        expected = 0.5 * (expected + transpose)
+    torch.testing.assert_close(values.grad, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_symmetric_grad_errors():
+    with pytest.raises(ValueError, match="symmetric_grad=True needs a symmetric matrix"):
+        gpsparse.solve(build("nonsym-40"), torch.ones(40, dtype=torch.float64), method="bicgstab", symmetric_grad=True)
+    with pytest.raises(ValueError, match="served by the Krylov road"):
+        gpsparse.solve(build("lattice5-6x6"), torch.ones(36, dtype=torch.float64), road="banded", symmetric_grad=False)

@@ -83,7 +83,9 @@ class SparseSolve(Function):
         adjoint = run_solver(
             config, values_t, pattern_t, grad_out, preconditioner=ctx.preconditioner, what="backward solve with Aᵀ"
         )
-        grad_values = values_grad(pattern, adjoint, solution, -1.0) if ctx.needs_input_grad[0] else None
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_values = values_grad(pattern, adjoint, solution, -1.0, symmetrize=config.symmetrize_grad)
         return grad_values, adjoint, None, None, None
 
 

@@ -85,6 +85,9 @@ class SolverConfig:
     cholesky_refresh : int
         With ``preconditioner="cholesky"``: refactorise the stale factor every
         this many uses.
+    symmetrize_grad : bool
+        For a symmetric pattern, return the symmetrised value gradient
+        ``(g + gᵀ)/2`` (default) rather than the entry-wise one.
     """
 
     method: str = "cg"
@@ -94,6 +97,7 @@ class SolverConfig:
     preconditioner: PreconditionerSpec = None
     strict: bool = False
     cholesky_refresh: int = DEFAULT_CHOLESKY_REFRESH
+    symmetrize_grad: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

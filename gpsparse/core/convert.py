@@ -12,7 +12,9 @@ __all__ = ["sparse_parts", "check_finite", "check_operand", "detect_symmetric", 
 _ACCEPTED = (torch.sparse_coo, torch.sparse_csr)
 
 
-def sparse_parts(matrix: Tensor, *, symmetric: bool | None = None) -> tuple[Tensor, SparsityPattern]:
+def sparse_parts(
+    matrix: Tensor, *, symmetric: bool | None = None, symmetrize: bool = True
+) -> tuple[Tensor, SparsityPattern]:
     """Split a 2-D torch sparse COO or CSR tensor into ``(values, pattern)``.
 
     The returned values are a differentiable function of ``matrix.values()``
@@ -57,11 +59,15 @@ def sparse_parts(matrix: Tensor, *, symmetric: bool | None = None) -> tuple[Tens
     check_finite(values, "sparse matrix values")
     pattern, order = SparsityPattern.from_indices(row, col, tuple(matrix.shape))
     values = values[order]
-    return declare_symmetry(values, pattern, symmetric)
+    return declare_symmetry(values, pattern, symmetric, symmetrize=symmetrize)
 
 
-def declare_symmetry(values: Tensor, pattern: SparsityPattern, symmetric: bool | None):
+def declare_symmetry(values: Tensor, pattern: SparsityPattern, symmetric: bool | None, *, symmetrize: bool = True):
     """Detect (``None``) or check (``True``) symmetry; return values and the pattern declaring it.
+
+    For a symmetric matrix the values are symmetrised, ``(v + v[perm])/2``
+    (differentiably: a gradient reaching them flows back symmetrised) unless
+    ``symmetrize=False``, which keeps them as given (entry-wise gradients).
 
     Raises ``ValueError`` for ``symmetric=True`` on a non-symmetric matrix.
     """
@@ -72,7 +78,7 @@ def declare_symmetry(values: Tensor, pattern: SparsityPattern, symmetric: bool |
     if not symmetric:
         return values, pattern
     pattern = pattern.with_symmetric(True)
-    return symmetrized(values, pattern), pattern
+    return (symmetrized(values, pattern) if symmetrize else values), pattern
 
 
 def symmetrized(values: Tensor, pattern: SparsityPattern) -> Tensor:

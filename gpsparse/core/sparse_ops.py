@@ -129,18 +129,21 @@ def symmetrize_values_grad(grad: Tensor, pattern: SparsityPattern) -> Tensor:
     return 0.5 * (grad + grad[..., pattern.transpose_perm])
 
 
-def values_grad(pattern: SparsityPattern, left: Tensor, right: Tensor, scale: float = 1.0) -> Tensor:
+def values_grad(
+    pattern: SparsityPattern, left: Tensor, right: Tensor, scale: float = 1.0, *, symmetrize: bool = True
+) -> Tensor:
     """The value gradient ``scale · Σ_c left[i_e, c] right[j_e, c]`` at the stored entries, symmetrised.
 
     The one place every backward pass turns its dense factors ``(B, m, k)``,
     ``(B, n, k)`` into a ``(B, nnz)`` gradient aligned with the values
-    (``sampled_product``, then ``symmetrize_values_grad`` for
-    symmetric patterns).
+    (:func:`sampled_product`, then :func:`symmetrize_values_grad` for
+    symmetric patterns unless ``symmetrize=False``: the entry-wise gradient,
+    as dense autograd gives for a matrix built from independent entries).
     """
     grad = sampled_product(pattern, left, right)
     if scale != 1.0:
         grad = grad.mul_(scale)
-    return symmetrize_values_grad(grad, pattern)
+    return symmetrize_values_grad(grad, pattern) if symmetrize else grad
 
 
 def transpose_values(values: Tensor, pattern: SparsityPattern) -> tuple[Tensor, SparsityPattern]:

@@ -47,6 +47,7 @@ def solve(
     x0: Tensor | None = None,
     strict: bool = False,
     road: str = "auto",
+    symmetric_grad: bool | None = None,
 ) -> Tensor:
     r"""Solve ``A X = B`` with gradients that stay sparse (exactly where the structure allows, else iteratively).
 
@@ -81,6 +82,18 @@ def solve(
         The Krylov arguments (``method``, ``preconditioner``, ``rtol``,
         ``atol``, ``max_iters``, ``x0``, ``strict``) apply only on the
         ``"krylov"`` road; pass ``road="krylov"`` to force it.
+    symmetric_grad : bool, optional
+        The value gradient of a symmetric ``A``: ``None`` (default) or
+        ``True``, symmetrised, ``(g + gᵀ)/2`` on the pattern — the gradient
+        with respect to a symmetric matrix parameterised by its stored entries
+        (as ``torch.linalg.cholesky`` and linear_operator treat symmetric
+        inputs); ``False``, entry-wise, ``g[e] = −Ĝ[i_e]·X[j_e]``, as dense
+        ``torch.linalg.solve`` and torchsparsegradutils give for a matrix of
+        independent entries (then the Krylov road is taken; for a torch sparse
+        tensor, or an operator whose values were not symmetrised when it was
+        built — ``SparseLinearOperator.from_tensor`` symmetrises them, so its
+        leaf gradients are symmetric whatever this says). ``True`` for a
+        non-symmetric ``A`` is an error.
 
     Returns
     -------
@@ -125,12 +138,18 @@ def solve(
     solver = SolverConfig(
         method=method, rtol=rtol, atol=atol, max_iters=max_iters, preconditioner=preconditioner, strict=strict
     )
-    values, pattern = matrix_parts(A)
+    values, pattern = matrix_parts(A, symmetrize=symmetric_grad is not False)
     if solver.method in ("cg", "minres") and not pattern.symmetric:
         raise ValueError(
             f"method={solver.method!r} needs a symmetric matrix, but A is not symmetric "
             "(pattern or values differ from Aᵀ); use method='bicgstab'"
         )
+    if symmetric_grad and not pattern.symmetric:
+        raise ValueError("symmetric_grad=True needs a symmetric matrix (its gradient is symmetrised on the pattern)")
+    if symmetric_grad is False and pattern.symmetric:
+        if road not in ("auto", "krylov"):
+            raise ValueError(f"symmetric_grad=False is served by the Krylov road, not road={road!r}")
+        road, solver = "krylov", replace(solver, symmetrize_grad=False)
     if road == "auto" and (method != "cg" or x0 is not None or preconditioner is not None):
         road = "krylov"
     config = road_config(
@@ -397,19 +416,20 @@ def funm(
     return unflatten(FunmFunction.apply(values2d, v3d, pattern, num_lanczos, f, reorthogonalize, breakdown_tol))
 
 
-def matrix_parts(A) -> tuple[Tensor, SparsityPattern]:
+def matrix_parts(A, *, symmetrize: bool = True) -> tuple[Tensor, SparsityPattern]:
     """``(values, pattern)`` of a torch sparse COO/CSR tensor or of any operator carrying them.
 
     Operators are recognised by their ``values`` tensor and
     [`SparsityPattern`][gpsparse.SparsityPattern] attributes (so this layer needs no
-    import of the operator classes above it).
+    import of the operator classes above it). ``symmetrize=False`` keeps a
+    symmetric tensor's values as given (see ``gpsparse.core.convert.declare_symmetry``).
     """
     pattern = getattr(A, "pattern", None)
     values = getattr(A, "values", None)
     if isinstance(pattern, SparsityPattern) and isinstance(values, Tensor):
         check_finite(values, "sparse matrix values")
         return values, pattern
-    return sparse_parts(A)
+    return sparse_parts(A, symmetrize=symmetrize)
 
 
 #: Breakdown tolerance of Lanczos root decompositions, which must span the whole space when
