@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.autograd import Function
 
@@ -29,9 +30,9 @@ from gpsparse.core.config import SolverConfig
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.core.preconditioners import build_preconditioner
 from gpsparse.core.solver import run_solver
-from gpsparse.core.sparse_ops import spmm, transpose_values, values_grad
+from gpsparse.core.sparse_ops import sampled_product, spmm, transpose_values, values_grad
 
-__all__ = ["SparseMatmul", "SparseSolve", "SparseInvQuad"]
+__all__ = ["SparseMatmul", "SparseSolve", "SparseInvQuad", "SampledProduct"]
 
 
 class SparseMatmul(Function):
@@ -48,6 +49,13 @@ class SparseMatmul(Function):
         values, rhs = ctx.saved_tensors
         pattern = ctx.pattern
         grad_values = grad_rhs = None
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (double backward)
+            if ctx.needs_input_grad[0]:
+                grad_values = _values_grad_differentiable(pattern, grad_out, rhs)
+            if ctx.needs_input_grad[1]:
+                values_t, pattern_t = _transposed(values, pattern)
+                grad_rhs = SparseMatmul.apply(values_t, grad_out, pattern_t)
+            return grad_values, grad_rhs, None
         if ctx.needs_input_grad[0]:
             grad_values = values_grad(pattern, grad_out, rhs)
         if ctx.needs_input_grad[1]:
@@ -79,6 +87,15 @@ class SparseSolve(Function):
         pattern, config = ctx.pattern, ctx.config
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the same Functions, so the gradient is differentiable
+            values_t, pattern_t = _transposed(values, pattern)
+            if pattern.symmetric and not config.symmetrize_grad:  # entry-wise: Aᵀ is a different function of v
+                values_t = values[..., pattern.transpose_perm]
+            adjoint = SparseSolve.apply(values_t, grad_out, pattern_t, config, None)
+            grad_values = None
+            if ctx.needs_input_grad[0]:
+                grad_values = _values_grad_differentiable(pattern, adjoint, solution, -1.0, config.symmetrize_grad)
+            return grad_values, adjoint, None, None, None
         values_t, pattern_t = transpose_values(values, pattern)
         adjoint = run_solver(
             config, values_t, pattern_t, grad_out, preconditioner=ctx.preconditioner, what="backward solve with Aᵀ"
@@ -96,15 +113,65 @@ class SparseInvQuad(Function):
     def forward(ctx: Any, values: Tensor, rhs: Tensor, pattern: SparsityPattern, config: SolverConfig) -> Tensor:
         if not pattern.symmetric:
             raise ValueError("SparseInvQuad needs a pattern declared symmetric")
-        ctx.pattern = pattern
+        ctx.pattern, ctx.config = pattern, config
         solution = run_solver(config, values, pattern, rhs, what="inv_quad solve")
-        ctx.save_for_backward(solution)
+        ctx.save_for_backward(solution, values, rhs)
         return (solution * rhs).sum(-2)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):
-        (solution,) = ctx.saved_tensors
+        solution, values, rhs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: x = A⁻¹b again, through the differentiable solve
+            solution = SparseSolve.apply(values, rhs, ctx.pattern, ctx.config, solution.detach())
+            weighted = solution * grad_out.unsqueeze(-2)
+            grad_values = None
+            if ctx.needs_input_grad[0]:
+                grad_values = _values_grad_differentiable(ctx.pattern, weighted, solution, -1.0)
+            return grad_values, (2.0 * weighted if ctx.needs_input_grad[1] else None), None, None
         weighted = solution * grad_out.unsqueeze(-2)
         grad_values = values_grad(ctx.pattern, weighted, solution, -1.0) if ctx.needs_input_grad[0] else None
         grad_rhs = 2.0 * weighted if ctx.needs_input_grad[1] else None
         return grad_values, grad_rhs, None, None
+
+
+class SampledProduct(Function):
+    """``g[b, e] = Σ_c L[b, i_e, c] R[b, j_e, c]`` as a differentiable operation (for double backward).
+
+    Backward: ``∂/∂L = G R`` and ``∂/∂R = Gᵀ L`` with ``G`` the sparse matrix
+    of the cotangent ``ḡ`` on the pattern — two SpMMs.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, left: Tensor, right: Tensor, pattern: SparsityPattern) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(left, right)
+        return sampled_product(pattern, left, right)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        left, right = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_left = grad_right = None
+        general = pattern.derived("as_general", lambda: pattern.with_symmetric(False))  # ḡ is not symmetric
+        if ctx.needs_input_grad[0]:
+            grad_left = SparseMatmul.apply(grad_out, right, general)
+        if ctx.needs_input_grad[1]:
+            grad_right = SparseMatmul.apply(grad_out[..., pattern.transpose_perm], left, general.transposed)
+        return grad_left, grad_right, None
+
+
+def _transposed(values: Tensor, pattern: SparsityPattern) -> tuple[Tensor, SparsityPattern]:
+    """``Aᵀ`` differentiably (a gather of the values; no copy for symmetric patterns)."""
+    return transpose_values(values, pattern)
+
+
+def _values_grad_differentiable(
+    pattern: SparsityPattern, left: Tensor, right: Tensor, scale: float = 1.0, symmetrize: bool = True
+) -> Tensor:
+    """``values_grad`` through differentiable operations (used when the backward itself is differentiated)."""
+    grad = SampledProduct.apply(left, right, pattern)
+    if scale != 1.0:
+        grad = grad * scale
+    if symmetrize and pattern.symmetric:
+        grad = 0.5 * (grad + grad[..., pattern.transpose_perm])
+    return grad

@@ -113,6 +113,14 @@ def solve(
     symmetrised (``(g + gᵀ)/2`` on the pattern). Cost: the forward solve,
     one transpose solve and one sampled product (SDDMM) over the nonzeros.
 
+    Double backward (``create_graph=True``: Hessian-vector products, Newton
+    steps) works on the Krylov road: the backward pass is written with the
+    same autograd Functions. Give the values through a
+    [`SparseLinearOperator`][gpsparse.SparseLinearOperator] (``from_csr`` or
+    ``(values, pattern=...)``): torch's own sparse tensors are differentiable
+    only once in their values. The exact banded and CHOLMOD roads are
+    differentiable once.
+
     Raises
     ------
     TypeError
