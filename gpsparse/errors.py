@@ -50,3 +50,7 @@ class ConvergenceWarning(NumericalWarning):
 class DenseKernelWarning(UserWarning):
     """A kernel's sparse matrix stores a large share of all entries (e.g. a compact support radius
     that covers most of the data): sparse algebra then costs more than dense would."""
+
+
+class DoubleBackwardError(GPSparseError, RuntimeError):
+    """A second derivative was asked of an operation whose backward is differentiable only once."""

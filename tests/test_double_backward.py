@@ -86,3 +86,33 @@ def test_rhs_hessian_of_solve_and_inv_quad():
     grad_dense, hvp_dense = _hvp(dense_loss, v_dense, u)
     torch.testing.assert_close(grad, grad_dense[order], rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(hvp, hvp_dense[order], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("road", ["banded", "slq", "cholesky"])
+def test_first_order_roads_name_double_backward(road):
+    from gpsparse.core.cholmod import cholmod_available
+    from gpsparse.errors import DoubleBackwardError
+
+    if road == "cholesky" and not cholmod_available():
+        pytest.skip("scikit-sparse (CHOLMOD) not installed")
+
+    A = build("lattice5-6x6")  # half-bandwidth 6: the banded road
+    csr = A.to_sparse_csr()
+    v = A.values().clone().requires_grad_(True)
+    op = SparseLinearOperator.from_csr(csr.crow_indices(), csr.col_indices(), v, A.shape)
+    if road == "banded":
+        out = gpsparse.solve(op, torch.ones(36, dtype=torch.float64)).sum()
+    elif road == "cholesky":
+        with (
+            gpsparse.settings.solver_defaults(max_banded_bandwidth=0),
+            gpsparse.settings.logdet_defaults(method="cholesky"),
+        ):
+            out = gpsparse.logdet(op)
+    else:
+        out = gpsparse.logdet(op, road="krylov", generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(out, v, create_graph=True)
+    with pytest.raises(DoubleBackwardError, match="double backward .* not supported through"):
+        torch.autograd.grad(grad.sum(), v)
+    if road == "banded":  # first derivatives are unchanged under create_graph
+        (plain,) = torch.autograd.grad(gpsparse.solve(op, torch.ones(36, dtype=torch.float64)).sum(), v)
+        torch.testing.assert_close(plain, grad.detach())

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
+from gpsparse.autograd.first_order import first_order_only
 from gpsparse.core.banded import _LAPACK, _band_inverse, _factor_batch, _flatten_values, _layout, _solve_factor
 from gpsparse.core.pattern import SparsityPattern
 
@@ -60,10 +60,11 @@ class BandedLogdet(Function):
         if ctx.needs_input_grad[0]:
             ctx.factors = factors
             ctx.layout = layout
+            ctx.anchor = values
         return out.to(device=values.device, dtype=values.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the exact banded road (banded_logdet)")
     def backward(ctx, grad_out: Tensor):
         layout, factors = ctx.layout, ctx.factors
         grads = []
@@ -95,11 +96,12 @@ class BandedSolve(Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.factors = factors
             ctx.layout = layout
+            ctx.anchor = values
             ctx.save_for_backward(x)
         return x
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the exact banded road (banded_solve)")
     def backward(ctx, grad_x: Tensor):
         (x,) = ctx.saved_tensors
         layout, factors = ctx.layout, ctx.factors

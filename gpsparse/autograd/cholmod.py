@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from gpsparse.autograd.first_order import first_order_only
 from gpsparse.core.batching import flatten_operands
 from gpsparse.core.cholmod import (
     _Analysis,
@@ -74,9 +75,11 @@ class CholeskyLogdet(Function):
         factors = [_factorize(analysis, v, who) for v in values]
         ctx.analysis, ctx.pattern = analysis, pattern
         ctx.factors = factors if ctx.needs_input_grad[0] else None
+        ctx.anchor = values
         return torch.tensor([f.logdet() for f in factors], dtype=torch.float64)
 
     @staticmethod
+    @first_order_only("the exact CHOLMOD road (cholesky_logdet)")
     def backward(ctx: Any, grad_out: Tensor):
         analysis = ctx.analysis
         zsel = torch.stack([torch.from_numpy(_selected_inverse(f, analysis)) for f in ctx.factors])
@@ -91,11 +94,12 @@ class CholeskySolve(Function):
     def forward(ctx: Any, values: Tensor, rhs: Tensor, analysis: _Analysis, pattern: SparsityPattern, who: str):
         factors = [_factorize(analysis, v, who) for v in values]
         x = _solve_with(factors, rhs)
-        ctx.pattern, ctx.factors = pattern, factors
+        ctx.pattern, ctx.factors, ctx.anchor = pattern, factors, values
         ctx.save_for_backward(x)
         return x
 
     @staticmethod
+    @first_order_only("the exact CHOLMOD road (cholesky_solve)")
     def backward(ctx: Any, grad_out: Tensor):
         (x,) = ctx.saved_tensors
         g_hat = _solve_with(ctx.factors, grad_out.contiguous())  # A⁻ᵀ G = A⁻¹ G

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from gpsparse.autograd.first_order import first_order_only
 from gpsparse.core.config import LogdetConfig
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.core.slq import (
@@ -50,10 +51,11 @@ class SLQLogdet(Function):
             estimate, chunks = adjoint_forward(split, probes, norms2, config)
             ctx.chunks = chunks
             ctx.save_for_backward(values, probes)
-        ctx.pattern, ctx.config, ctx.precond = pattern, config, precond
+        ctx.pattern, ctx.config, ctx.precond, ctx.anchor = pattern, config, precond, values
         return estimate + split.logdet(values.shape[0], values.dtype, values.device)
 
     @staticmethod
+    @first_order_only("the stochastic Lanczos quadrature log-determinant")
     def backward(ctx: Any, grad_out: Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
@@ -83,10 +85,11 @@ class SLQInvQuadLogdet(Function):
         split = PreconditionedOperator(values, pattern, precond)
         quad, estimate, x_probe, x_rhs, z = hutchinson_inv_quad_forward(split, probes, rhs, config)
         ctx.save_for_backward(x_probe, x_rhs, z)
-        ctx.pattern = pattern
+        ctx.pattern, ctx.anchor = pattern, values
         return quad, estimate
 
     @staticmethod
+    @first_order_only("the stochastic Lanczos quadrature log-determinant (Hutchinson mode)")
     def backward(ctx: Any, grad_quad: Tensor, grad_logdet: Tensor):
         x_probe, x_rhs, z = ctx.saved_tensors
         p = z.shape[-1]
