@@ -88,7 +88,7 @@ def test_rhs_hessian_of_solve_and_inv_quad():
     torch.testing.assert_close(hvp, hvp_dense[order], rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("road", ["banded", "slq", "cholesky"])
+@pytest.mark.parametrize("road", ["banded", "slq", "cholesky", "funm"])
 def test_first_order_roads_name_double_backward(road):
     from gpsparse.core.cholmod import cholmod_available
     from gpsparse.errors import DoubleBackwardError
@@ -108,6 +108,8 @@ def test_first_order_roads_name_double_backward(road):
             gpsparse.settings.logdet_defaults(method="cholesky"),
         ):
             out = gpsparse.logdet(op)
+    elif road == "funm":
+        out = gpsparse.funm(op, torch.ones(36, dtype=torch.float64), "inv_sqrt", num_lanczos=10).sum()
     else:
         out = gpsparse.logdet(op, road="krylov", generator=torch.Generator().manual_seed(0))
     (grad,) = torch.autograd.grad(out, v, create_graph=True)

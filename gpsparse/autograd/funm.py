@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from gpsparse.autograd.first_order import first_order_only
 from gpsparse.core.lanczos import LanczosDecomposition
 from gpsparse.core.lanczos import lanczos as lanczos_core
 from gpsparse.core.lanczos_adjoint import lanczos_adjoint
@@ -49,12 +50,13 @@ class LanczosFunction(Function):
         ctx: Any, values: Tensor, v: Tensor, pattern: SparsityPattern, num_lanczos: int, reorthogonalize: bool, tol
     ):
         dec = lanczos_core(_matvec(values, pattern), v, num_lanczos, reorthogonalize=reorthogonalize, breakdown_tol=tol)
-        ctx.pattern, ctx.dec = pattern, dec
+        ctx.pattern, ctx.dec, ctx.anchor = pattern, dec, values
         ctx.save_for_backward(values)
         ctx.mark_non_differentiable(dec.steps)
         return dec.basis, dec.alpha, dec.beta, dec.norm, dec.steps
 
     @staticmethod
+    @first_order_only("the Lanczos decomposition (gpsparse.lanczos)")
     def backward(ctx: Any, grad_basis, grad_alpha, grad_beta, grad_norm, _grad_steps):
         (values,) = ctx.saved_tensors
         grad_v, left, right = lanczos_adjoint(
@@ -82,11 +84,12 @@ class FunmFunction(Function):
         dec = lanczos_core(_matvec(values, pattern), v, num_lanczos, reorthogonalize=reorthogonalize, breakdown_tol=tol)
         coeff, vjp = apply_with_grad(dec.alpha, dec.beta, f)  # (B, p, K)
         out = torch.einsum("bnpk,bpk->bnp", dec.basis, coeff) * dec.norm.unsqueeze(-2)
-        ctx.pattern, ctx.dec, ctx.vjp, ctx.coeff = pattern, dec, vjp, coeff
+        ctx.pattern, ctx.dec, ctx.vjp, ctx.coeff, ctx.anchor = pattern, dec, vjp, coeff, values
         ctx.save_for_backward(values)
         return out
 
     @staticmethod
+    @first_order_only("the Lanczos matrix function f(A)v (gpsparse.funm)")
     def backward(ctx: Any, grad_out: Tensor):
         (values,) = ctx.saved_tensors
         dec: LanczosDecomposition = ctx.dec
