@@ -8,8 +8,6 @@ nothing below (autograd Functions, cores) reads global state.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from gpsparse import settings
 from gpsparse.core.config import LogdetConfig, RoadConfig, SolverConfig
 
@@ -75,8 +73,3 @@ def road_config(
         solver=solver,
         logdet=logdet,
     )
-
-
-def with_solver(config: RoadConfig, solver: SolverConfig) -> RoadConfig:
-    """``config`` with another solver configuration."""
-    return replace(config, solver=solver)
