@@ -53,7 +53,7 @@ class SparseMatmul(Function):
             if ctx.needs_input_grad[0]:
                 grad_values = _values_grad_differentiable(pattern, grad_out, rhs)
             if ctx.needs_input_grad[1]:
-                values_t, pattern_t = _transposed(values, pattern)
+                values_t, pattern_t = transpose_values(values, pattern)
                 grad_rhs = SparseMatmul.apply(values_t, grad_out, pattern_t)
             return grad_values, grad_rhs, None
         if ctx.needs_input_grad[0]:
@@ -88,7 +88,7 @@ class SparseSolve(Function):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: the same Functions, so the gradient is differentiable
-            values_t, pattern_t = _transposed(values, pattern)
+            values_t, pattern_t = transpose_values(values, pattern)
             if pattern.symmetric and not config.symmetrize_grad:  # entry-wise: Aᵀ is a different function of v
                 values_t = values[..., pattern.transpose_perm]
             adjoint = SparseSolve.apply(values_t, grad_out, pattern_t, config, None)
@@ -158,11 +158,6 @@ class SampledProduct(Function):
         if ctx.needs_input_grad[1]:
             grad_right = SparseMatmul.apply(grad_out[..., pattern.transpose_perm], left, general.transposed)
         return grad_left, grad_right, None
-
-
-def _transposed(values: Tensor, pattern: SparsityPattern) -> tuple[Tensor, SparsityPattern]:
-    """``Aᵀ`` differentiably (a gather of the values; no copy for symmetric patterns)."""
-    return transpose_values(values, pattern)
 
 
 def _values_grad_differentiable(

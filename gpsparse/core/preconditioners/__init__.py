@@ -57,13 +57,8 @@ same contract in ``gpsparse.core.cholmod``.
 
 Backends
 --------
-The IC(0) factorisation and, on CPU, its triangular solves are compiled with
-numba when it is installed (measured: factorisation of a 2-D lattice matrix
-with n = 10⁶ and 13 nonzeros per row in ~0.1 s; the first call in a
-process loads the compiled kernels from numba's cache, ~1 s, or compiles
-them, a few seconds). Without numba the factorisation runs the same
-algorithm as a plain Python loop (~11 s at that size) and CPU solves use
-``torch.triangular_solve`` (needs a torch build with MKL).
+IC(0) uses numba kernels when numba is installed, a plain Python loop and
+``torch.triangular_solve`` otherwise; measured costs in ``gpsparse.core.preconditioners.ic0``.
 """
 
 from __future__ import annotations
