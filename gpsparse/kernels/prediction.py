@@ -8,9 +8,19 @@ latent field has the sparse precision ``P = Q + Wᵀ D⁻¹ W``, so
     covar* = W* P⁻¹ W*ᵀ                            (a SparsePrecisionLinearOperator with precision P)
 
 — the posterior is again a sparse-precision covariance. Its variances
-``diag(W* P⁻¹ W*ᵀ)`` come from ``gpsparse.operators.precision.covariance_diagonal``
-(exact up to 1024 test points, a stochastic diagonal estimator beyond or
-under ``gpytorch.settings.fast_pred_var()``; see there for its error).
+``diag(W* P⁻¹ W*ᵀ)`` come from ``gpsparse.operators.precision.covariance_diagonal``:
+exact for **any number of test points** from one selected inverse of ``P``
+whenever ``P`` has a factorisation (the banded road, or CHOLMOD when
+scikit-sparse is installed, up to ``variance_defaults(selected_inverse_limit=)``
+nodes), else by solves up to 1024 test points, and a Monte Carlo estimator
+beyond or under ``gpytorch.settings.fast_pred_var()`` (relative standard error
+``√(2/S)`` per variance, ``gpsparse.linalg.variance``). When a test row of
+``W*`` couples two nodes that are not an entry of ``P`` (bilinear interpolation
+in a cell without training points on a 5-point-stencil lattice, trilinear on
+a 3-D lattice), the covariance is returned on ``P`` stored on the pattern of
+``P + 0·W*ᵀW*`` (same matrix, zeros added; R-INLA's ``inla.qinv(Q + 0·AᵀA)``),
+so that the selected inverse holds every ``(P⁻¹)[i, j]`` needed — one
+factorisation per test pattern, cached across calls with the same test inputs.
 
 *Nodes that depend on the inputs.* GPyTorch evaluates the cross-covariance
 as ``k(x*, x)``; a kernel whose latent nodes are built from its inputs (the
@@ -39,7 +49,10 @@ from gpytorch.models.exact_prediction_strategies import DefaultPredictionStrateg
 from linear_operator.operators import LinearOperator, ZeroLinearOperator
 from torch import Tensor
 
+from gpsparse.core.cholmod import cholmod_available
+from gpsparse.linalg.variance import couples_outside, pattern_with_pairs
 from gpsparse.operators.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
+from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = ["SparsePrecisionPredictionStrategy"]
 
@@ -57,6 +70,7 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         self._alpha: Tensor | None = None
         self._train_op: NoisySparsePrecisionLinearOperator | None = None
         self._precision = None
+        self._widened: tuple | None = None  # (test pattern, P, P on the pattern of P + 0·W*ᵀW*)
 
     def _train_operator(self) -> NoisySparsePrecisionLinearOperator:
         if self._train_op is not None:
@@ -129,7 +143,29 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
     def _posterior_covariance(self, test_test: LinearOperator, precision, w_test) -> LinearOperator:
         if gpytorch.settings.skip_posterior_variances.on():
             return ZeroLinearOperator(*test_test.shape, dtype=test_test.dtype, device=test_test.device)
-        return SparsePrecisionLinearOperator(precision, interp=w_test)
+        return SparsePrecisionLinearOperator(self._variance_precision(precision, w_test), interp=w_test)
+
+    def _variance_precision(self, precision, w_test):
+        """``P`` on the pattern of ``P + 0·W*ᵀW*`` when ``W*`` couples nodes outside ``P``'s pattern.
+
+        Only where exact variances from a selected inverse are possible (no
+        gradient in ``P``, and the widened pattern has an exact road: banded,
+        or CHOLMOD installed); else ``P`` itself (solves or Monte Carlo do not
+        need the pairs). Cached for the last test pattern and ``P``.
+        """
+        if w_test is None or (torch.is_grad_enabled() and precision.values.requires_grad):
+            return precision
+        cached = self._widened
+        if cached is not None and cached[1] is precision and _same_pattern(cached[0], w_test.pattern):
+            return cached[2]
+        widened = precision
+        if couples_outside(precision.pattern, w_test):
+            values, pattern = pattern_with_pairs(precision.values, precision.pattern, w_test)
+            candidate = SparseLinearOperator(values, pattern=pattern)
+            if cholmod_available() or candidate.road(logdet=False) == "banded":
+                widened = candidate
+        self._widened = (w_test.pattern, precision, widened)
+        return widened
 
 
 def _cross_covariance(test_train_covar) -> SparsePrecisionLinearOperator:
@@ -151,10 +187,13 @@ def _same_sparse(a, b) -> bool:
         return True
     if a.shape != b.shape or a.pattern.nnz != b.pattern.nnz:
         return False
-    same_pattern = a.pattern is b.pattern or (
-        torch.equal(a.pattern.crow, b.pattern.crow) and torch.equal(a.pattern.col, b.pattern.col)
-    )
-    return same_pattern and torch.equal(a.values.detach(), b.values.detach())
+    return _same_pattern(a.pattern, b.pattern) and torch.equal(a.values.detach(), b.values.detach())
+
+
+def _same_pattern(a, b) -> bool:
+    if a is b:
+        return True
+    return a.size == b.size and a.nnz == b.nnz and torch.equal(a.crow, b.crow) and torch.equal(a.col, b.col)
 
 
 def _evaluate(op):
