@@ -1,20 +1,28 @@
-r"""Matérn kernels ν = 1/2, 3/2, 5/2 on 1-D inputs as exact block-tridiagonal precisions (the adapter).
+r"""Matérn kernels ν = 1/2, 3/2, 5/2 on 1-D inputs through their exact state space (the adapter).
 
 A Matérn process with ν = p + ½ is the first component of a linear SDE whose
 state is ``s = p + 1`` derivatives (Hartikainen & Särkkä, 2010). On sorted
-nodes the states form a Markov chain, so their joint precision ``Q`` is block
-tridiagonal and the covariance of the observations is ``W Q⁻¹ Wᵀ`` with ``W``
-selecting the first state component — the exact Matérn covariance, never
-formed. gpsparse's banded Cholesky (``gpsparse.core.banded``) then gives
-exact log-determinants, solves and gradients in ``O(n)``.
+inputs the states form a Markov chain: ``z_k = A(λΔ_k) z_{k−1} + ε_k``,
+``ε_k ~ N(0, Σ(λΔ_k))``. Two exact representations follow:
+
+* the covariance form (the kernel): the Kalman filter, its adjoint and the RTS
+  smoother (``gpsparse.core.kalman``) give the marginal likelihood, its
+  gradients and predictions in ``O(n s³)``, exact for any spacing (equal
+  inputs are zero gaps);
+* the precision form (``matern_precision``): the block-tridiagonal precision
+  ``Q`` of the states on distinct sorted nodes, for sparse-precision models
+  (``W Q⁻¹ Wᵀ``); its entries contain ``Σ⁻¹`` and a Cholesky of ``Q`` loses
+  ``(2s − 1)·log10(1/λΔ)`` digits at the smallest gap ``Δ``.
 
 The layers (DESIGN.md §1): the mathematics and the numerics (state space,
 transitions and noise, the precision values and their adjoint, the pattern)
-are ``gpsparse.core.markov``; the autograd Functions
-``gpsparse.autograd.markov``. This module holds ``matern_precision``
-(the precision as a [`SparseLinearOperator`][gpsparse.SparseLinearOperator]), the kernel
-[`MarkovMaternKernel`][gpsparse.kernels.MarkovMaternKernel] with its input handling, and re-exports
-``matern_state_space``, ``matern_transition_and_noise``,
+are ``gpsparse.core.markov``, the filter ``gpsparse.core.kalman``; the autograd
+Functions ``gpsparse.autograd.markov`` and ``gpsparse.autograd.kalman``; the
+operator ``gpsparse.operators.state_space``. This module holds
+``matern_precision`` (the precision as a
+[`SparseLinearOperator`][gpsparse.SparseLinearOperator]), the kernel
+[`MarkovMaternKernel`][gpsparse.kernels.MarkovMaternKernel] with its input
+handling, and re-exports ``matern_state_space``, ``matern_transition_and_noise``,
 ``matern_covariance``, ``precision_pattern``, ``MaternStateSpace`` and
 ``SUPPORTED_NU``.
 """
@@ -22,9 +30,9 @@ are ``gpsparse.core.markov``; the autograd Functions
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
+import gpytorch
 import torch
 from torch import Tensor
 
@@ -39,9 +47,9 @@ from gpsparse.core.markov import (
 )
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
-from gpsparse.kernels.base import SparsePrecisionKernel
-from gpsparse.operators.precision import SparsePrecisionLinearOperator
+from gpsparse.kernels.state_space_prediction import StateSpacePredictionStrategy
 from gpsparse.operators.sparse import SparseLinearOperator
+from gpsparse.operators.state_space import StateSpaceCovarianceLinearOperator
 
 __all__ = [
     "MarkovMaternKernel",
@@ -55,13 +63,15 @@ __all__ = [
     "SUPPORTED_NU",
 ]
 
-#: Smallest scaled gap λ·Δ without a warning, per ν (estimated float64 error of the marginal
-#: likelihood ≲ 1e-6 relative above it; measured in tests/test_markov.py::test_accuracy_versus_gap).
-_WARN_GAP = {0.5: 0.0, 1.5: 1e-3, 2.5: 1e-1}
-
 
 class CloseInputsWarning(RuntimeWarning):
-    """Inputs so close (relative to the lengthscale) that the float64 precision path loses accuracy."""
+    """Formerly: inputs too close for the float64 precision path.
+
+    No longer issued: ``MarkovMaternKernel`` runs on the state-space (Kalman)
+    form, exact at any spacing. Kept so that ``warnings.filterwarnings`` calls
+    naming it keep working; ``matern_precision`` users still face the
+    precision form's limit (module docstring).
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -127,23 +137,20 @@ def matern_precision(
 
 
 @dataclass
-class _Nodes:
-    """Sorting/merging of one pair of inputs into latent nodes, with the patterns built for them.
+class _Steps:
+    """Sorting of one pair of inputs into Kalman steps (one step per input row, equal inputs included).
 
-    The payload of a ``CachedInputs`` entry keyed on ``(x1,)``
-    (symmetric) or ``(x1, x2)``.
+    The payload of a ``CachedInputs`` entry keyed on ``(x1,)`` (symmetric) or
+    ``(x1, x2)``.
     """
 
-    representative: Tensor  # (n,) position of each sorted node's first input in cat(x1, x2) (flattened member)
-    precision: SparsityPattern  # precision_pattern(n, s)
-    select1: SparsityPattern  # (m1, n·s) selection of the f component of each x1 row's node
-    select2: SparsityPattern | None
-    min_gap: float  # smallest distance between distinct nodes (inf for one node)
-    warned_rate: float = math.inf  # smallest λ already warned about (warn once per entry and regime)
+    order: Tensor  # (n,) stable sort permutation of the flattened inputs cat(x1, x2)
+    rows1: Tensor  # (m1,) step of each x1 row
+    rows2: Tensor | None  # (m2,) step of each x2 row (None: symmetric)
 
 
-class MarkovMaternKernel(SparsePrecisionKernel):
-    r"""Matérn ν ∈ {1/2, 3/2, 5/2} on 1-D inputs through its exact sparse (Markov) precision.
+class MarkovMaternKernel(gpytorch.kernels.Kernel):
+    r"""Matérn ν ∈ {1/2, 3/2, 5/2} on 1-D inputs through its exact state-space (Kalman) form.
 
     $$
     k(t, t') = \phi_\nu(λ|t − t'|), \quad λ = \sqrt{2ν}/ℓ, \quad
@@ -152,24 +159,29 @@ class MarkovMaternKernel(SparsePrecisionKernel):
     $$
 
     — the same covariance as ``gpytorch.kernels.MaternKernel(nu)`` (unit
-    variance; wrap in ``ScaleKernel``). ``forward`` sorts the inputs, merges
-    equal ones into one latent node and returns
-    ``SparsePrecisionLinearOperator(Q, interp=W₁, right_interp=W₂)`` with the
-    block-tridiagonal state precision ``Q`` of ``matern_precision`` and
-    selections ``W`` of the first state component (several rows of ``W`` hit
-    the same node for duplicate inputs). For ``k(x1, x2)`` with different
-    inputs the nodes are those of ``cat(x1, x2)``. The half-bandwidth of ``Q``
-    (and of the posterior precision ``Q + WᵀD⁻¹W``) is ``2s − 1 ≤ 5``, within
-    gpsparse's exact banded path (``max_banded_bandwidth = 6``): marginal
-    likelihood, gradients and predictions are exact (no probes, no CG) in
-    ``O(n)`` time and memory.
+    variance; wrap in ``ScaleKernel``). A Matérn process with ν = p + ½ is the
+    first component of a linear SDE with a state of ``s = p + 1`` scaled
+    derivatives (Hartikainen & Särkkä, 2010). ``forward`` sorts the inputs
+    (those of ``cat(x1, x2)`` for a cross-covariance) into *steps*, one per
+    input — equal inputs are steps with a zero gap, transition ``A = I`` and
+    process noise ``Σ = 0`` — and returns a
+    [`StateSpaceCovarianceLinearOperator`][gpsparse.operators.state_space.StateSpaceCovarianceLinearOperator]
+    holding the transitions ``A(λΔ_k)`` and noises ``Σ(λΔ_k)`` of
+    ``gpsparse.core.markov`` and the step of every row and column. With a
+    Gaussian likelihood the marginal likelihood, its gradients and the
+    predictions run through the covariance-form Kalman filter, its adjoint and
+    the RTS smoother (``gpsparse.core.kalman``) in ``O(n s³)`` time and memory:
+    exact for any inputs — repeated, one ulp apart, or far apart, at any
+    lengthscale — because nothing inverts the process noise (the precision
+    form, ``matern_precision``, has ``Σ⁻¹`` entries and loses
+    ``(2s − 1)·log10(1/λΔ)`` digits at close inputs).
 
     Parameters
     ----------
     nu : float
         0.5, 1.5 or 2.5 (default 2.5, as GPyTorch).
     pattern_cache_size : int
-        Node structures kept (default 3: training inputs, and the test–train
+        Input orderings kept (default 3: training inputs, and the test–train
         and test–test pairs of a prediction).
     **kwargs
         As ``gpytorch.kernels.MaternKernel``: ``lengthscale_prior``,
@@ -179,41 +191,33 @@ class MarkovMaternKernel(SparsePrecisionKernel):
 
     Notes
     -----
-    *Cache.* Sorting, merging, the precision pattern and the selections
-    depend only on the inputs; they are reused while the inputs are the same
-    (identity and in-place version, else ``torch.equal`` against a stored
-    copy), ``num_node_builds`` counts rebuilds. The values of ``Q`` are
-    recomputed at every call, differentiably in ``ℓ`` and in the inputs
-    (through the gaps between nodes; a duplicate input receives no gradient).
+    *Cache.* The sort of the inputs depends only on the inputs; it is reused
+    while they are the same (identity and in-place version, else
+    ``torch.equal`` against a stored copy); ``num_node_builds`` counts
+    rebuilds. The transitions are recomputed at every call, differentiably in
+    ``ℓ`` and in the inputs (every input is its own step, so every input gets
+    its own gradient, repeated ones included).
+
+    *Prediction.* ``model.eval(); model(x_test)`` goes through
+    ``gpsparse.kernels.state_space_prediction.StateSpacePredictionStrategy``:
+    means by one covariance product on the joint steps, variances by the RTS
+    smoother (exact; under ``torch.no_grad()``, or differentiable Kalman solves
+    when a graph is needed).
 
     *diag=True* returns ``φ_ν(λ|x1_i − x2_i|)``, exactly 1 for equal inputs.
 
-    *Batches.* A batched lengthscale (``batch_shape``) gives batched values on
-    one pattern. Batched inputs must be equal across the batch (e.g.
-    expanded); members with different inputs raise ``NotImplementedError``
-    (they would need one selection ``W`` per member).
+    *Batches.* A batched lengthscale (``batch_shape``) gives batched
+    transitions on one ordering. Batched inputs must be equal across the batch
+    (e.g. expanded); members with different inputs raise
+    ``NotImplementedError``.
 
-    *Accuracy.* Exact to rounding for ν = 1/2 at any spacing. For ν ≥ 3/2 a
-    float64 Cholesky of the precision loses about ``(2s − 1)·log10(1/(λΔ))``
-    digits at the smallest gap ``Δ`` between distinct inputs (the Markov
-    chain is nearly deterministic over short gaps; measured with entries
-    computed to 40 digits, so it is the factorisation, not the entries).
-    Relative error of ``yᵀK⁻¹y + log det K`` for one close pair (scaled gap
-    ``λΔ``) among 120 well-separated points (float64,
-    ``test_accuracy_versus_gap``):
-
-    | λΔ | 0.3 | 0.1 | 0.03 | 0.01 | 1e-3 | 1e-4 |
-    |---|---|---|---|---|---|---|
-    | ν = 3/2 | <1e-15 | 5e-14 | 6e-14 | 1e-10 | 9e-8 | 1e-4 |
-    | ν = 5/2 | 8e-12 | 3e-9 | 8e-7 | 6e-4 | ~1 | fails |
-
-    Many close pairs add up; predictions at test points close to training
-    points suffer alike (the joint nodes then have the small gap). A
-    ``CloseInputsWarning`` is issued once per input set when ``λΔ_min``
-    is below 1e-3 (ν = 3/2) or 0.1 (ν = 5/2); round or merge near-duplicate
-    inputs, or use ν = 1/2 (or 3/2) there. GPyTorch's dense ``MaternKernel``
-    computes distances as ``√(x² + x'² − 2xx')``, itself only accurate to
-    ``~1e-8·|x|`` for close pairs.
+    *Accuracy.* Every kernel computes in float64 whatever the input dtype, so
+    float32 models get float64-accurate losses and predictions (rounded to
+    float32). Against ``ScaleKernel(MaternKernel(nu))`` in float64 the loss,
+    gradients and predictions agree to ~1e-10 relative for random inputs with
+    duplicates and near-duplicates (``tests/test_markov_state_space.py``,
+    property-based); GPyTorch's dense distance ``√(x² + x'² − 2xx')`` is itself
+    only accurate to ``~1e-8·|x|`` for close pairs.
 
     Raises
     ------
@@ -229,10 +233,10 @@ class MarkovMaternKernel(SparsePrecisionKernel):
     >>> import torch, gpytorch
     >>> from gpsparse.kernels.markov import MarkovMaternKernel
     >>> kernel = gpytorch.kernels.ScaleKernel(MarkovMaternKernel(nu=1.5)).double()
-    >>> x = torch.randperm(1000).double()[:, None] / 10   # any order; λ·Δ ≥ 0.17 here
-    >>> K = kernel(x).evaluate_kernel()       # W Q⁻¹ Wᵀ with a banded Q (2000 × 2000 state precision)
-    >>> K.Q.shape, type(K).__name__
-    (torch.Size([2000, 2000]), 'SparsePrecisionLinearOperator')
+    >>> x = torch.randperm(1000).double()[:, None] / 10   # any order, any spacing
+    >>> K = kernel(x).evaluate_kernel()                  # 1000 steps of a 2-dimensional state
+    >>> K.shape, type(K).__name__
+    (torch.Size([1000, 1000]), 'StateSpaceCovarianceLinearOperator')
     """
 
     has_lengthscale = True
@@ -251,13 +255,16 @@ class MarkovMaternKernel(SparsePrecisionKernel):
         super().__init__(**kwargs)
         self.nu = float(nu)
         self.pattern_cache_size = int(pattern_cache_size)
-        self._node_cache: list[CachedInputs[_Nodes]] = []
+        self._node_cache: list[CachedInputs[_Steps]] = []
         self.num_node_builds = 0
 
     @property
     def rate(self) -> Tensor:
         """``λ = √(2ν)/ℓ``, shape ``(*batch_shape,)``."""
         return math.sqrt(2 * self.nu) / self.lengthscale[..., 0, 0]
+
+    def prediction_strategy(self, train_inputs, train_prior_dist, train_labels, likelihood):
+        return StateSpacePredictionStrategy(train_inputs, train_prior_dist, train_labels, likelihood)
 
     # ----------------------------------------------------------- forward
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, last_dim_is_batch: bool = False, **params):
@@ -272,17 +279,17 @@ class MarkovMaternKernel(SparsePrecisionKernel):
             distance = (x1 - x2).abs()[..., 0]
             return matern_covariance(rate[..., None] * distance, self.nu)
         symmetric = x1 is x2 or (x1.shape == x2.shape and torch.equal(x1, x2))
-        nodes = self._nodes(x1, x2, symmetric)
-        self._warn_if_close(nodes, rate)
+        steps = self._steps(x1, x2, symmetric)
         flat = _member(x1)[:, 0] if symmetric else torch.cat([_member(x1)[:, 0], _member(x2)[:, 0]])
-        times = flat[nodes.representative]
-        Q = matern_precision(times, rate, self.nu, pattern=nodes.precision)
-        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], Q.batch_shape)
-        if batch != Q.batch_shape:
-            Q = Q._expand_batch(batch)
-        w1 = _selection(nodes.select1, Q)
-        w2 = None if symmetric else _selection(nodes.select2, Q)
-        return SparsePrecisionLinearOperator(Q, interp=w1, right_interp=w2)
+        dtype = torch.promote_types(flat.dtype, rate.dtype)
+        times = flat[steps.order].to(dtype)
+        scaled = rate.to(dtype)[..., None] * (times[1:] - times[:-1])  # (*batch, n − 1), ≥ 0
+        transitions, noises = matern_transition_and_noise(scaled, self.nu)
+        stationary = matern_state_space(self.nu).stationary.to(device=flat.device, dtype=dtype)
+        stationary = stationary.expand(*rate.shape, *stationary.shape)
+        op = StateSpaceCovarianceLinearOperator(transitions, noises, stationary, steps.rows1, steps.rows2)
+        batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], op.batch_shape)
+        return op._expand_batch(batch) if batch != op.batch_shape else op
 
     def _check_inputs(self, x1: Tensor, x2: Tensor) -> None:
         for name, x in (("x1", x1), ("x2", x2)):
@@ -298,54 +305,28 @@ class MarkovMaternKernel(SparsePrecisionKernel):
                 raise ValueError(f"MarkovMaternKernel inputs contain {bad} ({name})")
         check_batch_shapes(x1, x2, self.batch_shape)
 
-    def _warn_if_close(self, nodes: _Nodes, rate: Tensor) -> None:
-        """One ``CloseInputsWarning`` per input set, repeated only when ``λ`` has dropped 10× since."""
-        limit = _WARN_GAP[self.nu]
-        smallest = float(rate.detach().min()) if rate.numel() else math.inf
-        scaled = nodes.min_gap * smallest
-        if scaled < limit and smallest < nodes.warned_rate / 10:
-            nodes.warned_rate = smallest
-            warnings.warn(
-                f"MarkovMaternKernel(nu={self.nu}): the closest distinct inputs are λ·Δ = {scaled:.2e} apart "
-                f"(below {limit:g}); the float64 banded precision loses about "
-                f"{(2 * matern_order(self.nu) - 1) * math.log10(1 / scaled):.0f} digits there. Round or merge "
-                "near-duplicate inputs, or use nu=0.5 (see the class notes)",
-                CloseInputsWarning,
-                stacklevel=3,
-            )
-
     # ------------------------------------------------------------ cache
-    def _nodes(self, x1: Tensor, x2: Tensor, symmetric: bool) -> _Nodes:
-        """The cached node structure of ``(x1,)`` (symmetric) or ``(x1, x2)``, built on a miss."""
+    def _steps(self, x1: Tensor, x2: Tensor, symmetric: bool) -> _Steps:
+        """The cached ordering of ``(x1,)`` (symmetric) or ``(x1, x2)``, built on a miss."""
         inputs = (x1,) if symmetric else (x1, x2)
         entry = cache_lookup(self._node_cache, inputs)
         if entry is None:
-            entry = CachedInputs.of(inputs, self._build_nodes(*inputs))
+            entry = CachedInputs.of(inputs, self._build_steps(*inputs))
             cache_insert(self._node_cache, entry, self.pattern_cache_size)
         return entry.payload
 
-    def _build_nodes(self, x1: Tensor, x2: Tensor | None = None) -> _Nodes:
+    def _build_steps(self, x1: Tensor, x2: Tensor | None = None) -> _Steps:
         self.num_node_builds += 1
-        s = matern_order(self.nu)
         first = _member(x1.detach())[:, 0]
         flat = first if x2 is None else torch.cat([first, _member(x2.detach())[:, 0]])
-        unique, node = torch.unique(flat, sorted=True, return_inverse=True)
-        n = unique.numel()
-        positions = torch.arange(flat.numel(), device=flat.device)
-        representative = torch.full((n,), flat.numel(), dtype=torch.long, device=flat.device)
-        representative = representative.scatter_reduce(0, node, positions, reduce="amin")
+        order = torch.sort(flat, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
         m1 = first.numel()
-        min_gap = float((unique[1:] - unique[:-1]).min()) if n > 1 else math.inf
-        return _Nodes(
-            representative=representative,
-            precision=precision_pattern(n, s, device=flat.device),
-            select1=_selection_pattern(node[:m1], s, n),
-            select2=None if x2 is None else _selection_pattern(node[m1:], s, n),
-            min_gap=min_gap,
-        )
+        return _Steps(order=order, rows1=rank[:m1], rows2=None if x2 is None else rank[m1:])
 
     def clear_node_cache(self) -> None:
-        """Drop every cached node structure (the next call rebuilds)."""
+        """Drop every cached ordering (the next call rebuilds)."""
         self._node_cache.clear()
 
     def __getstate__(self):
@@ -366,14 +347,3 @@ def _member(x: Tensor) -> Tensor:
             "member would need its own node ordering and selection W); use one model per member or equal inputs"
         )
     return flat[0]
-
-
-def _selection_pattern(node: Tensor, order: int, num_nodes: int) -> SparsityPattern:
-    """``(m, n·s)`` pattern with one entry per row, at the first state component of the row's node."""
-    m = node.numel()
-    crow = torch.arange(m + 1, device=node.device)
-    return SparsityPattern(crow, node * order, (m, num_nodes * order))
-
-
-def _selection(pattern: SparsityPattern, Q: SparseLinearOperator) -> SparseLinearOperator:
-    return SparseLinearOperator(torch.ones(pattern.nnz, dtype=Q.dtype, device=Q.device), pattern=pattern)
