@@ -90,6 +90,13 @@ class LanczosDecomposition:
         Whether the forward pass re-orthogonalised (default True).
         ``lanczos_adjoint`` reverses the same computation: a mismatched
         adjoint is unstable (``gpsparse.core.lanczos_adjoint``).
+    residual : Tensor or None
+        ``(*batch, p)``: ``β_K = ‖r_K‖``, the norm of the residual of the
+        last step (``A Q = Q T + r_K e_Kᵀ``); 0 for a column that stopped
+        (``steps < K``: its Krylov space is invariant). None when not
+        recorded. ``β_K`` times the last row of ``∂q/∂T`` is the part of a
+        quadrature gradient that comes from the motion of the Krylov space
+        (``gpsparse.core.slq``).
     """
 
     basis: Tensor
@@ -98,6 +105,7 @@ class LanczosDecomposition:
     norm: Tensor
     steps: Tensor
     reorthogonalized: bool = True
+    residual: Tensor | None = None
 
     @property
     def num_lanczos(self) -> int:
@@ -290,6 +298,7 @@ def _lanczos(
         steps = steps + active
         if k == K - 1:
             _check_finite(alpha, None, k)
+            residual = torch.where(active, torch.linalg.vector_norm(r, dim=-2), zero)
             break
         beta = torch.linalg.vector_norm(r, dim=-2)
         anorm2 = torch.maximum(anorm2, torch.where(active, alpha * alpha + beta_prev * beta_prev + beta * beta, zero))
@@ -310,6 +319,7 @@ def _lanczos(
 
     done = len(alphas)
     if done < K:
+        residual = torch.zeros(columns, dtype=dtype, device=device)  # every column stopped early
         pad = torch.ones(*columns, K - done, dtype=dtype, device=device)
         alphas.extend(pad.unbind(-1))
         betas.extend(torch.zeros_like(pad)[..., : K - 1 - len(betas)].unbind(-1))
@@ -322,7 +332,13 @@ def _lanczos(
     if differentiable:
         basis = torch.stack(stored, dim=-1)
     return LanczosDecomposition(
-        basis=basis, alpha=alpha_t, beta=beta_t, norm=norm, steps=steps, reorthogonalized=reorthogonalize
+        basis=basis,
+        alpha=alpha_t,
+        beta=beta_t,
+        norm=norm,
+        steps=steps,
+        reorthogonalized=reorthogonalize,
+        residual=residual,
     )
 
 

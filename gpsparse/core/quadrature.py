@@ -34,6 +34,7 @@ __all__ = [
     "pad_tridiagonal",
     "quadrature",
     "quadrature_with_grad",
+    "quadrature_grad_matrix",
     "apply_with_grad",
     "rademacher",
 ]
@@ -129,13 +130,25 @@ def quadrature(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> Tensor:
     return (weights * f.value(theta)).sum(-1)
 
 
-def quadrature_with_grad(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> tuple[Tensor, Tensor, Tensor]:
-    """``q = e₁ᵀ f(T) e₁`` and its gradients ``(∂q/∂alpha, ∂q/∂beta)`` (Daleckii–Krein, see module doc)."""
+def quadrature_grad_matrix(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> tuple[Tensor, Tensor]:
+    """``q = e₁ᵀ f(T) e₁`` and the full symmetric gradient ``∂q/∂T = V (F ∘ u uᵀ) Vᵀ`` ``(..., K, K)``.
+
+    ``∂q/∂alpha`` is its diagonal and ``∂q/∂beta`` twice its first
+    super-diagonal (``quadrature_with_grad``). The whole matrix also gives the
+    gradient with respect to ``A`` of the quadrature on a fixed Krylov space,
+    ``Q (∂q/∂T) Qᵀ`` (``gpsparse.core.slq``).
+    """
     theta, vectors = _eig(alpha, beta, f)
     u = vectors[..., 0, :]
     fvals = f.value(theta)
     value = (u.pow(2) * fvals).sum(-1)
     grad_t = vectors @ (_loewner(theta, fvals, f) * (u.unsqueeze(-1) * u.unsqueeze(-2))) @ vectors.mT
+    return value, grad_t
+
+
+def quadrature_with_grad(alpha: Tensor, beta: Tensor, f: MatrixFunction) -> tuple[Tensor, Tensor, Tensor]:
+    """``q = e₁ᵀ f(T) e₁`` and its gradients ``(∂q/∂alpha, ∂q/∂beta)`` (Daleckii–Krein, see module doc)."""
+    value, grad_t = quadrature_grad_matrix(alpha, beta, f)
     grad_alpha = torch.diagonal(grad_t, dim1=-2, dim2=-1)
     grad_beta = 2.0 * torch.diagonal(grad_t, offset=1, dim1=-2, dim2=-1)
     return value, grad_alpha, grad_beta

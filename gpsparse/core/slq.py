@@ -40,11 +40,11 @@ from torch import Tensor
 
 from gpsparse.core import krylov
 from gpsparse.core.config import LogdetConfig, SolverConfig
-from gpsparse.core.lanczos import lanczos
+from gpsparse.core.lanczos import LanczosDecomposition, lanczos
 from gpsparse.core.lanczos_adjoint import lanczos_adjoint
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.core.preconditioners import Preconditioner, build_preconditioner
-from gpsparse.core.quadrature import FUNCTIONS, quadrature, quadrature_with_grad
+from gpsparse.core.quadrature import FUNCTIONS, quadrature, quadrature_grad_matrix
 from gpsparse.core.solver import buffered_matvec, report_convergence
 from gpsparse.core.sparse_ops import sampled_product
 from gpsparse.errors import NotPositiveDefiniteError
@@ -55,6 +55,7 @@ __all__ = [
     "resolve_preconditioner",
     "adjoint_forward",
     "adjoint_backward",
+    "stationary_probes",
     "hutchinson_forward",
     "hutchinson_inv_quad_forward",
     "check_probes",
@@ -133,7 +134,12 @@ def chunk_size(shape: torch.Size, num_lanczos: int, budget: int, element: int) -
 
 
 def adjoint_forward(split: PreconditionedOperator, probes: Tensor, norms2: Tensor, config: LogdetConfig):
-    """Lanczos per chunk of probes; returns the estimate and, per chunk, (slice, cotangents, stored basis or None)."""
+    """Lanczos per chunk of probes; returns the estimate and, per chunk, (slice, ∂estimate/∂T, stored basis or None).
+
+    ``∂estimate/∂T`` is the weighted full Daleckii–Krein matrix ``(B, c, K, K)``
+    of every probe (``quadrature_grad_matrix``); ``adjoint_backward`` turns it
+    into the value gradient.
+    """
     num, n, p = probes.shape
     size = chunk_size(probes.shape, config.num_lanczos, config.max_memory, probes.element_size())
     keep = size >= p  # a single chunk fits: keep its decomposition for the backward
@@ -144,26 +150,72 @@ def adjoint_forward(split: PreconditionedOperator, probes: Tensor, norms2: Tenso
         dec = lanczos(
             split.matvec, probes[..., block], min(config.num_lanczos, n), reorthogonalize=config.reorthogonalize
         )
-        value, grad_alpha, grad_beta = quadrature_with_grad(dec.alpha, dec.beta, _LOG)
+        value, grad_t = quadrature_grad_matrix(dec.alpha, dec.beta, _LOG)
         weight = norms2[..., block] / p  # (B, c)
         estimate += (weight * value).sum(-1)
-        cot = (grad_alpha * weight.unsqueeze(-1), grad_beta * weight.unsqueeze(-1))
-        chunks.append((block, cot, dec if keep else None))
+        chunks.append((block, grad_t * weight[..., None, None], dec if keep else None))
     return estimate, chunks
+
+
+def stationary_probes(dec: LanczosDecomposition, grad_t: Tensor, tol: float | None = None) -> Tensor:
+    r"""``(*batch, p)`` bool: the probes whose Krylov space has (numerically) stopped moving.
+
+    For ``q = e₁ᵀ f(T) e₁`` with ``T = QᵀAQ`` and ``A Q = Q T + β_K q_{K+1} e_Kᵀ``
+    (``q₁`` fixed), a perturbation ``dA`` moves ``T`` by ``Qᵀ dA Q`` (the fixed
+    space) plus the motion of the space, which enters only through the
+    coupling ``β_K q_{K+1} e_Kᵀ``:
+
+        dq = ⟨∂q/∂T, Qᵀ dA Q⟩ + 2 β_K q_{K+1}ᵀ dQ (∂q/∂T) e_K.
+
+    The second term vanishes at an invariant subspace (``β_K = 0``: breakdown,
+    or ``K`` at least the Krylov dimension) and is negligible once the
+    quadrature has converged (``(∂q/∂T) e_K`` is the sensitivity to the last
+    Lanczos vector). A probe is stationary when
+    ``β_K ‖(∂q/∂T) e_K‖ ≤ tol·‖∂q/∂T‖_F``, ``tol = √ε`` of the dtype by default.
+    """
+    if tol is None:
+        tol = torch.finfo(grad_t.dtype).eps ** 0.5
+    if dec.residual is None:
+        return torch.zeros(grad_t.shape[:-2], dtype=torch.bool, device=grad_t.device)
+    coupling = dec.residual * torch.linalg.vector_norm(grad_t[..., -1], dim=-1)
+    return coupling <= tol * torch.linalg.matrix_norm(grad_t)
 
 
 def adjoint_backward(
     split: PreconditionedOperator, probes: Tensor, chunks, config: LogdetConfig, pattern: SparsityPattern
 ) -> Tensor:
+    r"""Value gradient of the SLQ estimate: fixed-space gradient where stationary, Lanczos adjoint elsewhere.
+
+    * A stationary probe (``stationary_probes``: invariant or converged Krylov
+      space) gets ``∂q/∂Ã = Q (∂q/∂T) Qᵀ`` (no matvec). It is the gradient of
+      ``zᵀ f(Ã) z`` itself once Lanczos has converged, and it is stable,
+      whereas the Lanczos adjoint recursion, run backwards, amplifies rounding
+      errors along converged Ritz directions: measured ``10⁵``–``10⁶`` times
+      the true gradient, and 1e-2 relative error even at ``K = n``, on a
+      12 × 12 lattice ``(0.1 I + L)²`` with 4 probes (issue 11, item 7).
+    * The other probes get the exact reverse mode of the K-step map
+      (``lanczos_adjoint``, Krämer et al. 2024), run only if there is one.
+
+    Both give ``∂/∂a[e] = Σ_k (C⁻ᵀ left_k)[i_e] (C⁻ᵀ q_k)[j_e]``, a sampled product.
+    """
     grad = None
     n = probes.shape[-2]
-    for block, (grad_alpha, grad_beta), dec in chunks:
+    for block, grad_t, dec in chunks:
         if dec is None:  # recompute this chunk's Lanczos (bounded memory)
             dec = lanczos(
                 split.matvec, probes[..., block], min(config.num_lanczos, n), reorthogonalize=config.reorthogonalize
             )
-        _, left, right = lanczos_adjoint(split.matvec, dec, None, grad_alpha, grad_beta)
-        part = sampled_product(pattern, split.to_original(left), split.to_original(right))
+        stationary = stationary_probes(dec, grad_t)  # (B, c)
+        # fixed-space gradient Q (∂q/∂T) Qᵀ = left rightᵀ, left[..., c, k] = Q_c (∂q_c/∂T) e_k
+        left = torch.matmul(dec.basis.movedim(-3, -2), grad_t).movedim(-3, -2)  # (B, n, c, K)
+        if not bool(stationary.all()):
+            grad_alpha = torch.diagonal(grad_t, dim1=-2, dim2=-1)
+            grad_beta = 2.0 * torch.diagonal(grad_t, offset=1, dim1=-2, dim2=-1)
+            _, adjoint, _ = lanczos_adjoint(split.matvec, dec, None, grad_alpha, grad_beta)
+            left = torch.where(stationary[..., None, :, None], left, adjoint.reshape(left.shape))
+        num, n_, c, K = left.shape
+        right = dec.basis.reshape(num, n_, c * K)
+        part = sampled_product(pattern, split.to_original(left.reshape(num, n_, c * K)), split.to_original(right))
         grad = part if grad is None else grad + part
     return grad
 
