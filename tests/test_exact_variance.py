@@ -1,7 +1,7 @@
 """Exact predictive variances at 10⁴ test points from one selected inverse (issue 11, item 9).
 
 The stock GPyTorch path (``model.eval(); model(x_test).variance``) on a 1-D Markov model
-(banded road) and on 2-D / 3-D lattices (CHOLMOD) against dense float64 references
+(the Kalman road: RTS smoother on the joint inputs) and on 2-D / 3-D lattices (CHOLMOD) against dense float64 references
 ``diag(K** − K*ₓ (Kₓₓ + σ²I)⁻¹ Kₓ*)`` to 1e-8; the pattern of ``P + 0·W*ᵀW*`` when test
 rows couple nodes outside ``P``'s pattern; the memory-bounded Monte Carlo fallback.
 """
@@ -86,8 +86,8 @@ def _close(actual, expected):
 
 @pytest.mark.parametrize("nu", [0.5, 1.5])
 def test_markov_variances_at_1e4_points_match_dense(nu):
-    # training nodes every 0.05, test points every 0.001, at least 0.0005 from a training node:
-    # λ·Δ ≥ 3e-3 keeps the float64 state-space precision accurate to ~1e-10 (MarkovMaternKernel notes)
+    # training nodes every 0.05, test points every 0.001 (the smoother is exact at any spacing;
+    # tests/test_markov_state_space.py covers test points on and next to training points)
     gen = torch.Generator().manual_seed(0)
     x = (0.025 + 0.05 * torch.arange(200, dtype=torch.float64))[:, None]
     y = torch.sin(x[:, 0]) + 0.1 * torch.randn(200, generator=gen, dtype=torch.float64)
