@@ -47,6 +47,13 @@ class ConvergenceWarning(NumericalWarning):
     """
 
 
+class EstimatorAccuracyWarning(NumericalWarning):
+    """A stochastic estimate is less accurate than stated: its estimated standard error exceeds the
+    stated fraction of the value (e.g. ``logdet P − logdet Q`` of a noisy sparse-precision covariance,
+    ``gpsparse.linalg.dispatch.logdet_difference``). More probes, an exact road or a closed-form
+    log-determinant help. A ``NumericalWarning`` like ``ConvergenceWarning``."""
+
+
 class DenseKernelWarning(UserWarning):
     """A kernel's sparse matrix stores a large share of all entries (e.g. a compact support radius
     that covers most of the data): sparse algebra then costs more than dense would."""

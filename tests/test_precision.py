@@ -12,6 +12,7 @@ from matrices import lattice_laplacian, scipy_to_torch
 
 import gpsparse
 import gpsparse.core.cholmod
+import gpsparse.linalg.dispatch
 from gpsparse import NoisySparsePrecisionLinearOperator, SparseLinearOperator, SparsePrecisionLinearOperator
 
 M = 20  # 20 × 20 lattice, N = 400
@@ -63,9 +64,11 @@ def _dense_cov(Q_dense, W):
     return Wd @ cov @ Wd.T
 
 
+@pytest.mark.parametrize("road", ["exact", "shared-probes"])
 @pytest.mark.parametrize("which", ["identity", "selection", "interpolation"])
 @pytest.mark.parametrize("heteroscedastic", [False, True])
-def test_noisy_mll_terms_match_dense(which, heteroscedastic):
+def test_noisy_mll_terms_match_dense(which, heteroscedastic, road):
+    """The MLL terms and gradients: exact (N = 400 takes the dense road) and by SLQ with shared probes."""
     W = _interps()[which]
     m = M * M if W is None else W.shape[0]
     kappa = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
@@ -83,9 +86,11 @@ def test_noisy_mll_terms_match_dense(which, heteroscedastic):
     Ky = K + linear_operator.operators.DiagLinearOperator(noise)
     assert isinstance(Ky, NoisySparsePrecisionLinearOperator)
     torch.manual_seed(0)
+    dense_rows = gpsparse.linalg.dispatch.DIFFERENCE_DENSE_MAX_ROWS if road == "exact" else 0
     with (
         linear_operator.settings.max_cholesky_size(0),
         gpsparse.settings.logdet_defaults(num_probes=128, num_lanczos=40),
+        patch.object(gpsparse.linalg.dispatch, "DIFFERENCE_DENSE_MAX_ROWS", dense_rows),
     ):
         quad, logdet = Ky.inv_quad_logdet(inv_quad_rhs=y, logdet=True)
     (quad + logdet).backward()
@@ -100,6 +105,8 @@ def test_noisy_mll_terms_match_dense(which, heteroscedastic):
 
     torch.testing.assert_close(quad, quad_r, rtol=1e-6, atol=1e-8)
     assert abs(float(logdet - logdet_r)) < 1e-2 * abs(float(logdet_r))
+    if road == "exact":
+        torch.testing.assert_close(logdet.detach(), logdet_r.detach(), rtol=1e-9, atol=1e-9)
     expected = torch.stack([kappa_r.grad, tau_r.grad])
     assert float((grads[0] - expected).norm() / expected.norm()) < 0.05
     cos = torch.nn.functional.cosine_similarity(grads[1], noise_r.grad, dim=0)
@@ -170,8 +177,15 @@ def test_bad_inputs():
     K = SparsePrecisionLinearOperator(Q, interp=_interps()["selection"])
     with pytest.raises(ValueError, match="positive"):
         K.add_diagonal(torch.tensor(-0.1, dtype=torch.float64))
-    with pytest.raises(NotImplementedError, match="add observation noise"):
+    with (
+        pytest.raises(NotImplementedError, match="no sparse form.*Add observation noise"),
+        gpsparse.settings.max_dense_size(10_000),
+    ):
         K.inv_quad_logdet(torch.ones(300, 1, dtype=torch.float64), logdet=True)
+    with pytest.raises(ValueError, match="sign must be"):
+        SparsePrecisionLinearOperator(Q, sign=2.0)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        (-SparsePrecisionLinearOperator(Q)).zero_mean_mvn_samples(2)
     bad = SparseLinearOperator(Q.values * -1.0, pattern=Q.pattern)
     with pytest.raises(gpsparse.NotPositiveDefiniteError):
         with linear_operator.settings.max_cholesky_size(0):
@@ -355,3 +369,163 @@ def test_row_indexing_without_interpolation(index):
         got = K[index]
         got = got.to_dense() if hasattr(got, "to_dense") else got
     torch.testing.assert_close(got, dense[index], rtol=1e-8, atol=1e-10)
+
+
+# ------------------------------------------------ negative scaling (issue 11, item 3)
+def _small_cases():
+    """(label, K) on a 6 × 6 lattice (N = 36): W = I, a square W, a 7-row (odd) and an 8-row (even) selection."""
+    lap = lattice_laplacian(6)
+    Q = SparseLinearOperator.from_tensor(scipy_to_torch(lap @ lap + 0.8 * lap)).add_diagonal(
+        torch.tensor(0.3, dtype=torch.float64)
+    )
+    square = torch.eye(36, dtype=torch.float64) + 0.3 * torch.diag(torch.ones(35, dtype=torch.float64), 1)
+    return Q, {
+        "identity": None,
+        "square": square.to_sparse(),
+        "odd": _selection([0, 3, 7, 12, 20, 28, 35], 36),
+        "even": _selection([0, 3, 7, 12, 20, 28, 33, 35], 36),
+    }
+
+
+@pytest.mark.parametrize("which", ["identity", "square", "odd", "even"])
+@pytest.mark.parametrize("noisy", [False, True], ids=["K", "K+D"])
+def test_negative_multiples_are_exact(which, noisy):
+    """c·K for c < 0, −K and c − K: products, dense form, diagonal, indexing, solves, inv_quad and logdet."""
+    Q, interps = _small_cases()
+    K = SparsePrecisionLinearOperator(Q, interp=interps[which])
+    m = K.shape[-1]
+    if noisy:
+        K = K.add_diagonal(torch.linspace(0.1, 0.4, m, dtype=torch.float64))
+    x = torch.randn(m, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with gpsparse.settings.solver_defaults(rtol=1e-12):
+        dense = K.to_dense()
+        for op, expected in ((K * -2.5, -2.5 * dense), (-K, -dense), ((K * -2.0) * -0.5, dense)):
+            assert isinstance(op, type(K))
+            torch.testing.assert_close(op.to_dense(), expected, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(op @ x, expected @ x, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(op.diagonal(), expected.diagonal(), rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(op.mT.to_dense(), expected.mT, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(op[1:4, :].to_dense(), expected[1:4, :], rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(op.expand(2, m, m).to_dense(), expected.expand(2, m, m), rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(op.solve(x), torch.linalg.solve(expected, x), rtol=1e-7, atol=1e-9)
+            quad, logdet = op.inv_quad_logdet(x, logdet=True, reduce_inv_quad=False)
+            torch.testing.assert_close(quad, (x * torch.linalg.solve(expected, x)).sum(-2), rtol=1e-7, atol=1e-9)
+            expected_logdet = torch.logdet(expected)  # NaN for a negative determinant (odd m, negated)
+            torch.testing.assert_close(logdet, expected_logdet, rtol=1e-7, atol=1e-9, equal_nan=True)
+        c = torch.randn(m, m, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close((c - K).to_dense(), c - dense, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(torch.sub(c, K).to_dense(), c - dense, rtol=1e-9, atol=1e-11)
+
+
+def test_zero_and_mixed_sign_multiples():
+    """c = 0 gives a ZeroLinearOperator; a batch of constants of mixed signs linear_operator's generic product."""
+    Q, interps = _small_cases()
+    K = SparsePrecisionLinearOperator(Q, interp=interps["odd"])
+    zero = K * 0.0
+    assert isinstance(zero, linear_operator.operators.ZeroLinearOperator) and zero.shape == K.shape
+    assert isinstance(
+        K.add_diagonal(torch.tensor(0.2, dtype=torch.float64)) * 0.0, linear_operator.operators.ZeroLinearOperator
+    )
+    batch = K.expand(2, *K.shape)
+    constants = torch.tensor([2.0, -3.0], dtype=torch.float64)
+    mixed = batch * constants.reshape(2, 1, 1)
+    assert not isinstance(mixed, SparsePrecisionLinearOperator)
+    with gpsparse.settings.solver_defaults(rtol=1e-12):
+        torch.testing.assert_close(
+            mixed.to_dense(), batch.to_dense() * constants.reshape(2, 1, 1), rtol=1e-9, atol=1e-11
+        )
+    # D − K (the negated covariance plus a diagonal) need not be definite: linear_operator's generic sum.
+    d_minus_k = (-K).add_diagonal(torch.tensor(5.0, dtype=torch.float64))
+    assert not isinstance(d_minus_k, NoisySparsePrecisionLinearOperator)
+    torch.testing.assert_close(d_minus_k.to_dense(), 5.0 * torch.eye(7, dtype=torch.float64) - K.to_dense())
+
+
+def test_non_identity_interp_solves_and_logdets_densely_with_gradients():
+    """W Q⁻¹ Wᵀ (W 8 × 36, full row rank): solve, inv_quad and logdet (dense road) and their gradients in Q."""
+    lap = torch.from_numpy((lattice_laplacian(6) @ lattice_laplacian(6)).toarray())
+    kappa = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def precision(k):
+        dense = lap + 2 * k**2 * torch.from_numpy(lattice_laplacian(6).toarray()) + (k**4 + 0.1) * torch.eye(36)
+        return dense
+
+    Wt = _small_cases()[1]["even"]
+    mask = precision(kappa).detach() != 0
+    Q = SparseLinearOperator.from_tensor(precision(kappa).sparse_mask(mask.to_sparse()).coalesce())
+    K = SparsePrecisionLinearOperator(Q, interp=Wt)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with gpsparse.settings.solver_defaults(rtol=1e-12):
+        quad, logdet = K.inv_quad_logdet(x, logdet=True)
+        solved = K.solve(x)
+    (quad + logdet + solved.sum()).backward()
+    k_r = kappa.detach().clone().requires_grad_(True)
+    Wd = Wt.to_dense()
+    dense = Wd @ torch.linalg.inv(precision(k_r)) @ Wd.T
+    quad_r, logdet_r, solved_r = (
+        (x * torch.linalg.solve(dense, x)).sum(),
+        torch.logdet(dense),
+        torch.linalg.solve(dense, x),
+    )
+    (quad_r + logdet_r + solved_r.sum()).backward()
+    torch.testing.assert_close(quad, quad_r, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(logdet, logdet_r, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(solved, solved_r, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(kappa.grad, k_r.grad, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------- batched noisy log-determinants (issue 11, item 4)
+def _noisy_batch():
+    """Batch of 3 noisy covariances on a 6 × 6 lattice (Q without a closed-form log det), W 10 × 36."""
+    lap = lattice_laplacian(6)
+    base = SparseLinearOperator.from_tensor(scipy_to_torch(lap @ lap + 0.5 * lap))
+    scales = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64).unsqueeze(-1)
+    Q = SparseLinearOperator(base.values * scales, pattern=base.pattern).add_diagonal(
+        torch.tensor(0.2, dtype=torch.float64)
+    )
+    W = _selection([0, 4, 9, 13, 17, 20, 24, 29, 31, 35], 36)
+    noise = torch.tensor([0.3, 0.5, 0.2], dtype=torch.float64).unsqueeze(-1).expand(3, 10)
+    return SparsePrecisionLinearOperator(Q, interp=W).add_diagonal(noise)
+
+
+def test_small_batched_noisy_logdet_takes_an_exact_road():
+    """Even under max_cholesky_size(0), N ≤ DIFFERENCE_DENSE_MAX_ROWS gives exact logdet P − logdet Q: no Lanczos."""
+    Ky = _noisy_batch()
+    exact = torch.logdet(Ky.to_dense())
+    with (
+        linear_operator.settings.max_cholesky_size(0),
+        linear_operator.settings.num_trace_samples(256),
+        patch("gpsparse.core.lanczos.lanczos", side_effect=AssertionError("Lanczos called")),
+    ):
+        logdet = Ky.logdet()
+    torch.testing.assert_close(logdet, exact, rtol=1e-9, atol=1e-9)
+
+
+def test_large_noisy_logdet_shares_probes_and_states_its_error():
+    """The SLQ road: the same probes for P and Q, an estimated standard error that matches the actual error,
+    and an EstimatorAccuracyWarning when the error is large relative to the difference."""
+    Ky = _noisy_batch()
+    P, Q = Ky.posterior_precision(), Ky.Q
+    exact = torch.logdet(P.to_dense()) - torch.logdet(Q.to_dense())
+    errors, stderrs = [], []
+    with (
+        patch.object(gpsparse.linalg.dispatch, "DIFFERENCE_DENSE_MAX_ROWS", 0),
+        linear_operator.settings.max_cholesky_size(0),
+    ):
+        for seed in range(6):
+            gen = torch.Generator().manual_seed(seed)
+            with gpsparse.settings.logdet_defaults(num_probes=64):
+                _, difference, stderr = gpsparse.linalg.dispatch.logdet_difference(
+                    P.values, P.pattern, P._road_config(), Q.values, Q.pattern, Q._road_config(), generator=gen
+                )
+            errors.append(difference - exact)
+            stderrs.append(stderr)
+        with (
+            gpsparse.settings.logdet_defaults(num_probes=2),
+            pytest.warns(gpsparse.errors.EstimatorAccuracyWarning, match="estimated standard error"),
+        ):
+            # Two probes of the difference of 36 × 36 log-determinants: a standard error far above 0.1·|d| + 0.05.
+            Ky.logdet()
+    rms = torch.stack(errors).pow(2).mean(0).sqrt()
+    mean_stderr = torch.stack(stderrs).mean(0)
+    assert bool((rms < 0.1 * exact.abs()).all()), (rms, exact)  # independent estimates missed by 0.3 and more
+    assert bool((mean_stderr < 3 * rms).all()) and bool((mean_stderr > rms / 3).all()), (mean_stderr, rms)

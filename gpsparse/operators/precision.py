@@ -1,4 +1,4 @@
-r"""Covariances given by sparse precision matrices: ``K = W Q⁻¹ W'ᵀ`` and ``K + D``.
+r"""Covariances given by sparse precision matrices: ``K = ±W Q⁻¹ W'ᵀ`` and ``±(K + D)``.
 
 A Gaussian Markov random field on N latent nodes (lattice, graph, mesh) has a
 sparse precision ``Q``; observations at m locations read it through a sparse
@@ -13,25 +13,45 @@ marginal likelihood goes through the sparse *posterior precision*
 
 (DESIGN.md §3). This module holds the two adapters; their numerics are
 gpsparse's solves and log-determinants on ``Q`` and ``P``
-([`SparseLinearOperator`][gpsparse.SparseLinearOperator]), whose gradients reach the values
-of ``Q``, of ``W`` and the noise.
+([`SparseLinearOperator`][gpsparse.SparseLinearOperator], the difference
+``logdet P − logdet Q`` by ``gpsparse.linalg.dispatch.logdet_difference``),
+whose gradients reach the values of ``Q``, of ``W`` and the noise. The shared
+parts (``W``, the weighted Gram ``WᵀD⁻¹W``, variances, prior samples) live in
+``gpsparse.operators.gmrf`` and are re-exported here.
+
+*Scaling.* ``c · K`` for ``c > 0`` folds into the precision, ``W (Q/c)⁻¹ Wᵀ``
+(and ``c·D`` for the noisy form). A negative ``c`` folds ``|c|`` the same way
+and records ``sign = −1``: products, ``to_dense``, the diagonal, indexing,
+transposition and batch expansion carry the sign, ``solve(−K) = −solve(K)``,
+``inv_quad(−K) = −inv_quad(K)``, and ``log det(−K) = log det K + m·log(−1)``
+is what ``torch.logdet`` returns for the dense matrix: ``log det K`` for even
+``m``, NaN for odd ``m`` (a negative determinant). ``c = 0`` gives linear_operator's
+``ZeroLinearOperator``; a batch of constants of mixed signs gives
+linear_operator's generic ``ConstantMulLinearOperator``.
 """
 
 from __future__ import annotations
 
 import math
 
-import gpytorch
 import torch
-from linear_operator.operators import DiagLinearOperator, LinearOperator
+from linear_operator.operators import DiagLinearOperator, LinearOperator, ZeroLinearOperator
 from torch import Tensor
 
 from gpsparse import settings as gs_settings
-from gpsparse.core.pattern import SparsityPattern
-from gpsparse.core.sparse_ops import gram_structure
-from gpsparse.errors import DenseSizeError
-from gpsparse.linalg.functional import funm
-from gpsparse.linalg.variance import diagonal_from_inverse, exact_diagonal, stochastic_diagonal
+from gpsparse.errors import DenseSizeError, NotPositiveDefiniteError
+from gpsparse.linalg import dispatch
+from gpsparse.operators.gmrf import (
+    apply,
+    apply_t,
+    covariance_diagonal,
+    diag_inverse_quadratic,
+    interpolation_operator,
+    prior_samples,
+    select_rows,
+    weighted_gram,
+)
+from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
 from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = [
@@ -40,38 +60,12 @@ __all__ = [
     "interpolation_operator",
     "covariance_diagonal",
     "weighted_gram",
+    "diag_inverse_quadratic",
 ]
 
 
-def interpolation_operator(interp, num_nodes: int, device, dtype) -> SparseLinearOperator | None:
-    """Validate ``W`` (torch sparse m × N, a SparseLinearOperator, or None for the identity)."""
-    if interp is None:
-        return None
-    if isinstance(interp, Tensor):
-        interp = SparseLinearOperator.from_tensor(interp, symmetric=False)
-    if not isinstance(interp, SparseLinearOperator):
-        raise TypeError(f"interp must be a torch sparse tensor or a SparseLinearOperator, got {type(interp).__name__}")
-    if interp.dim() != 2:
-        raise ValueError(f"interp must be a single m × N matrix, got shape {tuple(interp.shape)}")
-    if interp.shape[-1] != num_nodes:
-        raise ValueError(f"interp has {interp.shape[-1]} columns but Q has {num_nodes} nodes")
-    if interp.device != device:
-        raise ValueError(f"interp is on {interp.device} but Q is on {device}; move one of them")
-    if interp.dtype != dtype:
-        raise ValueError(f"interp has dtype {interp.dtype} but Q has dtype {dtype}")
-    return interp
-
-
-def _apply(W: SparseLinearOperator | None, x: Tensor) -> Tensor:
-    return x if W is None else W._matmul(x)
-
-
-def _apply_t(W: SparseLinearOperator | None, x: Tensor) -> Tensor:
-    return x if W is None else W._transpose_nonbatch()._matmul(x)
-
-
 class SparsePrecisionLinearOperator(LinearOperator):
-    r"""The covariance ``K = W Q⁻¹ W'ᵀ`` of a Gaussian Markov random field, never formed.
+    r"""The covariance ``K = s · W Q⁻¹ W'ᵀ`` of a Gaussian Markov random field, never formed (``s = ±1``).
 
     Parameters
     ----------
@@ -83,17 +77,28 @@ class SparsePrecisionLinearOperator(LinearOperator):
     right_interp : optional
         ``W'`` for cross-covariances (rectangular ``m × m'`` operators); ``W``
         if omitted.
+    sign : float
+        ``+1`` (a covariance, the default) or ``−1`` (a negated covariance,
+        what ``K * c`` for ``c < 0``, ``−K`` and ``c − K`` produce; module notes).
 
     Notes
     -----
-    * ``K v = W · solve(Q, W'ᵀ v)`` (gpsparse CG, sparse gradients).
-    * With ``W = I``: ``solve = Q v`` and ``logdet = −logdet Q``.
+    * ``K v = s · W · solve(Q, W'ᵀ v)`` (gpsparse CG, sparse gradients).
+    * With ``W = I``: ``solve = s · Q v`` and ``logdet = −logdet Q`` (sign: module notes).
+    * With another ``W`` (m × N, full row rank, so ``K`` is SPD): there is no
+        sparse form of ``K⁻¹`` or ``log det K``. Solves, inverse quadratic forms
+        and log-determinants form ``K`` densely (m solves in ``Q``, differentiable)
+        and factorise it (dense Cholesky) when ``N·m`` and ``m²`` (times the batch)
+        are within [`gpsparse.settings.max_dense_size`][]; above the limit they
+        raise ``NotImplementedError`` naming the way out — observation noise
+        (``K + D``), which works through the sparse posterior precision.
     * ``K + D`` (``add_diagonal``, ``+ DiagLinearOperator``; what GPyTorch's
         Gaussian likelihood does) returns a
         [`NoisySparsePrecisionLinearOperator`][gpsparse.NoisySparsePrecisionLinearOperator] working through the
         posterior precision; ``D + K`` (diagonal on the left) goes through
         linear_operator's generic ``AddedDiagLinearOperator`` — write ``K + D``.
-    * Scaling ``c·K`` (``ScaleKernel``) returns ``W (Q/c)⁻¹ Wᵀ``.
+        So does ``D − K`` (``sign = −1``), which need not be definite.
+    * Scaling ``c·K`` (``ScaleKernel``) returns ``W (Q/|c|)⁻¹ Wᵀ`` with the sign of ``c``.
 
     Examples
     --------
@@ -105,18 +110,21 @@ class SparsePrecisionLinearOperator(LinearOperator):
     >>> K = SparsePrecisionLinearOperator(Q)
     >>> torch.allclose(K.to_dense(), torch.linalg.inv(Q.to_dense()))
     True
+    >>> torch.allclose((-2.0 * K).to_dense(), -2.0 * torch.linalg.inv(Q.to_dense()))
+    True
     """
 
-    def __init__(self, Q: SparseLinearOperator, interp=None, right_interp=None):
+    def __init__(self, Q: SparseLinearOperator, interp=None, right_interp=None, *, sign: float = 1.0):
         if not isinstance(Q, SparseLinearOperator):
             raise TypeError(f"Q must be a gpsparse.SparseLinearOperator, got {type(Q).__name__}")
         if not Q.is_symmetric:
             raise ValueError("Q must be symmetric (declared or detected) to be a precision matrix")
+        sign = _check_sign(sign)
         num_nodes = Q.shape[-1]
         interp = interpolation_operator(interp, num_nodes, Q.device, Q.dtype)
         right_interp = interpolation_operator(right_interp, num_nodes, Q.device, Q.dtype)
-        super().__init__(Q, interp=interp, right_interp=right_interp)
-        self.Q, self.interp, self.right_interp = Q, interp, right_interp
+        super().__init__(Q, interp=interp, right_interp=right_interp, sign=sign)
+        self.Q, self.interp, self.right_interp, self.sign = Q, interp, right_interp, sign
 
     @property
     def _right(self) -> SparseLinearOperator | None:
@@ -133,58 +141,81 @@ class SparsePrecisionLinearOperator(LinearOperator):
         return torch.Size((*self.Q.batch_shape, rows, cols))
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        return _apply(self.interp, self.Q.solve(_apply_t(self._right, rhs)))
+        return _signed(self.sign, apply(self.interp, self.Q.solve(apply_t(self._right, rhs))))
 
     def _transpose_nonbatch(self) -> SparsePrecisionLinearOperator:
         if self.is_symmetric:
             return self
-        return SparsePrecisionLinearOperator(self.Q, interp=self._right, right_interp=self.interp)
+        return SparsePrecisionLinearOperator(self.Q, interp=self._right, right_interp=self.interp, sign=self.sign)
 
     def _expand_batch(self, batch_shape) -> SparsePrecisionLinearOperator:
-        return self._with_q(self.Q._expand_batch(batch_shape))
+        return self._with(Q=self.Q._expand_batch(batch_shape))
 
-    def _with_q(self, Q: SparseLinearOperator) -> SparsePrecisionLinearOperator:
-        return SparsePrecisionLinearOperator(Q, interp=self.interp, right_interp=self.right_interp)
+    def _with(self, *, Q: SparseLinearOperator | None = None, sign: float | None = None):
+        return SparsePrecisionLinearOperator(
+            self.Q if Q is None else Q,
+            interp=self.interp,
+            right_interp=self.right_interp,
+            sign=self.sign if sign is None else sign,
+        )
 
-    def _mul_constant(self, other) -> SparsePrecisionLinearOperator:
+    def _mul_constant(self, other) -> LinearOperator:
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
-        return self._with_q(self.Q._mul_constant(other.reciprocal()))
+        sign = _constant_sign(other)
+        if sign is None:  # a batch of constants of mixed signs (or zeros among them)
+            return super()._mul_constant(other)
+        if sign == 0.0:
+            return _zero(self, other)
+        return self._with(Q=self.Q._mul_constant(other.abs().reciprocal()), sign=self.sign * sign)
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         Q = self.Q._getitem(slice(None), slice(None), *batch_indices) if batch_indices else self.Q
-        rows = _select_rows(self.interp, row_index, self.shape[-2], Q)
-        cols = _select_rows(self._right, col_index, self.shape[-1], Q)
+        rows = select_rows(self.interp, row_index, self.shape[-2], Q)
+        cols = select_rows(self._right, col_index, self.shape[-1], Q)
         if cols is None and rows is not None:  # None on the right would mean "the same as the rows"
-            cols = _select_rows(None, torch.arange(Q.shape[-1], device=Q.device), Q.shape[-1], Q)
-        return SparsePrecisionLinearOperator(Q, interp=rows, right_interp=cols)
+            cols = select_rows(None, torch.arange(Q.shape[-1], device=Q.device), Q.shape[-1], Q)
+        return SparsePrecisionLinearOperator(Q, interp=rows, right_interp=cols, sign=self.sign)
 
     def _diagonal(self) -> Tensor:
-        """``diag(W Q⁻¹ Wᵀ)`` — see ``covariance_diagonal`` (exact or stochastic)."""
+        """``s · diag(W Q⁻¹ Wᵀ)`` — see ``covariance_diagonal`` (exact or stochastic)."""
         if not self.is_symmetric:
             raise ValueError("the diagonal of a cross-covariance is not defined here")
-        return covariance_diagonal(self.Q, self.interp)
+        return _signed(self.sign, covariance_diagonal(self.Q, self.interp))
 
     def to_dense(self) -> Tensor:
-        """Dense ``W Q⁻¹ W'ᵀ`` within [`gpsparse.settings.max_dense_size`][] (solves with dense columns)."""
-        rows, cols = self.shape[-2:]
-        limit = gs_settings.current().max_dense_size
-        if math.prod(self.shape) > limit or self.Q.shape[-1] * cols > limit:
-            raise DenseSizeError(
-                f"to_dense of a precision-based covariance of shape {tuple(self.shape)} exceeds "
-                f"gpsparse.settings.max_dense_size = {limit:,}"
-            )
+        """Dense ``s · W Q⁻¹ W'ᵀ`` within [`gpsparse.settings.max_dense_size`][] (solves with dense columns)."""
+        self._check_dense("to_dense of a precision-based covariance")
+        cols = self.shape[-1]
         eye = torch.eye(cols, dtype=self.dtype, device=self.device)
         return self._matmul(eye.expand(*self.batch_shape, cols, cols))
+
+    def _check_dense(self, what: str) -> None:
+        """Raise ``DenseSizeError`` when ``K`` or its m solves in ``Q`` exceed the dense limit."""
+        if not self._dense_fits():
+            raise DenseSizeError(
+                f"{what} of shape {tuple(self.shape)} exceeds gpsparse.settings.max_dense_size = "
+                f"{gs_settings.current().max_dense_size:,}"
+            )
+
+    def _dense_fits(self) -> bool:
+        limit = gs_settings.current().max_dense_size
+        return math.prod(self.shape) <= limit and self.batch_shape.numel() * self.Q.shape[-1] * self.shape[-1] <= limit
 
     def _cholesky(self, upper: bool = False):
         self.to_dense()  # raises above the dense limit
         return super()._cholesky(upper=upper)
 
     # ---------------------------------------------------------------- noise
-    def add_diagonal(self, diag: Tensor) -> NoisySparsePrecisionLinearOperator:
-        """``K + D`` with D diagonal (scalar, ``(m,)`` or batched), kept in posterior-precision form."""
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        """``K + D`` with D diagonal (scalar, ``(m,)`` or batched), kept in posterior-precision form.
+
+        A negated covariance (``sign = −1``) gives linear_operator's generic
+        ``AddedDiagLinearOperator`` (``D − W Q⁻¹ Wᵀ`` need not be definite).
+        """
         if not self.is_symmetric:
             raise ValueError("add_diagonal needs a square, symmetric covariance")
+        if self.sign < 0:
+            return super().add_diagonal(diag)
         diag = torch.as_tensor(diag, dtype=self.dtype, device=self.device)
         m = self.shape[-1]
         if diag.dim() == 0:
@@ -197,42 +228,97 @@ class SparsePrecisionLinearOperator(LinearOperator):
             return self.add_diagonal(other._diagonal())
         return super().__add__(other)
 
+    def __neg__(self):
+        """``−K`` (the sign flips; linear_operator defines no unary minus)."""
+        return self._with(sign=-self.sign)
+
     # --------------------------------------------------------------- solves
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        """``K⁻¹ R = Q R`` for ``W = I``; other ``W`` need noise (``K + D``) to be invertible in sparse form."""
-        self._require_identity("solve")
-        result = self.Q._matmul(right_tensor if right_tensor.dim() > 1 else right_tensor.unsqueeze(-1))
-        result = result if right_tensor.dim() > 1 else result.squeeze(-1)
+        """``K⁻¹ R``: ``s · Q R`` for ``W = I``; a dense Cholesky of ``K`` for other ``W`` (class notes)."""
+        vector = right_tensor.dim() == 1
+        rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
+        if self.interp is None and self.right_interp is None:
+            result = _signed(self.sign, self.Q._matmul(rhs))
+        else:
+            factor = self._dense_factor("solve")
+            batch = torch.broadcast_shapes(factor.shape[:-2], rhs.shape[:-2])
+            result = _signed(
+                self.sign,
+                torch.cholesky_solve(rhs.expand(*batch, *rhs.shape[-2:]), factor.expand(*batch, *factor.shape[-2:])),
+            )
+        result = result.squeeze(-1) if vector else result
         return result if left_tensor is None else left_tensor @ result
 
+    def inv_quad(self, inv_quad_rhs: Tensor, reduce_inv_quad: bool = True) -> Tensor:
+        return self.inv_quad_logdet(inv_quad_rhs, logdet=False, reduce_inv_quad=reduce_inv_quad)[0]
+
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
-        """With ``W = I``: ``yᵀ Q y`` and ``−logdet Q`` (gpsparse's log-determinant of ``Q``)."""
-        self._require_identity("inv_quad_logdet")
-        quad = torch.zeros([], dtype=self.dtype, device=self.device)
+        """``s · yᵀ K⁻¹ y`` and ``log det(s K)``.
+
+        ``W = I``: ``s · yᵀ Q y`` and ``−logdet Q`` (gpsparse's log-determinant of
+        ``Q``: banded, CHOLMOD, dense or SLQ). Other ``W``: a dense Cholesky of
+        ``K`` (class notes). For ``s = −1`` the log-determinant is the dense
+        ``torch.logdet``'s: the same for even ``m``, NaN for odd ``m``.
+        """
+        if inv_quad_rhs is None and not logdet:
+            raise ValueError("Either `inv_quad_rhs` or `logdet` must be specified.")
+        zero = torch.zeros([], dtype=self.dtype, device=self.device)
+        quad = logdet_term = zero
+        rhs = None
         if inv_quad_rhs is not None:
             rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-            quad = (rhs * self.Q._matmul(rhs)).sum(-2)
+        if self.interp is None and self.right_interp is None:
+            if rhs is not None:
+                quad = (rhs * self.Q._matmul(rhs)).sum(-2)
+            if logdet:
+                logdet_term = -self.Q.logdet()
+        else:
+            factor = self._dense_factor("inv_quad_logdet")
+            if rhs is not None:
+                batch = torch.broadcast_shapes(factor.shape[:-2], rhs.shape[:-2])
+                half = torch.linalg.solve_triangular(
+                    factor.expand(*batch, *factor.shape[-2:]), rhs.expand(*batch, *rhs.shape[-2:]), upper=False
+                )
+                quad = half.pow(2).sum(-2)
+            if logdet:
+                logdet_term = 2.0 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        if rhs is not None:
+            quad = _signed(self.sign, quad)
             quad = quad.sum(-1) if reduce_inv_quad else quad
-        logdet_term = -self.Q.logdet() if logdet else torch.zeros([], dtype=self.dtype, device=self.device)
+        if logdet:
+            logdet_term = _signed_logdet(logdet_term, self.sign, self.shape[-1])
         return quad, logdet_term
+
+    def _dense_factor(self, what: str) -> Tensor:
+        """Cholesky factor ``L`` ``(*batch, m, m)`` of ``W Q⁻¹ Wᵀ`` (unsigned), formed densely (class notes)."""
+        if not self.is_symmetric:
+            raise ValueError(f"{what} needs a square, symmetric covariance")
+        if not self._dense_fits():
+            raise NotImplementedError(
+                f"{what} of W Q⁻¹ Wᵀ with a non-identity W has no sparse form (the matrix is dense and may be "
+                f"singular); it is formed densely only within gpsparse.settings.max_dense_size = "
+                f"{gs_settings.current().max_dense_size:,}, which shape {tuple(self.shape)} exceeds. Add observation "
+                "noise (K + D, as GPyTorch's GaussianLikelihood does), which works through the sparse posterior "
+                "precision P = Q + WᵀD⁻¹W, or raise the limit"
+            )
+        dense = _signed(self.sign, self.to_dense())  # the unsigned matrix
+        factor, info = torch.linalg.cholesky_ex(0.5 * (dense + dense.mT))
+        if bool((info > 0).any()):
+            raise NotPositiveDefiniteError(
+                f"{what}: W Q⁻¹ Wᵀ is not positive definite to working precision (leading minor of order "
+                f"{int(info[info > 0].reshape(-1)[0])}); W needs full row rank — or add observation noise (K + D)"
+            )
+        return factor
 
     def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
         """Samples of ``N(0, W Q⁻¹ Wᵀ)`` as ``W Q^{-1/2} z`` (Lanczos ``f(Q)v``, full rank; never a dense root)."""
-        if not self.is_symmetric:
-            raise ValueError("samples need a square, symmetric covariance")
-        return _prior_samples(self.Q, self.interp, num_samples)
-
-    def _require_identity(self, what: str) -> None:
-        if self.interp is not None or self.right_interp is not None:
-            raise NotImplementedError(
-                f"{what} of W Q⁻¹ Wᵀ with a non-identity W has no sparse form (the matrix is dense and may be "
-                "singular); add observation noise (K + D, as GPyTorch's GaussianLikelihood does), which works "
-                "through the sparse posterior precision P = Q + WᵀD⁻¹W"
-            )
+        if not self.is_symmetric or self.sign < 0:
+            raise ValueError("samples need a square, symmetric, positive semi-definite covariance (sign +1)")
+        return prior_samples(self.Q, self.interp, num_samples)
 
 
 class NoisySparsePrecisionLinearOperator(LinearOperator):
-    r"""``K_y = W Q⁻¹ Wᵀ + D`` through the sparse posterior precision ``P = Q + Wᵀ D⁻¹ W``.
+    r"""``K_y = s · (W Q⁻¹ Wᵀ + D)`` through the sparse posterior precision ``P = Q + Wᵀ D⁻¹ W`` (``s = ±1``).
 
     Parameters
     ----------
@@ -242,27 +328,41 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
         Positive diagonal ``d`` of ``D``, ``(*batch, m)``.
     interp : SparseLinearOperator, optional
         ``W`` (m × N); identity if omitted.
+    sign : float
+        ``+1`` (default) or ``−1`` (``K_y * c`` for ``c < 0``; module notes).
 
     Notes
     -----
     ``inv_quad_logdet`` uses ``logdet K_y = logdet P − logdet Q + Σ log d`` and
-    ``yᵀK_y⁻¹y = yᵀD⁻¹y − bᵀP⁻¹b`` (``b = WᵀD⁻¹y``): one inverse-quadratic-
-    log-determinant of ``P`` (one batched Krylov run in Hutchinson mode) and
-    one log-determinant of ``Q``; solves use Woodbury with one solve in ``P``.
-    Gradients reach the values of ``Q`` and ``W`` and the noise.
+    ``yᵀK_y⁻¹y = yᵀD⁻¹y − bᵀP⁻¹b`` (``b = WᵀD⁻¹y``). The difference
+    ``logdet P − logdet Q`` comes from
+    ``gpsparse.linalg.dispatch.logdet_difference``: exact (banded, CHOLMOD,
+    dense; dense for ``N ≤ 1024`` within the dense limit even where the
+    dispatcher would estimate, as two estimates of values of order N differ by
+    far more than their difference) or, for large N, stochastic Lanczos
+    quadrature with the same probes for ``P`` and ``Q`` (common random numbers),
+    whose standard error is estimated from groups of probes and reported by an
+    [`EstimatorAccuracyWarning`][gpsparse.errors.EstimatorAccuracyWarning] when it
+    exceeds ``0.1·|difference| + 0.05``. A closed-form ``logdet Q``
+    ([`KnownLogdetSparseLinearOperator`][gpsparse.KnownLogdetSparseLinearOperator]) is used as is. Solves use
+    Woodbury with one solve in ``P``. Gradients reach the values of ``Q`` and
+    ``W`` and the noise.
     """
 
-    def __init__(self, Q: SparseLinearOperator, noise: Tensor, interp: SparseLinearOperator | None = None):
+    def __init__(
+        self, Q: SparseLinearOperator, noise: Tensor, interp: SparseLinearOperator | None = None, *, sign: float = 1.0
+    ):
         if not isinstance(Q, SparseLinearOperator) or not Q.is_symmetric:
             raise TypeError("Q must be a symmetric gpsparse.SparseLinearOperator")
+        sign = _check_sign(sign)
         interp = interpolation_operator(interp, Q.shape[-1], Q.device, Q.dtype)
         m = Q.shape[-1] if interp is None else interp.shape[-2]
         if noise.shape[-1] != m:
             raise ValueError(f"noise has {noise.shape[-1]} entries but the covariance has {m} rows")
         if not bool(torch.isfinite(noise.detach()).all()) or bool((noise.detach() <= 0).any()):
             raise ValueError("the noise variances must be finite and positive")
-        super().__init__(Q, noise, interp=interp)
-        self.Q, self.noise, self.interp = Q, noise, interp
+        super().__init__(Q, noise, interp=interp, sign=sign)
+        self.Q, self.noise, self.interp, self.sign = Q, noise, interp, sign
 
     def _size(self) -> torch.Size:
         m = self.noise.shape[-1]
@@ -270,8 +370,8 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
 
     @property
     def covariance(self) -> SparsePrecisionLinearOperator:
-        """The noise-free part ``W Q⁻¹ Wᵀ``."""
-        return SparsePrecisionLinearOperator(self.Q, interp=self.interp)
+        """The noise-free part ``s · W Q⁻¹ Wᵀ``."""
+        return SparsePrecisionLinearOperator(self.Q, interp=self.interp, sign=self.sign)
 
     def posterior_precision(self) -> SparseLinearOperator:
         """``P = Q + Wᵀ D⁻¹ W`` as a SparseLinearOperator (differentiable in Q, W and the noise)."""
@@ -280,43 +380,81 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
             return self.Q.add_diagonal(inv_noise)
         return self.Q + weighted_gram(self.interp, inv_noise)
 
+    def _with(self, *, Q=None, noise=None, sign=None) -> NoisySparsePrecisionLinearOperator:
+        return NoisySparsePrecisionLinearOperator(
+            self.Q if Q is None else Q,
+            self.noise if noise is None else noise,
+            self.interp,
+            sign=self.sign if sign is None else sign,
+        )
+
     def _matmul(self, rhs: Tensor) -> Tensor:
-        return self.covariance._matmul(rhs) + self.noise.unsqueeze(-1) * rhs
+        return self.covariance._matmul(rhs) + _signed(self.sign, self.noise.unsqueeze(-1) * rhs)
 
     def _transpose_nonbatch(self) -> NoisySparsePrecisionLinearOperator:
         return self
 
+    def _expand_batch(self, batch_shape) -> NoisySparsePrecisionLinearOperator:
+        batch_shape = torch.Size(batch_shape)
+        return self._with(Q=self.Q._expand_batch(batch_shape), noise=self.noise.expand(*batch_shape, self.shape[-1]))
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        full = all(isinstance(i, slice) and i == slice(None) for i in (row_index, col_index))
+        if not (full and batch_indices):  # rows or columns: linear_operator's interpolation
+            return super()._getitem(row_index, col_index, *batch_indices)
+        Q = self.Q if self.Q.batch_shape == self.batch_shape else self.Q._expand_batch(self.batch_shape)
+        noise = self.noise.expand(*self.batch_shape, self.shape[-1])
+        return self._with(
+            Q=Q._getitem(slice(None), slice(None), *batch_indices), noise=noise[(*batch_indices, slice(None))]
+        )
+
     def _diagonal(self) -> Tensor:
-        return self.covariance._diagonal() + self.noise
+        return self.covariance._diagonal() + _signed(self.sign, self.noise)
 
-    def _mul_constant(self, other) -> NoisySparsePrecisionLinearOperator:
+    def _mul_constant(self, other) -> LinearOperator:
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
-        c = other.unsqueeze(-1) if other.dim() else other
-        return NoisySparsePrecisionLinearOperator(self.Q._mul_constant(other.reciprocal()), self.noise * c, self.interp)
+        sign = _constant_sign(other)
+        if sign is None:  # a batch of constants of mixed signs (or zeros among them)
+            return super()._mul_constant(other)
+        if sign == 0.0:
+            return _zero(self, other)
+        scale = other.abs()
+        noise = self.noise * (scale.unsqueeze(-1) if scale.dim() else scale)
+        return self._with(Q=self.Q._mul_constant(scale.reciprocal()), noise=noise, sign=self.sign * sign)
 
-    def add_diagonal(self, diag: Tensor) -> NoisySparsePrecisionLinearOperator:
+    def add_diagonal(self, diag: Tensor) -> LinearOperator:
+        """``K_y + E``: the noise becomes ``d + e`` (``d − e`` for ``s = −1``; the generic sum if not positive)."""
         diag = torch.as_tensor(diag, dtype=self.dtype, device=self.device)
-        return NoisySparsePrecisionLinearOperator(self.Q, self.noise + diag, self.interp)
+        if self.sign > 0:
+            return self._with(noise=self.noise + diag)
+        noise = self.noise - diag
+        if bool(torch.isfinite(noise.detach()).all()) and bool((noise.detach() > 0).all()):
+            return self._with(noise=noise)
+        return super().add_diagonal(diag)
 
     def __add__(self, other):
         if isinstance(other, DiagLinearOperator):
             return self.add_diagonal(other._diagonal())
         return super().__add__(other)
 
+    def __neg__(self):
+        """``−K`` (the sign flips; linear_operator defines no unary minus)."""
+        return self._with(sign=-self.sign)
+
     def to_dense(self) -> Tensor:
-        return self.covariance.to_dense() + torch.diag_embed(self.noise)
+        return self.covariance.to_dense() + _signed(self.sign, torch.diag_embed(self.noise))
 
     def _cholesky(self, upper: bool = False):
         self.covariance.to_dense()  # raises above the dense limit
         return super()._cholesky(upper=upper)
 
     def solve(self, right_tensor: Tensor, left_tensor: Tensor | None = None) -> Tensor:
-        """``K_y⁻¹ R = D⁻¹R − D⁻¹ W P⁻¹ Wᵀ D⁻¹ R`` (Woodbury; one solve in ``P``)."""
+        """``K_y⁻¹ R = s · (D⁻¹R − D⁻¹ W P⁻¹ Wᵀ D⁻¹ R)`` (Woodbury; one solve in ``P``)."""
         vector = right_tensor.dim() == 1
         rhs = right_tensor.unsqueeze(-1) if vector else right_tensor
         scaled = rhs / self.noise.unsqueeze(-1)
-        correction = _apply(self.interp, self.posterior_precision().solve(_apply_t(self.interp, scaled)))
-        result = scaled - correction / self.noise.unsqueeze(-1)
+        correction = apply(self.interp, self.posterior_precision().solve(apply_t(self.interp, scaled)))
+        result = _signed(self.sign, scaled - correction / self.noise.unsqueeze(-1))
         result = result.squeeze(-1) if vector else result
         return result if left_tensor is None else left_tensor @ result
 
@@ -324,117 +462,72 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
         return self.inv_quad_logdet(inv_quad_rhs, logdet=False, reduce_inv_quad=reduce_inv_quad)[0]
 
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
-        """``yᵀK_y⁻¹y`` and ``logdet K_y`` through ``P`` (module docstring); exact paths per Q/P structure."""
+        """``s · yᵀK_y⁻¹y`` and ``logdet(s K_y)`` through ``P`` (module docstring; class notes for the roads)."""
+        if inv_quad_rhs is None and not logdet:
+            raise ValueError("Either `inv_quad_rhs` or `logdet` must be specified.")
         P = self.posterior_precision()
         zero = torch.zeros([], dtype=self.dtype, device=self.device)
-        quad = zero
+        quad = logdet_term = zero
+        b = rhs = None
         if inv_quad_rhs is not None:
             rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
             scaled = rhs / self.noise.unsqueeze(-1)
-            b = _apply_t(self.interp, scaled)
-            quad_p, logdet_p = P.inv_quad_logdet(b, logdet=logdet, reduce_inv_quad=False)
-            quad = (rhs * scaled).sum(-2) - quad_p
+            b = apply_t(self.interp, scaled)
+        if logdet:
+            known = self.Q.logdet() if isinstance(self.Q, KnownLogdetSparseLinearOperator) else None  # closed form
+            quad_p, difference, _ = dispatch.logdet_difference(
+                P.values,
+                P.pattern,
+                P._road_config(dense=True),
+                self.Q.values,
+                self.Q.pattern,
+                self.Q._road_config(dense=True),
+                rhs=b,
+                known_b=known,
+            )
+            logdet_term = _signed_logdet(difference + self.noise.log().sum(-1), self.sign, self.shape[-1])
+        elif b is not None:
+            quad_p = P.inv_quad(b, reduce_inv_quad=False)
+        if rhs is not None:
+            quad = _signed(self.sign, (rhs * scaled).sum(-2) - quad_p)
             quad = quad.sum(-1) if reduce_inv_quad else quad
-        elif logdet:
-            logdet_p = P.logdet()
-        if not logdet:
-            return quad, zero
-        logdet_term = logdet_p - self.Q.logdet() + self.noise.log().sum(-1)
         return quad, logdet_term
 
     def zero_mean_mvn_samples(self, num_samples: int) -> Tensor:
         """Samples ``W Q^{-1/2} z₁ + D^{1/2} z₂`` (Lanczos ``f(Q)v`` for the latent part)."""
+        if self.sign < 0:
+            raise ValueError("samples need a positive definite covariance (sign +1)")
         latent = self.covariance.zero_mean_mvn_samples(num_samples)
         return latent + self.noise.sqrt() * torch.randn_like(latent)
 
 
-def _prior_samples(Q: SparseLinearOperator, interp, num_samples: int) -> Tensor:
-    """``W Q^{-1/2} z`` for ``z ~ N(0, I)``: samples of ``N(0, W Q⁻¹ Wᵀ)`` (Lanczos ``f(Q)v``)."""
-    n = Q.shape[-1]
-    base = torch.randn(*Q.batch_shape, n, num_samples, dtype=Q.dtype, device=Q.device)
-    latent = funm(Q, base, "inv_sqrt", num_lanczos=gs_settings.current().num_lanczos, reorthogonalize=False)
-    return _apply(interp, latent).movedim(-1, 0)
+def _check_sign(sign) -> float:
+    sign = float(sign)
+    if sign not in (1.0, -1.0):
+        raise ValueError(f"sign must be +1 or -1, got {sign}")
+    return sign
 
 
-def weighted_gram(W: SparseLinearOperator, weights: Tensor) -> SparseLinearOperator:
-    """``Wᵀ diag(w) W`` (N × N, sparse, symmetric), differentiable in ``W``'s values and ``w``.
-
-    Every pair of entries ``(e₁, e₂)`` in the same row ``i`` of ``W`` contributes
-    ``W[i, a] W[i, b] w_i`` at ``(a, b)``; the pair list (Σ_i nnz_i² pairs) and
-    the pattern are computed once per ``W`` pattern and cached on it.
-    """
-    pattern, pair_left, pair_right, pair_row, target = gram_structure(W.pattern)
-    values = W.values
-    contrib = values[..., pair_left] * values[..., pair_right] * weights[..., pair_row]
-    batch = contrib.shape[:-1]
-    gram = contrib.new_zeros(*batch, pattern.nnz).index_add(-1, target, contrib)
-    return SparseLinearOperator(gram, pattern=pattern)
+def _signed(sign: float, tensor: Tensor) -> Tensor:
+    return tensor if sign > 0 else -tensor
 
 
-VARIANCE_METHODS = ("auto", "exact", "stochastic")
+def _signed_logdet(logdet: Tensor, sign: float, size: int) -> Tensor:
+    """``log det(s A)`` from ``log det A`` (A of ``size`` rows), as ``torch.logdet``: NaN for a negative determinant."""
+    if sign > 0 or size % 2 == 0:
+        return logdet
+    return logdet + math.nan
 
 
-def covariance_diagonal(Q: SparseLinearOperator, interp, *, method: str | None = None, generator=None) -> Tensor:
-    r"""``diag(W Q⁻¹ Wᵀ)`` (variances of a GMRF, prior or posterior), never forming ``Q⁻¹``.
-
-    * ``"exact"``: from a selected inverse of ``Q`` (entries of ``Q⁻¹`` on its
-      pattern, :meth:`SparseLinearOperator.selected_inverse`: the banded road, or
-      CHOLMOD when installed; one factorisation for any number of rows,
-      :func:`gpsparse.linalg.variance.diagonal_from_inverse`) when no gradient
-      with respect to ``Q`` is needed, else one solve per row of ``W``, batched
-      (:func:`gpsparse.linalg.variance.exact_diagonal`).
-    * ``"stochastic"``: Monte Carlo over Lanczos samples of the field, relative
-      standard deviation ``√(2/S)`` per entry
-      (:func:`gpsparse.linalg.variance.stochastic_diagonal`).
-    * ``"auto"``: exact when a selected inverse is available and ``Q`` has at
-      most ``selected_inverse_limit`` nodes, or up to ``exact_variance_limit``
-      rows by solves; stochastic otherwise or when
-      ``gpytorch.settings.fast_pred_var()`` is on.
-
-    Defaults from [`gpsparse.settings.variance_defaults`][], read here (the
-    adapter boundary) and passed down.
-    """
-    s = gs_settings.current()
-    method = s.variance_method if method is None else method
-    if method not in VARIANCE_METHODS:
-        raise ValueError(f"method must be one of {VARIANCE_METHODS}, got {method!r}")
-    m = Q.shape[-1] if interp is None else interp.shape[-2]
-    inverse = None
-    if method == "exact" or (method == "auto" and not gpytorch.settings.fast_pred_var.on()):
-        inverse = _variance_inverse(Q, s.selected_inverse_limit if method == "auto" else None)
-    if method == "auto":
-        exact = inverse is not None or (m <= s.exact_variance_limit and not gpytorch.settings.fast_pred_var.on())
-        method = "exact" if exact else "stochastic"
-    if method == "exact":
-        if inverse is not None:
-            diagonal = diagonal_from_inverse(inverse, Q.pattern, interp)
-            if diagonal is not None:
-                return diagonal
-        return exact_diagonal(Q, interp)
-    return stochastic_diagonal(Q, interp, num_probes=s.variance_probes, num_lanczos=s.num_lanczos, generator=generator)
+def _constant_sign(other: Tensor) -> float | None:
+    """``+1`` / ``−1`` / ``0`` when every constant is positive / negative / zero; None when they differ."""
+    detached = other.detach()
+    for sign, test in ((1.0, detached > 0), (-1.0, detached < 0), (0.0, detached == 0)):
+        if bool(test.all()):
+            return sign
+    return None
 
 
-def _variance_inverse(Q: SparseLinearOperator, limit: int | None) -> Tensor | None:
-    """``Q``'s selected inverse for exact variances, if an exact road has one and no gradient in ``Q`` is needed."""
-    if torch.is_grad_enabled() and Q.values.requires_grad:
-        return None  # the selected inverse is a constant: solve instead, differentiably
-    if limit is not None and Q.shape[-1] > limit:
-        return None
-    return Q.selected_inverse()
-
-
-#: Exact ``diag(W Q⁻¹ Wᵀ)`` (kept under its former name).
-diag_inverse_quadratic = exact_diagonal
-
-
-def _select_rows(W: SparseLinearOperator | None, index, size: int, Q: SparseLinearOperator):
-    """Rows ``index`` of ``W`` (of the identity when ``W`` is None) as a SparseLinearOperator, or None."""
-    if isinstance(index, slice) and range(*index.indices(size)) == range(size):
-        return W
-    if W is None:
-        n = Q.shape[-1]
-        rows = torch.arange(*index.indices(size)) if isinstance(index, slice) else torch.as_tensor(index).reshape(-1)
-        rows = rows.to(Q.device)
-        pattern, _ = SparsityPattern.from_indices(torch.arange(rows.numel(), device=Q.device), rows, (rows.numel(), n))
-        return SparseLinearOperator(torch.ones(rows.numel(), dtype=Q.dtype, device=Q.device), pattern=pattern)
-    return W._getitem(index, slice(None))
+def _zero(op: LinearOperator, other: Tensor) -> ZeroLinearOperator:
+    batch = torch.broadcast_shapes(op.batch_shape, other.shape)
+    return ZeroLinearOperator(*batch, *op.matrix_shape, dtype=op.dtype, device=op.device)
