@@ -1,4 +1,10 @@
-"""One training step (−MLL + backward) of a 1-D GP: MarkovMaternKernel (banded precision) vs GPyTorch's dense Matérn.
+"""One training step (−MLL + backward) of a 1-D GP: MarkovMaternKernel (Kalman filter), the banded precision, dense.
+
+Three kernels in the same run: ``MarkovMaternKernel`` (the state-space road: covariance-form Kalman
+filter and its adjoint, gpsparse.core.kalman), ``banded`` — the previous road, the same covariance as
+``W Q⁻¹ Wᵀ`` with the block-tridiagonal precision of ``matern_precision`` on the distinct sorted
+inputs and gpsparse's exact banded Cholesky (a benchmark-local kernel, ``_BandedMatern``) — and
+GPyTorch's dense ``MaternKernel``.
 
 Model: stock GPyTorch ExactGP, ConstantMean, ScaleKernel(kernel), GaussianLikelihood, float64;
 inputs a shuffled jittered grid t_i = (i + U/2)·0.3 (smallest gap 0.15, so λ·Δ ≥ 0.17 for
@@ -59,7 +65,12 @@ def worker(spec: dict) -> dict:
         def forward(self, inputs):
             return gpytorch.distributions.MultivariateNormal(self.mean_module(inputs), self.covar_module(inputs))
 
-    kernel = MarkovMaternKernel(nu=nu) if spec["kernel"] == "markov" else gpytorch.kernels.MaternKernel(nu=nu)
+    if spec["kernel"] == "markov":
+        kernel = MarkovMaternKernel(nu=nu)
+    elif spec["kernel"] == "banded":
+        kernel = _banded_kernel(nu)
+    else:
+        kernel = gpytorch.kernels.MaternKernel(nu=nu)
     model = Model(kernel).double()
     model.covar_module.base_kernel.lengthscale = 2.0
     model.covar_module.outputscale = 1.5
@@ -85,6 +96,44 @@ def worker(spec: dict) -> dict:
         "grads": grads,
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _banded_kernel(nu: float):
+    """The precision road: ``SparsePrecisionLinearOperator(matern_precision(nodes), W)`` (exact banded Cholesky)."""
+    import math
+
+    import gpytorch
+    import torch
+
+    from gpsparse import SparseLinearOperator, SparsePrecisionLinearOperator
+    from gpsparse.core.markov import precision_pattern
+    from gpsparse.core.pattern import SparsityPattern
+    from gpsparse.kernels.markov import matern_precision
+    from gpsparse.kernels.prediction import SparsePrecisionPredictionStrategy
+
+    class _BandedMatern(gpytorch.kernels.Kernel):
+        has_lengthscale = True
+
+        def __init__(self):
+            super().__init__()
+            self.cache = None
+
+        def forward(self, x1, x2, diag=False, **params):
+            if self.cache is None or self.cache[0] is not x1:
+                unique, node = torch.unique(x1[:, 0].detach(), sorted=True, return_inverse=True)
+                s = int(nu + 0.5)
+                rows = SparsityPattern(torch.arange(node.numel() + 1), node * s, (node.numel(), unique.numel() * s))
+                self.cache = (x1, unique, rows, precision_pattern(unique.numel(), s))
+            _, unique, rows, pattern = self.cache
+            rate = math.sqrt(2 * nu) / self.lengthscale[..., 0, 0]
+            Q = matern_precision(unique, rate, nu, pattern=pattern)
+            W = SparseLinearOperator(torch.ones(rows.nnz, dtype=Q.dtype), pattern=rows)
+            return SparsePrecisionLinearOperator(Q, interp=W)
+
+        def prediction_strategy(self, *args):
+            return SparsePrecisionPredictionStrategy(*args)
+
+    return _BandedMatern()
 
 
 def run_case(spec: dict, timeout: float) -> dict:
@@ -122,7 +171,7 @@ def header(threads: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
-    parser.add_argument("--dense-sizes", type=float, nargs="*", default=[1e4])
+    parser.add_argument("--dense-sizes", type=float, nargs="*", default=[2e3])
     parser.add_argument("--nus", type=float, nargs="+", default=list(NUS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="timed calls after the first")
@@ -146,14 +195,20 @@ def main() -> None:
     for n in sizes:
         for nu in args.nus:
             dense = None
-            kinds = (["dense"] if n in dense_sizes else []) + (["markov"] if n in {int(s) for s in args.sizes} else [])
+            kinds = (["dense"] if n in dense_sizes else []) + (
+                ["markov", "banded"] if n in {int(s) for s in args.sizes} else []
+            )
             for kind in kinds:
-                repeats = args.repeats if kind == "markov" else 0  # dense: nothing is cached between calls
+                repeats = 0 if kind == "dense" else args.repeats  # dense: nothing is cached between calls
                 spec = {"n": n, "nu": nu, "kernel": kind, "threads": args.threads, "repeats": repeats}
                 res = run_case(spec, args.timeout)
                 res.update(n=n, nu=nu, kernel=kind)
                 rows.append(res)
-                name = "MarkovMaternKernel" if kind == "markov" else "gpytorch MaternKernel (dense)"
+                name = {
+                    "markov": "MarkovMaternKernel (Kalman)",
+                    "banded": "precision W Q⁻¹ Wᵀ (banded Cholesky)",
+                    "dense": "gpytorch MaternKernel (dense)",
+                }[kind]
                 if "error" in res:
                     line = f"| {n:,} | {name} | {nu} | — | — | — | — | {res['error']} |"
                 else:

@@ -33,8 +33,16 @@ from torch import Tensor
 
 from gpsparse.autograd.first_order import first_order_only
 from gpsparse.core import kalman as core
+from gpsparse.core import matern_kalman as matern_core
+from gpsparse.core.markov import matern_state_space
 
-__all__ = ["kalman_inv_quad_logdet", "kalman_solve", "state_space_matmul", "smoothed_moments"]
+__all__ = [
+    "kalman_inv_quad_logdet",
+    "matern_inv_quad_logdet",
+    "kalman_solve",
+    "state_space_matmul",
+    "smoothed_moments",
+]
 
 
 def _np(x: Tensor) -> np.ndarray:
@@ -229,3 +237,56 @@ def smoothed_moments(A: Tensor, S: Tensor, P0: Tensor, noise: Tensor, rhs: Tenso
     mean, var = np.empty((B, n, t)), np.empty((B, n))
     core.rts_smoother(arrays[0], state["mf"], state["Pf"], state["Pp"], mean, var)
     return _to(mean, rhs).reshape(*batch, n, t), _to(np.maximum(var, 0.0), rhs).reshape(*batch, n)
+
+
+class _MaternInvQuadLogdet(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, noise, rhs, nu):
+        space = matern_state_space(nu)
+        consts = [_np(c) for c in (space.transition_coeffs, space.noise_coeffs, space.stationary)]
+        arrays = [_np(t) for t in (x, scale, noise, rhs)]
+        B, n, t = arrays[3].shape
+        s = space.order
+        mf, Pf, v, innov = np.empty((B, n, s, t)), np.empty((B, n, s, s)), np.empty((B, n, t)), np.empty((B, n))
+        matern_core.matern_filter(*arrays, *consts, mf, Pf, v, innov)
+        _check_innovations(innov)
+        ctx.saved = (arrays, consts, mf, Pf, v, innov)
+        ctx.anchor = noise
+        ctx.like = (x, scale, noise, rhs)
+        quad = (v**2 / innov[:, :, None]).sum(1)
+        return _to(quad, rhs), _to(np.log(innov).sum(1), rhs)
+
+    @staticmethod
+    @first_order_only("the Kalman filter's marginal likelihood (state-space Markov kernels)")
+    def backward(ctx, grad_quad, grad_logdet):
+        (x, scale, noise, rhs), consts, mf, Pf, v, innov = ctx.saved
+        B, n, t = rhs.shape
+        g = _np(grad_quad) if grad_quad is not None else np.zeros((B, t))
+        h = _np(grad_logdet) if grad_logdet is not None else np.zeros(B)
+        xbar, scalebar, dbar, ybar = np.zeros_like(x), np.zeros(B), np.zeros((B, n)), np.zeros((B, n, t))
+        matern_core.matern_adjoint(x, scale, noise, *consts, mf, Pf, v, innov, g, h, xbar, scalebar, dbar, ybar)
+        grads = [_to(a, like) for a, like in zip((xbar, scalebar, dbar, ybar), ctx.like)]
+        return (*grads, None)
+
+
+def matern_inv_quad_logdet(
+    scaled_gaps: Tensor, scale: Tensor, noise: Tensor, rhs: Tensor, nu: float
+) -> tuple[Tensor, Tensor]:
+    """``kalman_inv_quad_logdet`` for the Matérn ν state space, fused (``gpsparse.core.matern_kalman``).
+
+    ``scaled_gaps (*batch, n−1)`` ``λΔ ≥ 0``, ``scale (*batch,)`` the output
+    scale, ``noise (*batch, n)``, ``rhs (*batch, n, t)``; returns
+    ``(*batch, t)`` and ``(*batch,)``. The transitions and noises are built
+    inside the filter and its adjoint (memory ``O(n s (s + t))``); gradients
+    reach the gaps, the scale, the noise and the right-hand side.
+    """
+    batch = torch.broadcast_shapes(scaled_gaps.shape[:-1], scale.shape, noise.shape[:-1], rhs.shape[:-2])
+    n, t = rhs.shape[-2:]
+    flat = (
+        _flat(scaled_gaps, batch, 1),
+        scale.expand(batch).reshape(math.prod(batch)),
+        _flat(noise, batch, 1),
+        _flat(rhs, batch, 2),
+    )
+    quad, logdet = _MaternInvQuadLogdet.apply(*flat, float(nu))
+    return quad.reshape(*batch, t), logdet.reshape(batch)

@@ -55,7 +55,8 @@ __all__ = [
     "covariance_matmul_adjoint",
 ]
 
-_JIT = {"cache": True, "nogil": True, "fastmath": False}
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+_INLINE = {**_JIT, "inline": "always"}
 
 
 # ---------------------------------------------------------------------------
@@ -63,7 +64,7 @@ _JIT = {"cache": True, "nogil": True, "fastmath": False}
 # ---------------------------------------------------------------------------
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_INLINE)
 def _predict(A, S, m_prev, P_prev, mp, Pp):
     """``m^− = A m``, ``P^− = A P Aᵀ + Σ`` (``A``, ``Σ``, ``P`` ``s × s``; ``m`` ``s × t``)."""
     s, t = m_prev.shape
@@ -82,6 +83,23 @@ def _predict(A, S, m_prev, P_prev, mp, Pp):
                     for j in range(s):
                         acc += Ai * P_prev[i, j] * A[b, j]
             Pp[a, b] = acc
+
+
+@numba.njit(**_INLINE)
+def _update(P, noise_k, y_k, mp, m_out, P_out, v_k):
+    """Measurement update of the first component; returns ``S_k = P^−_{00} + d_k`` (writes ``m, P, v``)."""
+    s, t = mp.shape
+    Sk = P[0, 0] + noise_k
+    for c in range(t):
+        vc = y_k[c] - mp[0, c]
+        v_k[c] = vc
+        u = vc / Sk
+        for a in range(s):
+            m_out[a, c] = mp[a, c] + P[a, 0] * u
+    for a in range(s):
+        for i in range(s):
+            P_out[a, i] = P[a, i] - P[a, 0] * P[i, 0] / Sk
+    return Sk
 
 
 @numba.njit(**_JIT)
@@ -103,31 +121,106 @@ def kalman_filter(A, S, P0, noise, observed, y, mf, Pf, Pp, v, innov):
                 Pp[b, 0] = P0[b]
             else:
                 _predict(A[b, k - 1], S[b, k - 1], mf[b, k - 1], Pf[b, k - 1], mp, Pp[b, k])
-            P = Pp[b, k]
             if observed[k]:
-                Sk = P[0, 0] + noise[b, k]
-                innov[b, k] = Sk
-                for c in range(t):
-                    vc = y[b, k, c] - mp[0, c]
-                    v[b, k, c] = vc
-                    u = vc / Sk
-                    for a in range(s):
-                        mf[b, k, a, c] = mp[a, c] + P[a, 0] * u
-                for a in range(s):
-                    for i in range(s):
-                        Pf[b, k, a, i] = P[a, i] - P[a, 0] * P[i, 0] / Sk
+                innov[b, k] = _update(Pp[b, k], noise[b, k], y[b, k], mp, mf[b, k], Pf[b, k], v[b, k])
             else:
                 innov[b, k] = 1.0
-                for c in range(t):
-                    v[b, k, c] = 0.0
-                    for a in range(s):
-                        mf[b, k, a, c] = mp[a, c]
-                Pf[b, k] = P
+                v[b, k] = 0.0
+                mf[b, k] = mp
+                Pf[b, k] = Pp[b, k]
 
 
 # ---------------------------------------------------------------------------
 # Its adjoint
 # ---------------------------------------------------------------------------
+
+
+@numba.njit(**_INLINE)
+def _update_adjoint(P, Sk, v_k, g, h, mbar, Pbar, cbar, want_params, ybar_k):
+    r"""Reverse mode of one measurement update (``kalman_adjoint``); turns ``m̄, P̄`` into ``m̄^−, P̄^−``.
+
+    Returns ``d̄_k = S̄`` (complete only with ``want_params``); writes ``ȳ_k``.
+    """
+    s, t = mbar.shape
+    Sb = h / Sk
+    if want_params:
+        cPc = 0.0
+        for a in range(s):
+            acc = 0.0
+            for i in range(s):
+                acc += (Pbar[a, i] + Pbar[i, a]) * P[i, 0]
+                cPc += P[a, 0] * Pbar[a, i] * P[i, 0]
+            cbar[a] = -acc / Sk
+        Sb += cPc / (Sk * Sk)
+    for c in range(t):
+        vc = v_k[c]
+        w = 0.0
+        for a in range(s):
+            w += P[a, 0] * mbar[a, c]
+        if want_params:
+            u = vc / Sk
+            for a in range(s):
+                cbar[a] += mbar[a, c] * u
+        vb = (2.0 * g[c] * vc + w) / Sk
+        Sb -= (g[c] * vc * vc + w * vc) / (Sk * Sk)
+        ybar_k[c] = vb
+        mbar[0, c] -= vb
+    if want_params:
+        for a in range(s):
+            Pbar[a, 0] += cbar[a]
+        Pbar[0, 0] += Sb
+    return Sb
+
+
+@numba.njit(**_INLINE)
+def _symmetrize(M):
+    s = M.shape[0]
+    for a in range(s):
+        for i in range(a + 1, s):
+            sym = 0.5 * (M[a, i] + M[i, a])
+            M[a, i] = sym
+            M[i, a] = sym
+
+
+@numba.njit(**_INLINE)
+def _predict_adjoint(Ak, m_prev, P_prev, mbar, Pbar, tmp, work, Abar_k, want_params):
+    r"""Reverse mode of ``m^− = A m``, ``P^− = A P Aᵀ + Σ``.
+
+    ``Ā = m̄^− mᵀ + 2 P̄^− A P``, then ``m̄ = Aᵀ m̄^−`` and ``P̄ = Aᵀ P̄^− A``.
+
+    ``Σ̄ = P̄^−`` is read by the caller before this call; ``tmp (s, s)`` and
+    ``work (s,)`` are scratch.
+    """
+    s, t = mbar.shape
+    if want_params:
+        for a in range(s):  # tmp = P̄^− A
+            for i in range(s):
+                acc = 0.0
+                for j in range(s):
+                    acc += Pbar[a, j] * Ak[j, i]
+                tmp[a, i] = acc
+        for a in range(s):
+            for i in range(s):
+                acc = 0.0
+                for c in range(t):
+                    acc += mbar[a, c] * m_prev[i, c]
+                for j in range(s):
+                    acc += 2.0 * tmp[a, j] * P_prev[j, i]
+                Abar_k[a, i] = acc
+        for a in range(s):  # P̄ = Aᵀ (P̄^− A)
+            for i in range(s):
+                acc = 0.0
+                for j in range(s):
+                    acc += Ak[j, a] * tmp[j, i]
+                Pbar[a, i] = acc
+    for c in range(t):
+        for a in range(s):
+            acc = 0.0
+            for j in range(s):
+                acc += Ak[j, a] * mbar[j, c]
+            work[a] = acc
+        for a in range(s):
+            mbar[a, c] = work[a]
 
 
 @numba.njit(**_JIT)
@@ -160,86 +253,27 @@ def kalman_adjoint(A, S, P0, noise, observed, mf, Pf, Pp, v, innov, g, h, want_p
         mbar[:, :] = 0.0
         Pbar[:, :] = 0.0
         for k in range(n - 1, -1, -1):
-            P = Pp[b, k]
             if observed[k]:
-                Sk = innov[b, k]
-                Sb = h[b] / Sk
+                d = _update_adjoint(
+                    Pp[b, k], innov[b, k], v[b, k], g[b], h[b], mbar, Pbar, cbar, want_params, ybar[b, k]
+                )
                 if want_params:
-                    cPc = 0.0
-                    for a in range(s):
-                        acc = 0.0
-                        for i in range(s):
-                            acc += (Pbar[a, i] + Pbar[i, a]) * P[i, 0]
-                            cPc += P[a, 0] * Pbar[a, i] * P[i, 0]
-                        cbar[a] = -acc / Sk
-                    Sb += cPc / (Sk * Sk)
-                for c in range(t):
-                    vc = v[b, k, c]
-                    w = 0.0
-                    for a in range(s):
-                        w += P[a, 0] * mbar[a, c]
-                    if want_params:
-                        u = vc / Sk
-                        for a in range(s):
-                            cbar[a] += mbar[a, c] * u
-                    vb = (2.0 * g[b, c] * vc + w) / Sk
-                    Sb -= (g[b, c] * vc * vc + w * vc) / (Sk * Sk)
-                    ybar[b, k, c] = vb
-                    mbar[0, c] -= vb
-                if want_params:
-                    dbar[b, k] = Sb
-                    for a in range(s):
-                        Pbar[a, 0] += cbar[a]
-                    Pbar[0, 0] += Sb
+                    dbar[b, k] = d
             else:
-                for c in range(t):
-                    ybar[b, k, c] = 0.0
+                ybar[b, k] = 0.0
                 if want_params:
                     dbar[b, k] = 0.0
             if want_params:
-                for a in range(s):
-                    for i in range(a + 1, s):
-                        sym = 0.5 * (Pbar[a, i] + Pbar[i, a])
-                        Pbar[a, i] = sym
-                        Pbar[i, a] = sym
+                _symmetrize(Pbar)
             if k == 0:
                 if want_params:
                     P0bar[b] = Pbar
                 break
-            Ak = A[b, k - 1]
             if want_params:
-                m_prev = mf[b, k - 1]
-                P_prev = Pf[b, k - 1]
                 Sbar[b, k - 1] = Pbar
-                # tmp = P̄^− A
-                for a in range(s):
-                    for i in range(s):
-                        acc = 0.0
-                        for j in range(s):
-                            acc += Pbar[a, j] * Ak[j, i]
-                        tmp[a, i] = acc
-                for a in range(s):
-                    for i in range(s):
-                        acc = 0.0
-                        for c in range(t):
-                            acc += mbar[a, c] * m_prev[i, c]
-                        for j in range(s):
-                            acc += 2.0 * tmp[a, j] * P_prev[j, i]
-                        Abar[b, k - 1, a, i] = acc
-                # P̄ = Aᵀ (P̄^− A)
-                for a in range(s):
-                    for i in range(s):
-                        acc = 0.0
-                        for j in range(s):
-                            acc += Ak[j, a] * tmp[j, i]
-                        Pbar[a, i] = acc
-            for c in range(t):
-                for a in range(s):
-                    cbar[a] = 0.0
-                    for j in range(s):
-                        cbar[a] += Ak[j, a] * mbar[j, c]
-                for a in range(s):
-                    mbar[a, c] = cbar[a]
+            _predict_adjoint(
+                A[b, k - 1], mf[b, k - 1], Pf[b, k - 1], mbar, Pbar, tmp, cbar, Abar[b, k - 1], want_params
+            )
 
 
 # ---------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
 from gpsparse.kernels.state_space_prediction import StateSpacePredictionStrategy
 from gpsparse.operators.sparse import SparseLinearOperator
-from gpsparse.operators.state_space import StateSpaceCovarianceLinearOperator
+from gpsparse.operators.state_space import MaternCovarianceLinearOperator
 
 __all__ = [
     "MarkovMaternKernel",
@@ -165,9 +165,10 @@ class MarkovMaternKernel(gpytorch.kernels.Kernel):
     (those of ``cat(x1, x2)`` for a cross-covariance) into *steps*, one per
     input — equal inputs are steps with a zero gap, transition ``A = I`` and
     process noise ``Σ = 0`` — and returns a
-    [`StateSpaceCovarianceLinearOperator`][gpsparse.operators.state_space.StateSpaceCovarianceLinearOperator]
-    holding the transitions ``A(λΔ_k)`` and noises ``Σ(λΔ_k)`` of
-    ``gpsparse.core.markov`` and the step of every row and column. With a
+    [`MaternCovarianceLinearOperator`][gpsparse.operators.state_space.MaternCovarianceLinearOperator]
+    holding the scaled gaps ``λΔ_k`` (the transitions ``A(λΔ_k)`` and noises
+    ``Σ(λΔ_k)`` of ``gpsparse.core.markov`` follow) and the step of every row
+    and column. With a
     Gaussian likelihood the marginal likelihood, its gradients and the
     predictions run through the covariance-form Kalman filter, its adjoint and
     the RTS smoother (``gpsparse.core.kalman``) in ``O(n s³)`` time and memory:
@@ -236,7 +237,7 @@ class MarkovMaternKernel(gpytorch.kernels.Kernel):
     >>> x = torch.randperm(1000).double()[:, None] / 10   # any order, any spacing
     >>> K = kernel(x).evaluate_kernel()                  # 1000 steps of a 2-dimensional state
     >>> K.shape, type(K).__name__
-    (torch.Size([1000, 1000]), 'StateSpaceCovarianceLinearOperator')
+    (torch.Size([1000, 1000]), 'MaternCovarianceLinearOperator')
     """
 
     has_lengthscale = True
@@ -284,10 +285,8 @@ class MarkovMaternKernel(gpytorch.kernels.Kernel):
         dtype = torch.promote_types(flat.dtype, rate.dtype)
         times = flat[steps.order].to(dtype)
         scaled = rate.to(dtype)[..., None] * (times[1:] - times[:-1])  # (*batch, n − 1), ≥ 0
-        transitions, noises = matern_transition_and_noise(scaled, self.nu)
-        stationary = matern_state_space(self.nu).stationary.to(device=flat.device, dtype=dtype)
-        stationary = stationary.expand(*rate.shape, *stationary.shape)
-        op = StateSpaceCovarianceLinearOperator(transitions, noises, stationary, steps.rows1, steps.rows2)
+        scale = torch.ones(rate.shape, dtype=dtype, device=flat.device)
+        op = MaternCovarianceLinearOperator(scaled, scale, self.nu, steps.rows1, steps.rows2)
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], op.batch_shape)
         return op._expand_batch(batch) if batch != op.batch_shape else op
 

@@ -30,10 +30,22 @@ from linear_operator.operators import DiagLinearOperator, LinearOperator
 from torch import Tensor
 
 from gpsparse import settings as gs_settings
-from gpsparse.autograd.kalman import kalman_inv_quad_logdet, kalman_solve, smoothed_moments, state_space_matmul
+from gpsparse.autograd.kalman import (
+    kalman_inv_quad_logdet,
+    kalman_solve,
+    matern_inv_quad_logdet,
+    smoothed_moments,
+    state_space_matmul,
+)
+from gpsparse.autograd.markov import matern_transition_and_noise
+from gpsparse.core.markov import matern_order, matern_state_space
 from gpsparse.errors import DenseSizeError
 
-__all__ = ["StateSpaceCovarianceLinearOperator", "NoisyStateSpaceCovarianceLinearOperator"]
+__all__ = [
+    "StateSpaceCovarianceLinearOperator",
+    "MaternCovarianceLinearOperator",
+    "NoisyStateSpaceCovarianceLinearOperator",
+]
 
 
 class StateSpaceCovarianceLinearOperator(LinearOperator):
@@ -198,6 +210,93 @@ class StateSpaceCovarianceLinearOperator(LinearOperator):
         return self.solve(inv_quad_rhs)
 
 
+class MaternCovarianceLinearOperator(StateSpaceCovarianceLinearOperator):
+    r"""``c·k_ν(λ|t_i − t_j|)`` on sorted steps: a ``StateSpaceCovarianceLinearOperator`` given by its gaps.
+
+    Parameters
+    ----------
+    scaled_gaps : Tensor
+        ``(*batch, n − 1)`` non-negative ``x_k = λ(t_k − t_{k−1})`` of the sorted steps.
+    scale : Tensor
+        ``(*batch,)`` positive output scale ``c``.
+    nu : float
+        0.5, 1.5 or 2.5.
+    rows, cols : Tensor
+        As ``StateSpaceCovarianceLinearOperator``.
+
+    Notes
+    -----
+    The transitions ``A(x)``, noises ``c·Σ(x)`` and ``P_0 = c·P∞``
+    (``gpsparse.core.markov``) are built when a product, a solve or a
+    prediction needs them (cached on the operator); the marginal likelihood of
+    ``K + D`` (``inv_quad_logdet``) does not build them: it runs the fused
+    filter of ``gpsparse.core.matern_kalman`` on the gaps, in
+    ``O(n s (s + t))`` memory.
+    """
+
+    def __init__(self, scaled_gaps: Tensor, scale: Tensor, nu: float, rows: Tensor, cols: Tensor | None = None):
+        matern_order(nu)
+        n = scaled_gaps.shape[-1] + 1
+        for name, index in (("rows", rows), ("cols", cols)):
+            if index is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+                raise ValueError(f"{name} must index the {n} steps")
+        LinearOperator.__init__(self, scaled_gaps, scale, nu=nu, rows=rows, cols=cols)
+        self.scaled_gaps, self.scale, self.nu = scaled_gaps, scale, float(nu)
+        self.rows, self.cols = rows, cols
+        self._blocks = None
+
+    def _state_space(self):
+        if self._blocks is None:
+            A, S = matern_transition_and_noise(self.scaled_gaps, self.nu)
+            P = matern_state_space(self.nu).stationary.to(device=self.scaled_gaps.device, dtype=A.dtype)
+            c = self.scale.to(A.dtype)
+            self._blocks = (A, S * c[..., None, None, None], P * c[..., None, None])
+        return self._blocks
+
+    @property
+    def transitions(self) -> Tensor:
+        return self._state_space()[0]
+
+    @property
+    def noises(self) -> Tensor:
+        return self._state_space()[1]
+
+    @property
+    def stationary(self) -> Tensor:
+        return self._state_space()[2]
+
+    @property
+    def num_steps(self) -> int:
+        return self.scaled_gaps.shape[-1] + 1
+
+    def _state_batch(self) -> torch.Size:
+        return torch.broadcast_shapes(self.scaled_gaps.shape[:-1], self.scale.shape)
+
+    def _with(self, **changes) -> MaternCovarianceLinearOperator:
+        fields = dict(scaled_gaps=self.scaled_gaps, scale=self.scale, nu=self.nu, rows=self.rows, cols=self.cols)
+        fields.update(changes)
+        return MaternCovarianceLinearOperator(**fields)
+
+    def _expand_batch(self, batch_shape) -> MaternCovarianceLinearOperator:
+        gaps = self.scaled_gaps.expand(*batch_shape, self.scaled_gaps.shape[-1])
+        return self._with(scaled_gaps=gaps, scale=self.scale.expand(batch_shape))
+
+    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
+        op = self
+        if batch_indices:
+            expanded = self._expand_batch(self._state_batch())
+            op = expanded._with(
+                scaled_gaps=expanded.scaled_gaps[(*batch_indices, Ellipsis)], scale=expanded.scale[batch_indices]
+            )
+        return op._with(rows=self.rows[row_index].reshape(-1), cols=self._cols[col_index].reshape(-1))
+
+    def _mul_constant(self, other) -> LinearOperator:
+        other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
+        if not bool((other.detach() > 0).all()):
+            return LinearOperator._mul_constant(self, other)
+        return self._with(scale=self.scale * other)
+
+
 class NoisyStateSpaceCovarianceLinearOperator(LinearOperator):
     r"""``K + D`` for a state-space covariance ``K`` with one row per step, through the Kalman filter.
 
@@ -299,7 +398,12 @@ class NoisyStateSpaceCovarianceLinearOperator(LinearOperator):
             rhs = torch.zeros(self.shape[-1], 1, dtype=self.dtype, device=self.device)
         else:
             rhs = inv_quad_rhs.unsqueeze(-1) if inv_quad_rhs.dim() == 1 else inv_quad_rhs
-        quad, logdet_term = kalman_inv_quad_logdet(*self._arguments(), self._steps(rhs))
+        op = self.covariance
+        if isinstance(op, MaternCovarianceLinearOperator):
+            noise = self.noise.index_select(-1, self._order)
+            quad, logdet_term = matern_inv_quad_logdet(op.scaled_gaps, op.scale, noise, self._steps(rhs), op.nu)
+        else:
+            quad, logdet_term = kalman_inv_quad_logdet(*self._arguments(), self._steps(rhs))
         if inv_quad_rhs is None:
             quad = zero
         elif reduce_inv_quad:
