@@ -200,7 +200,8 @@ class _Problem:
             self.r = torch.mul(b, inv).contiguous()
         else:
             self.x = torch.where(self.zero.unsqueeze(-2), 0.0, _as_block(x0)).contiguous()
-            self.r = torch.sub(b, self.matvec(self.x)).mul_(inv) if not self.empty else b.clone()
+            r = torch.sub(b, self.matvec(self.x)).mul_(inv) if not self.empty else b.clone()
+            self.r = r.contiguous()  # the fused column kernels (gpsparse.core.fused) stream contiguous blocks
 
     def scalar(self, value: float) -> Tensor:
         """A 0-d tensor for ``torch.where`` (a Python scalar costs a tensor creation per call)."""

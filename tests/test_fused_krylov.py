@@ -1,0 +1,157 @@
+"""The fused column kernels (``gpsparse.core.fused``) against the torch operations they replace.
+
+Two levels: each kernel against its torch counterpart on random blocks, and
+whole CG runs (``fused=True`` vs ``fused=False``) with the same iteration
+count: solutions, the Lanczos coefficients CG records, residuals and
+iteration counts agree to rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpsparse.core.columns import column_dot
+from gpsparse.core.fused import FUSED_MIN_ENTRIES, FusedColumnOps, TorchColumnOps, column_ops
+from gpsparse.core.krylov import cg
+from gpsparse.core.krylov.cg import _cg
+from gpsparse.core.krylov.problem import _Problem
+
+DTYPES = [torch.float64, torch.float32]
+# (*batch, k) of the blocks; n = 37 rows (not a multiple of the 4 partial sums)
+SHAPES = {"vector": ((), 1), "one-column": ((), 1), "block": ((), 5), "batched": ((2,), 3), "batched-1": ((3,), 1)}
+
+
+def close(dtype: torch.dtype) -> dict:
+    """Fused vs torch: rounding only (float64 1e-12 relative; float32 1e-5)."""
+    return {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _spd(n: int, batch: tuple, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A batch of well-conditioned SPD matrices (condition number ~10)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(*batch, n, n, generator=g, dtype=torch.float64))
+    eig = torch.linspace(1.0, 10.0, n, dtype=torch.float64)
+    return ((q * eig) @ q.mT).to(dtype)
+
+
+def _blocks(batch: tuple, k: int, dtype: torch.dtype, count: int, n: int = 37) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(*batch, n, k, generator=g, dtype=torch.float64).to(dtype) for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_kernels_match_torch(dtype, shape):
+    batch, k = shape
+    x, p, r, q, z = _blocks(batch, k, dtype, 5)
+    alpha = torch.rand(*batch, k, dtype=dtype)
+    beta = torch.rand(*batch, k, dtype=dtype)
+    fused, plain = FusedColumnOps(column_dot, x), TorchColumnOps(column_dot)
+    torch.testing.assert_close(fused.dot(p, q), plain.dot(p, q), **close(dtype))
+
+    r1, r2 = r.clone(), r.clone()
+    torch.testing.assert_close(fused.residual(r1, q, alpha), plain.residual(r2, q, alpha), **close(dtype))
+    torch.testing.assert_close(r1, r2, **close(dtype))
+
+    x1, p1, x2, p2 = x.clone(), p.clone(), x.clone(), p.clone()
+    fused.step(x1, p1, z, alpha, beta)
+    plain.step(x2, p2, z, alpha, beta)
+    torch.testing.assert_close(x1, x2, **close(dtype))
+    torch.testing.assert_close(p1, p2, **close(dtype))
+
+
+def test_float32_dots_accumulate_in_float64():
+    """A long float32 dot: the float64 accumulation is accurate where a float32 running sum drifts."""
+    n = 1_000_003
+    a = torch.full((n, 1), 0.1, dtype=torch.float32)
+    exact = float(a.double().square().sum())
+    got = float(FusedColumnOps(column_dot, a).dot(a, a)[0])
+    assert abs(got - exact) <= 1e-6 * exact
+
+
+def test_non_contiguous_operands_fall_back_to_torch():
+    x, p, q = _blocks((), 4, torch.float64, 3)
+    strided = torch.randn(4, 37, dtype=torch.float64).mT  # (37, 4), not contiguous
+    fused, plain = FusedColumnOps(column_dot, x), TorchColumnOps(column_dot)
+    torch.testing.assert_close(fused.dot(strided, q), plain.dot(strided, q), **close(torch.float64))
+    p1, p2, x1, x2 = p.clone(), p.clone(), x.clone(), x.clone()
+    alpha, beta = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    fused.step(x1, p1, strided, alpha, beta)
+    plain.step(x2, p2, strided, alpha, beta)
+    torch.testing.assert_close(p1, p2, **close(torch.float64))
+
+
+def test_column_ops_choice():
+    block = torch.zeros(FUSED_MIN_ENTRIES // 2, 2)
+    assert column_ops(block, column_dot).fused
+    assert not column_ops(block, column_dot, fused=False).fused
+    assert not column_ops(block[:10], column_dot).fused  # small blocks: torch (less call overhead)
+    assert column_ops(block[:10], column_dot, fused=True).fused
+    assert not column_ops(block.half(), column_dot).fused
+    with pytest.raises(ValueError, match="fused column kernels need"):
+        column_ops(block.half(), column_dot, fused=True)
+
+
+def _run(a, b, fused, *, precondition, x0, max_iters, rtol):
+    matvec = lambda v: a.to(v.dtype) @ v  # noqa: E731
+    inv_diag = (1.0 / torch.diagonal(a, dim1=-2, dim2=-1)).unsqueeze(-1)
+    precond = (lambda v: inv_diag.to(v.dtype) * v) if precondition else None  # noqa: E731
+    problem = _Problem(matvec, b, x0, precond, rtol, 0.0, max_iters)
+    return _cg(problem, True, fused=fused)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("precondition", [False, True], ids=["plain", "jacobi"])
+@pytest.mark.parametrize("max_iters", [5, 60], ids=["5-its", "converged"])
+def test_cg_fused_matches_torch(dtype, shape, precondition, max_iters):
+    batch, k = shape
+    n = 37
+    a = _spd(n, batch, dtype)
+    a = a + torch.diag_embed(torch.linspace(0.0, 5.0, n, dtype=torch.float64))  # Jacobi has work to do
+    b = _blocks(batch, k, dtype, 1, n)[0]
+    if shape == SHAPES["vector"]:
+        b = b.squeeze(-1)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    x_f, info_f = _run(a, b, True, precondition=precondition, x0=None, max_iters=max_iters, rtol=rtol)
+    x_t, info_t = _run(a, b, False, precondition=precondition, x0=None, max_iters=max_iters, rtol=rtol)
+    assert x_f.shape == b.shape
+    torch.testing.assert_close(x_f, x_t, **close(dtype))
+    if max_iters < 60:  # converged residuals are at the rounding level: compared through `converged`
+        torch.testing.assert_close(info_f.residual_norm, info_t.residual_norm, **close(dtype))
+    if max_iters < 60 or dtype == torch.float64:  # the same steps (a float32 stopping test may differ by one)
+        assert torch.equal(info_f.iterations_per_column, info_t.iterations_per_column)
+        for fused_part, torch_part in zip(info_f.tridiag, info_t.tridiag):
+            torch.testing.assert_close(fused_part, torch_part, **close(dtype))
+    if max_iters == 60:
+        assert bool(info_f.converged.all())
+
+
+def test_cg_fused_with_x0_and_zero_column():
+    a = _spd(30, (), torch.float64)
+    b = _blocks((), 3, torch.float64, 1, 30)[0]
+    b[:, 1] = 0.0
+    x0 = torch.randn(30, 3, dtype=torch.float64).mT.contiguous().mT  # a strided initial guess
+    x_f, info_f = _run(a, b, True, precondition=False, x0=x0, max_iters=100, rtol=1e-12)
+    x_t, info_t = _run(a, b, False, precondition=False, x0=x0, max_iters=100, rtol=1e-12)
+    torch.testing.assert_close(x_f, x_t, **close(torch.float64))
+    assert torch.equal(x_f[:, 1], torch.zeros(30, dtype=torch.float64))
+    torch.testing.assert_close(a @ x_f, b, rtol=0, atol=1e-10)
+
+
+def test_public_cg_uses_the_fused_kernels_on_cpu(monkeypatch):
+    calls = []
+    original = FusedColumnOps.step
+
+    def spy(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(FusedColumnOps, "step", spy)
+    n = FUSED_MIN_ENTRIES
+    d = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64).repeat(n // 3 + 1)[:n]  # 3 eigenvalues: 3 steps
+    b = torch.ones(n, dtype=torch.float64)
+    x, info = cg(lambda v: d.unsqueeze(-1) * v, b, rtol=1e-10)
+    assert calls and len(calls) == info.iterations == 3
+    torch.testing.assert_close(x, 1.0 / d, **close(torch.float64))
