@@ -240,7 +240,7 @@ def _evaluate(kernel, x, y, x_test, hyper, dtype):
     model.covar_module.outputscale = hyper["outputscale"]
     model.covar_module.base_kernel.lengthscale = hyper["lengthscale"]
     model.likelihood.noise = hyper["noise"]
-    model.mean_module.constant.data.fill_(0.3)
+    model.mean_module.constant.data.fill_(hyper.get("constant", 0.3))
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     params = [p for _, p in sorted(model.named_parameters())]
     with gpytorch.settings.max_cholesky_size(10**6):
@@ -255,6 +255,7 @@ def _evaluate(kernel, x, y, x_test, hyper, dtype):
         "outputscale": float(model.covar_module.outputscale.detach()),
         "lengthscale": float(model.covar_module.base_kernel.lengthscale.detach()),
         "noise": float(model.likelihood.noise.detach()),
+        "constant": float(model.mean_module.constant.detach()),
     }
     return [t.detach().double() for t in (loss, *grads, mean, var)], used
 
@@ -275,7 +276,10 @@ def test_kernel_equals_scale_matern_for_any_inputs(nu, dtype, base, derived, tes
     x_test = torch.cat([_derive(base, tests, dtype)[len(base) :], torch.tensor([-0.5, 0.5, 1.7], dtype=dtype)])
     gen = torch.Generator().manual_seed(seed)
     y = torch.sin(6 * x.double()) + 0.3 * torch.randn(x.numel(), generator=gen, dtype=torch.float64)
-    hyper = {"outputscale": 1.7, "lengthscale": 10.0**log_lengthscale, "noise": 10.0**log_noise}
+    # Targets on a 2⁻¹² grid and mean 0.25: the residual y − μ is exact in float32 too (its rounding,
+    # amplified by (K + D)⁻¹ ~ 1/noise, would otherwise dominate the float32 mean gradient: 1e-3 measured).
+    y = torch.round(y * 4096) / 4096
+    hyper = {"outputscale": 1.7, "lengthscale": 10.0**log_lengthscale, "noise": 10.0**log_noise, "constant": 0.25}
     mine, used = _evaluate(MarkovMaternKernel(nu=nu), x, y, x_test, hyper, dtype)
     # float64 references on the model's own (dtype-rounded) inputs, targets and hyperparameters
     x64, y64, t64 = x.double(), y.to(dtype).double(), x_test.double()
@@ -296,7 +300,9 @@ def test_kernel_equals_scale_matern_for_any_inputs(nu, dtype, base, derived, tes
         _assert_close(name, a, c, gp_rtol, f"nu={nu}, {dtype}, n={x.numel()}: against gpytorch MaternKernel")
 
 
-NAMES = ["loss", "d/dx", "d/dconstant", "d/dnoise", "d/doutputscale", "d/dlengthscale", "mean", "variance"]
+#: _evaluate's outputs; the raw parameters in sorted name order (covar_module.base_kernel.raw_lengthscale,
+#: covar_module.raw_outputscale, likelihood.noise_covar.raw_noise, mean_module.raw_constant).
+NAMES = ["loss", "d/dx", "d/dlengthscale", "d/doutputscale", "d/dnoise", "d/dconstant", "mean", "variance"]
 
 
 def _assert_close(name, a, b, rtol, where):

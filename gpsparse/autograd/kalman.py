@@ -241,50 +241,57 @@ def smoothed_moments(A: Tensor, S: Tensor, P0: Tensor, noise: Tensor, rhs: Tenso
 
 class _MaternInvQuadLogdet(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, noise, rhs, nu):
+    def forward(ctx, gaps, rate, scale, noise, rhs, nu):
         space = matern_state_space(nu)
         consts = [_np(c) for c in (space.transition_coeffs, space.noise_coeffs, space.stationary)]
-        arrays = [_np(t) for t in (x, scale, noise, rhs)]
+        gaps64, rate64 = _np(gaps), _np(rate)
+        x = np.ascontiguousarray(rate64[:, None] * gaps64)  # λΔ in float64, whatever the input dtype
+        arrays = [x, _np(scale), _np(noise), _np(rhs)]
         B, n, t = arrays[3].shape
         s = space.order
         mf, Pf, v, innov = np.empty((B, n, s, t)), np.empty((B, n, s, s)), np.empty((B, n, t)), np.empty((B, n))
         matern_core.matern_filter(*arrays, *consts, mf, Pf, v, innov)
         _check_innovations(innov)
-        ctx.saved = (arrays, consts, mf, Pf, v, innov)
+        ctx.saved = (gaps64, rate64, arrays, consts, mf, Pf, v, innov)
         ctx.anchor = noise
-        ctx.like = (x, scale, noise, rhs)
+        ctx.like = (gaps, rate, scale, noise, rhs)
         quad = (v**2 / innov[:, :, None]).sum(1)
         return _to(quad, rhs), _to(np.log(innov).sum(1), rhs)
 
     @staticmethod
     @first_order_only("the Kalman filter's marginal likelihood (state-space Markov kernels)")
     def backward(ctx, grad_quad, grad_logdet):
-        (x, scale, noise, rhs), consts, mf, Pf, v, innov = ctx.saved
+        gaps, rate, (x, scale, noise, rhs), consts, mf, Pf, v, innov = ctx.saved
         B, n, t = rhs.shape
         g = _np(grad_quad) if grad_quad is not None else np.zeros((B, t))
         h = _np(grad_logdet) if grad_logdet is not None else np.zeros(B)
         xbar, scalebar, dbar, ybar = np.zeros_like(x), np.zeros(B), np.zeros((B, n)), np.zeros((B, n, t))
         matern_core.matern_adjoint(x, scale, noise, *consts, mf, Pf, v, innov, g, h, xbar, scalebar, dbar, ybar)
-        grads = [_to(a, like) for a, like in zip((xbar, scalebar, dbar, ybar), ctx.like)]
+        # x = λΔ: the chain rule in float64 (a float32 sum over n would cancel for long lengthscales)
+        gapsbar, ratebar = rate[:, None] * xbar, (xbar * gaps).sum(-1)
+        grads = [_to(a, like) for a, like in zip((gapsbar, ratebar, scalebar, dbar, ybar), ctx.like)]
         return (*grads, None)
 
 
 def matern_inv_quad_logdet(
-    scaled_gaps: Tensor, scale: Tensor, noise: Tensor, rhs: Tensor, nu: float
+    gaps: Tensor, rate: Tensor, scale: Tensor, noise: Tensor, rhs: Tensor, nu: float
 ) -> tuple[Tensor, Tensor]:
     """``kalman_inv_quad_logdet`` for the Matérn ν state space, fused (``gpsparse.core.matern_kalman``).
 
-    ``scaled_gaps (*batch, n−1)`` ``λΔ ≥ 0``, ``scale (*batch,)`` the output
-    scale, ``noise (*batch, n)``, ``rhs (*batch, n, t)``; returns
-    ``(*batch, t)`` and ``(*batch,)``. The transitions and noises are built
+    ``gaps (*batch, n−1)`` ``Δ ≥ 0`` between the sorted steps, ``rate (*batch,)``
+    ``λ = √(2ν)/ℓ``, ``scale (*batch,)`` the output scale, ``noise (*batch, n)``,
+    ``rhs (*batch, n, t)``; returns ``(*batch, t)`` and ``(*batch,)``. The
+    scaled gaps ``λΔ``, the transitions and the noises are formed in float64
     inside the filter and its adjoint (memory ``O(n s (s + t))``); gradients
-    reach the gaps, the scale, the noise and the right-hand side.
+    reach the gaps, the rate, the scale, the noise and the right-hand side.
     """
-    batch = torch.broadcast_shapes(scaled_gaps.shape[:-1], scale.shape, noise.shape[:-1], rhs.shape[:-2])
+    batch = torch.broadcast_shapes(gaps.shape[:-1], rate.shape, scale.shape, noise.shape[:-1], rhs.shape[:-2])
     n, t = rhs.shape[-2:]
+    size = math.prod(batch)
     flat = (
-        _flat(scaled_gaps, batch, 1),
-        scale.expand(batch).reshape(math.prod(batch)),
+        _flat(gaps, batch, 1),
+        rate.expand(batch).reshape(size),
+        scale.expand(batch).reshape(size),
         _flat(noise, batch, 1),
         _flat(rhs, batch, 2),
     )

@@ -125,9 +125,9 @@ class StateSpacePosteriorCovariance(LinearOperator):
         cross, noise = self.cross, self.train.noise
         n = cross.num_steps
         observed = torch.zeros(n, dtype=torch.bool)
-        observed[cross.cols.cpu()] = True
+        observed[cross._cols.cpu()] = True
         step_noise = torch.ones(*noise.shape[:-1], n, dtype=noise.dtype, device=noise.device)
-        step_noise = step_noise.index_copy(-1, cross.cols, noise.detach())
+        step_noise = step_noise.index_copy(-1, cross._cols, noise.detach())
         rhs = torch.zeros(n, 1, dtype=noise.dtype, device=noise.device)
         with torch.no_grad():
             _, var = smoothed_moments(cross.transitions, cross.noises, cross.stationary, step_noise, rhs, observed)

@@ -164,7 +164,8 @@ class StateSpaceCovarianceLinearOperator(LinearOperator):
     def _diagonal(self) -> Tensor:
         if not self.is_symmetric:
             raise ValueError("the diagonal of a cross-covariance is not defined here")
-        return self.stationary[..., 0, 0, None].expand(*self._state_batch(), self.rows.numel())
+        diagonal = self.stationary[..., 0, 0, None].to(self.dtype)
+        return diagonal.expand(*self._state_batch(), self.rows.numel())
 
     def _mul_constant(self, other) -> LinearOperator:
         other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
@@ -215,8 +216,10 @@ class MaternCovarianceLinearOperator(StateSpaceCovarianceLinearOperator):
 
     Parameters
     ----------
-    scaled_gaps : Tensor
-        ``(*batch, n − 1)`` non-negative ``x_k = λ(t_k − t_{k−1})`` of the sorted steps.
+    gaps : Tensor
+        ``(n − 1,)`` (or batched) non-negative ``Δ_k = t_k − t_{k−1}`` of the sorted steps.
+    rate : Tensor
+        ``(*batch,)`` positive ``λ = √(2ν)/ℓ``.
     scale : Tensor
         ``(*batch,)`` positive output scale ``c``.
     nu : float
@@ -226,29 +229,30 @@ class MaternCovarianceLinearOperator(StateSpaceCovarianceLinearOperator):
 
     Notes
     -----
-    The transitions ``A(x)``, noises ``c·Σ(x)`` and ``P_0 = c·P∞``
+    The transitions ``A(λΔ)``, noises ``c·Σ(λΔ)`` and ``P_0 = c·P∞``
     (``gpsparse.core.markov``) are built when a product, a solve or a
     prediction needs them (cached on the operator); the marginal likelihood of
     ``K + D`` (``inv_quad_logdet``) does not build them: it runs the fused
-    filter of ``gpsparse.core.matern_kalman`` on the gaps, in
-    ``O(n s (s + t))`` memory.
+    filter of ``gpsparse.core.matern_kalman`` on the gaps, in float64 and
+    ``O(n s (s + t))`` memory, with the chain rule through ``λΔ`` in float64
+    too (float32 models keep ~1e-6 relative gradients at long lengthscales).
     """
 
-    def __init__(self, scaled_gaps: Tensor, scale: Tensor, nu: float, rows: Tensor, cols: Tensor | None = None):
+    def __init__(self, gaps: Tensor, rate: Tensor, scale: Tensor, nu: float, rows: Tensor, cols: Tensor | None = None):
         matern_order(nu)
-        n = scaled_gaps.shape[-1] + 1
+        n = gaps.shape[-1] + 1
         for name, index in (("rows", rows), ("cols", cols)):
             if index is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
                 raise ValueError(f"{name} must index the {n} steps")
-        LinearOperator.__init__(self, scaled_gaps, scale, nu=nu, rows=rows, cols=cols)
-        self.scaled_gaps, self.scale, self.nu = scaled_gaps, scale, float(nu)
+        LinearOperator.__init__(self, gaps, rate, scale, nu=nu, rows=rows, cols=cols)
+        self.gaps, self.rate, self.scale, self.nu = gaps, rate, scale, float(nu)
         self.rows, self.cols = rows, cols
         self._blocks = None
 
     def _state_space(self):
         if self._blocks is None:
-            A, S = matern_transition_and_noise(self.scaled_gaps, self.nu)
-            P = matern_state_space(self.nu).stationary.to(device=self.scaled_gaps.device, dtype=A.dtype)
+            A, S = matern_transition_and_noise(self.rate[..., None] * self.gaps, self.nu)
+            P = matern_state_space(self.nu).stationary.to(device=self.gaps.device, dtype=A.dtype)
             c = self.scale.to(A.dtype)
             self._blocks = (A, S * c[..., None, None, None], P * c[..., None, None])
         return self._blocks
@@ -267,26 +271,29 @@ class MaternCovarianceLinearOperator(StateSpaceCovarianceLinearOperator):
 
     @property
     def num_steps(self) -> int:
-        return self.scaled_gaps.shape[-1] + 1
+        return self.gaps.shape[-1] + 1
 
     def _state_batch(self) -> torch.Size:
-        return torch.broadcast_shapes(self.scaled_gaps.shape[:-1], self.scale.shape)
+        return torch.broadcast_shapes(self.gaps.shape[:-1], self.rate.shape, self.scale.shape)
 
     def _with(self, **changes) -> MaternCovarianceLinearOperator:
-        fields = dict(scaled_gaps=self.scaled_gaps, scale=self.scale, nu=self.nu, rows=self.rows, cols=self.cols)
+        fields = dict(gaps=self.gaps, rate=self.rate, scale=self.scale, nu=self.nu, rows=self.rows, cols=self.cols)
         fields.update(changes)
         return MaternCovarianceLinearOperator(**fields)
 
     def _expand_batch(self, batch_shape) -> MaternCovarianceLinearOperator:
-        gaps = self.scaled_gaps.expand(*batch_shape, self.scaled_gaps.shape[-1])
-        return self._with(scaled_gaps=gaps, scale=self.scale.expand(batch_shape))
+        return self._with(
+            gaps=self.gaps.expand(*batch_shape, self.gaps.shape[-1]),
+            rate=self.rate.expand(batch_shape),
+            scale=self.scale.expand(batch_shape),
+        )
 
     def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
         op = self
         if batch_indices:
-            expanded = self._expand_batch(self._state_batch())
-            op = expanded._with(
-                scaled_gaps=expanded.scaled_gaps[(*batch_indices, Ellipsis)], scale=expanded.scale[batch_indices]
+            e = self._expand_batch(self._state_batch())
+            op = e._with(
+                gaps=e.gaps[(*batch_indices, Ellipsis)], rate=e.rate[batch_indices], scale=e.scale[batch_indices]
             )
         return op._with(rows=self.rows[row_index].reshape(-1), cols=self._cols[col_index].reshape(-1))
 
@@ -401,7 +408,7 @@ class NoisyStateSpaceCovarianceLinearOperator(LinearOperator):
         op = self.covariance
         if isinstance(op, MaternCovarianceLinearOperator):
             noise = self.noise.index_select(-1, self._order)
-            quad, logdet_term = matern_inv_quad_logdet(op.scaled_gaps, op.scale, noise, self._steps(rhs), op.nu)
+            quad, logdet_term = matern_inv_quad_logdet(op.gaps, op.rate, op.scale, noise, self._steps(rhs), op.nu)
         else:
             quad, logdet_term = kalman_inv_quad_logdet(*self._arguments(), self._steps(rhs))
         if inv_quad_rhs is None:
