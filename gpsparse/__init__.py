@@ -31,6 +31,7 @@ from gpsparse.core.preconditioners import IncompleteCholeskyPreconditioner, Jaco
 from gpsparse.errors import (
     ConvergenceWarning,
     DenseSizeError,
+    EstimatorAccuracyWarning,
     GPSparseError,
     NonConvergenceError,
     NotPositiveDefiniteError,
@@ -67,6 +68,7 @@ __all__ = [
     "NonConvergenceError",
     "DenseSizeError",
     "ConvergenceWarning",
+    "EstimatorAccuracyWarning",
 ]
 
 # As `import gpytorch` loads gpytorch.kernels: `import gpsparse; gpsparse.kernels.LatticeMaternKernel` works.

@@ -81,7 +81,7 @@ class _Settings:
     exact_variance_limit: int = 1024
     #: "auto" computes variances exactly at any number of points from a selected inverse of the
     #: precision (banded road, or CHOLMOD when installed) for precisions of at most this many nodes.
-    selected_inverse_limit: int = 250_000
+    selected_inverse_limit: int = 1_000_000
 
 
 _state = threading.local()
@@ -247,9 +247,11 @@ def variance_defaults(
 
     ``method``: "auto", "exact" or "stochastic" (``num_probes`` Monte Carlo
     samples, default 64). "auto" is exact — from a selected inverse of ``Q``
-    (the banded road, or CHOLMOD when scikit-sparse is installed) at any number
-    of points for ``Q`` of at most ``selected_inverse_limit`` nodes (default
-    250 000), else by solves up to ``exact_limit`` points (default 1024) — and
+    (the banded road at any size, or CHOLMOD when scikit-sparse is installed
+    for ``Q`` of at most ``selected_inverse_limit`` nodes: default 10⁶, where a
+    2-D lattice's selected inversion took 515 s and 5.6 GB, measured in
+    ``benchmarks/variance_benchmark.py``) at any number of points, else by
+    solves up to ``exact_limit`` points (default 1024) — and
     stochastic beyond or under ``gpytorch.settings.fast_pred_var()``. See
     ``gpsparse.operators.precision.covariance_diagonal``.
     """

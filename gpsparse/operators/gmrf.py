@@ -99,8 +99,9 @@ def covariance_diagonal(Q: SparseLinearOperator, interp, *, method: str | None =
     * ``"stochastic"``: Monte Carlo over Lanczos samples of the field, relative
       standard deviation ``√(2/S)`` per entry
       (:func:`gpsparse.linalg.variance.stochastic_diagonal`).
-    * ``"auto"``: exact when a selected inverse is available and ``Q`` has at
-      most ``selected_inverse_limit`` nodes, or up to ``exact_variance_limit``
+    * ``"auto"``: exact when a selected inverse is available and ``Q`` is
+      banded or has at most ``selected_inverse_limit`` nodes (CHOLMOD), or up
+      to ``exact_variance_limit``
       rows by solves; stochastic otherwise or when
       ``gpytorch.settings.fast_pred_var()`` is on.
 
@@ -131,8 +132,8 @@ def _variance_inverse(Q: SparseLinearOperator, limit: int | None) -> Tensor | No
     """``Q``'s selected inverse for exact variances, if an exact road has one and no gradient in ``Q`` is needed."""
     if torch.is_grad_enabled() and Q.values.requires_grad:
         return None  # the selected inverse is a constant: solve instead, differentiably
-    if limit is not None and Q.shape[-1] > limit:
-        return None
+    if limit is not None and Q.shape[-1] > limit and Q.road(logdet=False) != "banded":
+        return None  # the banded road's selected inverse is O(N b²): never limited
     return Q.selected_inverse()
 
 
