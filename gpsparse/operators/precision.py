@@ -344,8 +344,8 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
     whose standard error is estimated from groups of probes and reported by an
     [`EstimatorAccuracyWarning`][gpsparse.errors.EstimatorAccuracyWarning] when it
     exceeds ``0.1·|difference| + 0.05``. A closed-form ``logdet Q``
-    ([`KnownLogdetSparseLinearOperator`][gpsparse.KnownLogdetSparseLinearOperator]) is used as is. Solves use
-    Woodbury with one solve in ``P``. Gradients reach the values of ``Q`` and
+    ([`KnownLogdetSparseLinearOperator`][gpsparse.operators.known_logdet.KnownLogdetSparseLinearOperator])
+    is used as is. Solves use Woodbury with one solve in ``P``. Gradients reach the values of ``Q`` and
     ``W`` and the noise.
     """
 
