@@ -296,7 +296,8 @@ def test_kernel_equals_scale_matern_for_any_inputs(nu, dtype, base, derived, tes
         if name == "d/dx" and nu == 0.5:
             continue
         # (for ν = 1/2 its ~1e-8 error in K, amplified by (K + D)⁻¹ at small noise: measured up to 5e-5)
-        gp_rtol = max(rtol, {0.5: 1e-3, 1.5: 1e-6, 2.5: 1e-6}[nu] if name == "d/dx" or nu == 0.5 else rtol)
+        # (for ν ≥ 3/2 input gradients: its distance error ~√ε·|x|/ℓ at close pairs, measured 1.4e-6 at ℓ = 0.01)
+        gp_rtol = max(rtol, {0.5: 1e-3, 1.5: 1e-4, 2.5: 1e-4}[nu] if name == "d/dx" or nu == 0.5 else rtol)
         _assert_close(name, a, c, gp_rtol, f"nu={nu}, {dtype}, n={x.numel()}: against gpytorch MaternKernel")
 
 
