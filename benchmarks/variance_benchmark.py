@@ -9,9 +9,9 @@ float64, one worker subprocess per case (so that each peak RSS is its own):
   (``variance_defaults(selected_inverse_limit=)`` raised above N: its default, 250 000, would
   send N = 10⁶ to Monte Carlo). The first prediction (10⁴ points) pays the factorisation and the
   selected inversion; the second (10⁵ new points) reuses them (one gather per point).
-* ``markov``: ``MarkovMaternKernel(ν = 3/2)``, n training inputs on a jittered grid
-  (10⁶ → 2·(10⁶ + m) state nodes), the banded road (band Takahashi inverse of the joint
-  posterior precision, one per prediction call: the test inputs join the nodes).
+* ``markov``: ``MarkovMaternKernel(ν = 3/2)``, n training inputs on a jittered grid, the Kalman
+  road (filter + RTS smoother over the joint sorted training and test inputs, one pass per
+  prediction call: 10⁶ + m steps of a 2-dimensional state).
 * ``mc``: at a moderate size (lattice, N ≈ 10⁵) the exact road against the Monte Carlo
   fallback (``variance_defaults(method="stochastic")``: S = 64 samples, K = 64 Lanczos steps,
   two-pass Lanczos in blocks of 8 samples), with the RMS relative error of the Monte Carlo
@@ -113,7 +113,7 @@ def worker(spec: dict) -> dict:
             var, seconds, rss = _timed(lambda x_test=x_test: model(x_test).variance)
             rows.append({"road": "exact", "points": len(x_test), "seconds": seconds, "peak_rss_growth_mib": rss})
             if spec["case"] == "markov":
-                rows[-1]["nodes"] = 2 * (spec["train"] + len(x_test))  # state nodes of the joint precision
+                rows[-1]["nodes"] = 2 * (spec["train"] + len(x_test))  # state entries of the joint steps
             exact = var
         if spec["case"] == "mc":
             S = gpsparse.settings.current().variance_probes
@@ -163,7 +163,7 @@ def render(results: list[dict], meta: dict) -> str:
                 row["road"]
                 if row["road"] != "exact"
                 else (
-                    "exact: banded Takahashi (joint P)"
+                    "exact: Kalman RTS smoother (joint steps)"
                     if res["case"] == "markov"
                     else "exact: CHOLMOD selected inverse"
                 )
