@@ -4,6 +4,12 @@ SparsePrecisionKernel
 :   Base class of kernels with covariance ``W Q⁻¹ Wᵀ`` (sparse precision ``Q``);
     hooks GPyTorch's prediction through the posterior precision.
 
+SparsePrecisionAdditiveKernel
+:   ``k1 + k2 + …`` of sparse-precision kernels (each possibly in ``ScaleKernel``):
+    one block-diagonal precision, trained and predicted through the sparse
+    posterior precision; ``component_predictions`` gives each component's
+    posterior mean and variance.
+
 LatticeMaternKernel
 :   SPDE/Matérn field on a regular 1-, 2- or 3-D grid, ``Q = τ(κ²I + L)^α``,
     read at arbitrary inputs by multilinear interpolation; exact ``log det Q``.
@@ -25,15 +31,19 @@ MaternPrecision
 :   The shared structure of ``τ(κ²I + L)^α`` on a fixed sparse Laplacian.
 """
 
-from gpsparse.kernels.base import SparsePrecisionKernel
+from gpsparse.kernels.base import SparsePrecisionAdditiveKernel, SparsePrecisionKernel, is_sparse_precision_kernel
 from gpsparse.kernels.graph import GraphMaternKernel, graph_laplacian
 from gpsparse.kernels.lattice import LatticeMaternKernel
 from gpsparse.kernels.markov import MarkovMaternKernel
+from gpsparse.kernels.prediction import component_predictions
 from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.kernels.wendland import WendlandKernel, wendland_phi31
 
 __all__ = [
     "SparsePrecisionKernel",
+    "SparsePrecisionAdditiveKernel",
+    "is_sparse_precision_kernel",
+    "component_predictions",
     "LatticeMaternKernel",
     "GraphMaternKernel",
     "graph_laplacian",

@@ -35,6 +35,19 @@ formed on the joint nodes,
 training rows is the training prior). Kernels with fixed nodes (lattices,
 graphs) keep the cached path above.
 
+*Additive models.* For ``K = Σ_i W_i Q_i⁻¹ W_iᵀ``
+([`SparsePrecisionAdditiveKernel`][gpsparse.kernels.SparsePrecisionAdditiveKernel])
+the latent field stacks the components, ``u = (u_1, …, u_k)`` with
+``Q = blockdiag(Q_i)`` and ``W = [W_1 ⋯ W_k]``, so the same ``P`` gives each
+component's posterior, ``f_i(x*) = W*_i u_i``:
+
+    mean*_i = W*_i (P⁻¹ Wᵀ D⁻¹ (y − μ))[block i],   var*_i = diag(W*_i (P⁻¹)_{ii} W*_iᵀ)
+
+— ``W*`` with its columns outside block ``i`` zeroed, through the same
+variance machinery as the total
+([`component_predictions`][gpsparse.kernels.prediction.component_predictions]).
+The component means add up to the total mean less the prior mean ``μ*``.
+
 ``gpytorch.settings.skip_posterior_variances()`` returns a zero covariance.
 Samples (``rsample``) are ``W* P^{-1/2} z`` by Lanczos ``f(P)v``. Solves use
 [`gpsparse.settings.solver_defaults`][] (``rtol = 1e-6``), not GPyTorch's
@@ -51,10 +64,11 @@ from torch import Tensor
 
 from gpsparse.core.cholmod import cholmod_available
 from gpsparse.linalg.variance import couples_outside, pattern_with_pairs
+from gpsparse.operators.block import restrict_columns
 from gpsparse.operators.precision import NoisySparsePrecisionLinearOperator, SparsePrecisionLinearOperator
 from gpsparse.operators.sparse import SparseLinearOperator
 
-__all__ = ["SparsePrecisionPredictionStrategy"]
+__all__ = ["SparsePrecisionPredictionStrategy", "component_predictions"]
 
 
 class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
@@ -71,6 +85,7 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         self._train_op: NoisySparsePrecisionLinearOperator | None = None
         self._precision = None
         self._widened: tuple | None = None  # (test pattern, P, P on the pattern of P + 0·W*ᵀW*)
+        self._last_cross: SparsePrecisionLinearOperator | None = None  # of the last prediction call
 
     def _train_operator(self) -> NoisySparsePrecisionLinearOperator:
         if self._train_op is not None:
@@ -110,7 +125,8 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         return self._alpha
 
     def exact_prediction(self, test_mean: Tensor, test_test_covar, test_train_covar):
-        mean, precision, w_test = self._posterior(test_mean, _cross_covariance(test_train_covar))
+        self._last_cross = cross = _cross_covariance(test_train_covar)
+        mean, precision, w_test = self._posterior(test_mean, cross)
         return mean, self._posterior_covariance(_evaluate(test_test_covar), precision, w_test)
 
     def exact_predictive_mean(self, test_mean: Tensor, test_train_covar) -> Tensor:
@@ -120,25 +136,61 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
         _, precision, w_test = self._posterior(None, _cross_covariance(test_train_covar))
         return self._posterior_covariance(_evaluate(test_test_covar), precision, w_test)
 
+    def component_predictions(self, test_train_covar=None) -> list[tuple[Tensor, Tensor]]:
+        r"""Posterior ``(mean, variance)`` of each component ``f_i(x*) = W*_i u_i`` of an additive model.
+
+        Parameters
+        ----------
+        test_train_covar : SparsePrecisionLinearOperator, optional
+            The cross-covariance ``k(x*, x)``; by default that of the last
+            prediction call (``model(x_test)``).
+
+        Returns
+        -------
+        list of (Tensor, Tensor)
+            One ``(mean, variance)`` pair per component (one pair for a
+            single field), each ``(*batch, n*)``: the formulas of the module
+            notes, through the same ``P``, posterior weights and variance
+            machinery as the total. The means exclude the prior mean ``μ*``.
+        """
+        cross = self._last_cross if test_train_covar is None else _cross_covariance(test_train_covar)
+        if cross is None:
+            raise RuntimeError("no prediction yet: call model(x_test) in eval mode first, or pass test_train_covar")
+        weights, precision, w_test = self._weights(cross)
+        variance_precision = self._variance_precision(precision, w_test)
+        offsets = cross.components if cross.components is not None else (0, cross.Q.shape[-1])
+        rows = cross.shape[-2]
+        result = []
+        for start, stop in zip(offsets, offsets[1:]):
+            w_i = restrict_columns(w_test, start, stop, rows, cross.dtype, cross.device)
+            mean = w_i._matmul(weights).squeeze(-1)
+            variance = SparsePrecisionLinearOperator(variance_precision, interp=w_i)._diagonal()
+            result.append((mean, variance))
+        return result
+
     def _posterior(self, test_mean: Tensor | None, cross: SparsePrecisionLinearOperator):
         """``(mean*, P, W*)``: cached training posterior when ``cross`` lives on the training nodes, else joint."""
+        weights, precision, w_test = self._weights(cross, need_weights=test_mean is not None)
+        if test_mean is None:
+            return None, precision, w_test
+        return test_mean + _apply(w_test, weights).squeeze(-1), precision, w_test
+
+    def _weights(self, cross: SparsePrecisionLinearOperator, need_weights: bool = True):
+        """``(P⁻¹ Wᵀ D⁻¹ (y − μ)`` as ``(*batch, N, 1)`` or None, ``P``, ``W*)``, on the training or joint nodes."""
         op = self._train_operator()
         w_test = cross.interp
         if _same_nodes(cross, op):
-            if test_mean is None:
-                return None, self.posterior_precision(), w_test
-            mean = test_mean + _apply(w_test, self.posterior_weights().unsqueeze(-1)).squeeze(-1)
-            return mean, self.posterior_precision(), w_test
+            weights = self.posterior_weights().unsqueeze(-1) if need_weights else None
+            return weights, self.posterior_precision(), w_test
         # The joint nodes: P_J = Q_J + W_Jᵀ D⁻¹ W_J with the training rows W_J of the cross-covariance.
         joint = NoisySparsePrecisionLinearOperator(cross.Q, op.noise, interp=cross._right)
         precision = joint.posterior_precision()
-        if test_mean is None:
+        if not need_weights:
             return None, precision, w_test
         residual = (self.train_labels - self.train_prior_dist.mean).unsqueeze(-1)
         scaled = residual / op.noise.unsqueeze(-1)
         rhs = scaled if joint.interp is None else joint.interp._transpose_nonbatch()._matmul(scaled)
-        weights = precision.solve(rhs)
-        return test_mean + _apply(w_test, weights).squeeze(-1), precision, w_test
+        return precision.solve(rhs), precision, w_test
 
     def _posterior_covariance(self, test_test: LinearOperator, precision, w_test) -> LinearOperator:
         if gpytorch.settings.skip_posterior_variances.on():
@@ -166,6 +218,54 @@ class SparsePrecisionPredictionStrategy(DefaultPredictionStrategy):
                 widened = candidate
         self._widened = (w_test.pattern, precision, widened)
         return widened
+
+
+def component_predictions(model, x_test: Tensor) -> list[tuple[Tensor, Tensor]]:
+    r"""Posterior ``(mean, variance)`` of each component of an additive sparse-precision ``ExactGP`` at ``x_test``.
+
+    Calls ``model(x_test)`` (the model must be in eval mode; gradient mode
+    is the caller's) and returns
+    [`SparsePrecisionPredictionStrategy.component_predictions`][gpsparse.kernels.prediction.SparsePrecisionPredictionStrategy.component_predictions]:
+    one pair per component of the
+    [`SparsePrecisionAdditiveKernel`][gpsparse.kernels.SparsePrecisionAdditiveKernel],
+    in the order of its kernels, each ``(*batch, n*)``; ``Σ_i mean_i + μ*``
+    is the predictive mean.
+
+    Raises
+    ------
+    RuntimeError
+        The model is in training mode.
+    TypeError
+        The model does not predict through ``SparsePrecisionPredictionStrategy``.
+
+    Examples
+    --------
+    >>> import gpytorch, torch
+    >>> from gpsparse.kernels import LatticeMaternKernel, component_predictions
+    >>> class Model(gpytorch.models.ExactGP):
+    ...     def __init__(self, x, y):
+    ...         super().__init__(x, y, gpytorch.likelihoods.GaussianLikelihood())
+    ...         self.covar = LatticeMaternKernel([0.0, 1.0], 40) + LatticeMaternKernel([0.0, 1.0], 10)
+    ...     def forward(self, x):
+    ...         return gpytorch.distributions.MultivariateNormal(torch.zeros(len(x)), self.covar(x))
+    >>> x = torch.linspace(0, 1, 30).unsqueeze(-1)
+    >>> model = Model(x, torch.sin(6 * x[:, 0])).eval()
+    >>> with torch.no_grad():
+    ...     (m1, v1), (m2, v2) = component_predictions(model, x[:5])
+    ...     total = model(x[:5]).mean
+    >>> bool(torch.allclose(m1 + m2, total, atol=1e-5))
+    True
+    """
+    if model.training:
+        raise RuntimeError("component_predictions needs the model in eval mode (model.eval())")
+    model(x_test)
+    strategy = model.prediction_strategy
+    if not isinstance(strategy, SparsePrecisionPredictionStrategy):
+        raise TypeError(
+            "component_predictions needs a model predicting through SparsePrecisionPredictionStrategy (a "
+            f"sparse-precision kernel or SparsePrecisionAdditiveKernel), got {type(strategy).__name__}"
+        )
+    return strategy.component_predictions()
 
 
 def _cross_covariance(test_train_covar) -> SparsePrecisionLinearOperator:

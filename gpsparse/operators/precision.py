@@ -41,6 +41,7 @@ from torch import Tensor
 from gpsparse import settings as gs_settings
 from gpsparse.errors import DenseSizeError, NotPositiveDefiniteError
 from gpsparse.linalg import dispatch
+from gpsparse.operators.block import block_diagonal, component_offsets, hstack_interpolations
 from gpsparse.operators.gmrf import (
     apply,
     apply_t,
@@ -80,6 +81,10 @@ class SparsePrecisionLinearOperator(LinearOperator):
     sign : float
         ``+1`` (a covariance, the default) or ``−1`` (a negated covariance,
         what ``K * c`` for ``c < 0``, ``−K`` and ``c − K`` produce; module notes).
+    components : tuple of int, optional
+        Node offsets ``(0, N_1, N_1 + N_2, …, N)`` when ``K`` is a sum of
+        independent fields (what ``K_1 + K_2`` records; ``gpsparse.operators.block``);
+        None for one field.
 
     Notes
     -----
@@ -99,6 +104,13 @@ class SparsePrecisionLinearOperator(LinearOperator):
         linear_operator's generic ``AddedDiagLinearOperator`` — write ``K + D``.
         So does ``D − K`` (``sign = −1``), which need not be definite.
     * Scaling ``c·K`` (``ScaleKernel``) returns ``W (Q/|c|)⁻¹ Wᵀ`` with the sign of ``c``.
+    * ``K_1 + K_2 + …`` of sparse-precision covariances with ``sign = +1`` and
+        equal shapes (what ``gpytorch.kernels.AdditiveKernel`` forms) is
+        ``W Q⁻¹ W'ᵀ`` with ``W = [W_1 W_2 …]``, ``W' = [W'_1 W'_2 …]`` and
+        ``Q = blockdiag(Q_1, Q_2, …)`` (known log-determinants summed), the
+        node offsets of the terms in ``components``; sums of sums flatten.
+        Negated terms, or other shapes, dtypes or devices, give linear_operator's
+        generic ``SumLinearOperator``.
 
     Examples
     --------
@@ -114,7 +126,7 @@ class SparsePrecisionLinearOperator(LinearOperator):
     True
     """
 
-    def __init__(self, Q: SparseLinearOperator, interp=None, right_interp=None, *, sign: float = 1.0):
+    def __init__(self, Q: SparseLinearOperator, interp=None, right_interp=None, *, sign: float = 1.0, components=None):
         if not isinstance(Q, SparseLinearOperator):
             raise TypeError(f"Q must be a gpsparse.SparseLinearOperator, got {type(Q).__name__}")
         if not Q.is_symmetric:
@@ -123,8 +135,10 @@ class SparsePrecisionLinearOperator(LinearOperator):
         num_nodes = Q.shape[-1]
         interp = interpolation_operator(interp, num_nodes, Q.device, Q.dtype)
         right_interp = interpolation_operator(right_interp, num_nodes, Q.device, Q.dtype)
-        super().__init__(Q, interp=interp, right_interp=right_interp, sign=sign)
+        components = _check_components(components, num_nodes)
+        super().__init__(Q, interp=interp, right_interp=right_interp, sign=sign, components=components)
         self.Q, self.interp, self.right_interp, self.sign = Q, interp, right_interp, sign
+        self.components = components
 
     @property
     def _right(self) -> SparseLinearOperator | None:
@@ -146,7 +160,9 @@ class SparsePrecisionLinearOperator(LinearOperator):
     def _transpose_nonbatch(self) -> SparsePrecisionLinearOperator:
         if self.is_symmetric:
             return self
-        return SparsePrecisionLinearOperator(self.Q, interp=self._right, right_interp=self.interp, sign=self.sign)
+        return SparsePrecisionLinearOperator(
+            self.Q, interp=self._right, right_interp=self.interp, sign=self.sign, components=self.components
+        )
 
     def _expand_batch(self, batch_shape) -> SparsePrecisionLinearOperator:
         return self._with(Q=self.Q._expand_batch(batch_shape))
@@ -157,6 +173,7 @@ class SparsePrecisionLinearOperator(LinearOperator):
             interp=self.interp,
             right_interp=self.right_interp,
             sign=self.sign if sign is None else sign,
+            components=self.components,
         )
 
     def _mul_constant(self, other) -> LinearOperator:
@@ -174,7 +191,9 @@ class SparsePrecisionLinearOperator(LinearOperator):
         cols = select_rows(self._right, col_index, self.shape[-1], Q)
         if cols is None and rows is not None:  # None on the right would mean "the same as the rows"
             cols = select_rows(None, torch.arange(Q.shape[-1], device=Q.device), Q.shape[-1], Q)
-        return SparsePrecisionLinearOperator(Q, interp=rows, right_interp=cols, sign=self.sign)
+        return SparsePrecisionLinearOperator(
+            Q, interp=rows, right_interp=cols, sign=self.sign, components=self.components
+        )
 
     def _diagonal(self) -> Tensor:
         """``s · diag(W Q⁻¹ Wᵀ)`` — see ``covariance_diagonal`` (exact or stochastic)."""
@@ -221,12 +240,36 @@ class SparsePrecisionLinearOperator(LinearOperator):
         if diag.dim() == 0:
             diag = diag.reshape(1)
         noise = diag.expand(*torch.broadcast_shapes(diag.shape[:-1], self.batch_shape), m)
-        return NoisySparsePrecisionLinearOperator(self.Q, noise, interp=self.interp)
+        return NoisySparsePrecisionLinearOperator(self.Q, noise, interp=self.interp, components=self.components)
 
     def __add__(self, other):
         if isinstance(other, DiagLinearOperator):
             return self.add_diagonal(other._diagonal())
+        if isinstance(other, SparsePrecisionLinearOperator) and self._sums_with(other):
+            return self._add_precision(other)
         return super().__add__(other)
+
+    def _sums_with(self, other: SparsePrecisionLinearOperator) -> bool:
+        """Whether ``self + other`` stays a sparse-precision covariance (class notes)."""
+        return (
+            self.sign > 0
+            and other.sign > 0
+            and self.matrix_shape == other.matrix_shape
+            and self.dtype == other.dtype
+            and self.device == other.device
+        )
+
+    def _add_precision(self, other: SparsePrecisionLinearOperator) -> SparsePrecisionLinearOperator:
+        """``W Q⁻¹ W'ᵀ`` with ``W = [W_1 W_2]``, ``Q = blockdiag(Q_1, Q_2)`` (``gpsparse.operators.block``)."""
+        nodes = (self.Q.shape[-1], other.Q.shape[-1])
+        rows, cols = self.matrix_shape
+        Q = block_diagonal((self.Q, other.Q))
+        interp = hstack_interpolations((self.interp, other.interp), nodes, rows, self.device, self.dtype)
+        right = None
+        if not (self.is_symmetric and other.is_symmetric):
+            right = hstack_interpolations((self._right, other._right), nodes, cols, self.device, self.dtype)
+        components = component_offsets(self.components, nodes[0], other.components, nodes[1])
+        return SparsePrecisionLinearOperator(Q, interp=interp, right_interp=right, components=components)
 
     def __neg__(self):
         """``−K`` (the sign flips; linear_operator defines no unary minus)."""
@@ -330,6 +373,9 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
         ``W`` (m × N); identity if omitted.
     sign : float
         ``+1`` (default) or ``−1`` (``K_y * c`` for ``c < 0``; module notes).
+    components : tuple of int, optional
+        Node offsets of the summed fields (as in
+        [`SparsePrecisionLinearOperator`][gpsparse.SparsePrecisionLinearOperator]).
 
     Notes
     -----
@@ -350,7 +396,13 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
     """
 
     def __init__(
-        self, Q: SparseLinearOperator, noise: Tensor, interp: SparseLinearOperator | None = None, *, sign: float = 1.0
+        self,
+        Q: SparseLinearOperator,
+        noise: Tensor,
+        interp: SparseLinearOperator | None = None,
+        *,
+        sign: float = 1.0,
+        components=None,
     ):
         if not isinstance(Q, SparseLinearOperator) or not Q.is_symmetric:
             raise TypeError("Q must be a symmetric gpsparse.SparseLinearOperator")
@@ -361,8 +413,10 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
             raise ValueError(f"noise has {noise.shape[-1]} entries but the covariance has {m} rows")
         if not bool(torch.isfinite(noise.detach()).all()) or bool((noise.detach() <= 0).any()):
             raise ValueError("the noise variances must be finite and positive")
-        super().__init__(Q, noise, interp=interp, sign=sign)
+        components = _check_components(components, Q.shape[-1])
+        super().__init__(Q, noise, interp=interp, sign=sign, components=components)
         self.Q, self.noise, self.interp, self.sign = Q, noise, interp, sign
+        self.components = components
 
     def _size(self) -> torch.Size:
         m = self.noise.shape[-1]
@@ -371,7 +425,7 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
     @property
     def covariance(self) -> SparsePrecisionLinearOperator:
         """The noise-free part ``s · W Q⁻¹ Wᵀ``."""
-        return SparsePrecisionLinearOperator(self.Q, interp=self.interp, sign=self.sign)
+        return SparsePrecisionLinearOperator(self.Q, interp=self.interp, sign=self.sign, components=self.components)
 
     def posterior_precision(self) -> SparseLinearOperator:
         """``P = Q + Wᵀ D⁻¹ W`` as a SparseLinearOperator (differentiable in Q, W and the noise)."""
@@ -386,6 +440,7 @@ class NoisySparsePrecisionLinearOperator(LinearOperator):
             self.noise if noise is None else noise,
             self.interp,
             sign=self.sign if sign is None else sign,
+            components=self.components,
         )
 
     def _matmul(self, rhs: Tensor) -> Tensor:
@@ -506,6 +561,17 @@ def _check_sign(sign) -> float:
     if sign not in (1.0, -1.0):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
     return sign
+
+
+def _check_components(components, num_nodes: int) -> tuple[int, ...] | None:
+    if components is None:
+        return None
+    components = tuple(int(c) for c in components)
+    if len(components) < 2 or components[0] != 0 or components[-1] != num_nodes:
+        raise ValueError(f"components must be node offsets from 0 to {num_nodes}, got {components}")
+    if any(b < a for a, b in zip(components, components[1:])):
+        raise ValueError(f"components must be non-decreasing node offsets, got {components}")
+    return components
 
 
 def _signed(sign: float, tensor: Tensor) -> Tensor:
