@@ -181,6 +181,11 @@ def stationary_probes(dec: LanczosDecomposition, grad_t: Tensor, tol: float | No
     return coupling <= tol * torch.linalg.matrix_norm(grad_t)
 
 
+def _fixed_space_left(dec: LanczosDecomposition, grad_t: Tensor) -> Tensor:
+    """``left[..., c, k] = Q_c (∂q_c/∂T) e_k`` ``(B, n, c, K)``: ``Q (∂q/∂T) Qᵀ = left · basisᵀ``."""
+    return torch.matmul(dec.basis.movedim(-3, -2), grad_t).movedim(-3, -2)
+
+
 def adjoint_backward(
     split: PreconditionedOperator, probes: Tensor, chunks, config: LogdetConfig, pattern: SparsityPattern
 ) -> Tensor:
@@ -206,13 +211,17 @@ def adjoint_backward(
                 split.matvec, probes[..., block], min(config.num_lanczos, n), reorthogonalize=config.reorthogonalize
             )
         stationary = stationary_probes(dec, grad_t)  # (B, c)
-        # fixed-space gradient Q (∂q/∂T) Qᵀ = left rightᵀ, left[..., c, k] = Q_c (∂q_c/∂T) e_k
-        left = torch.matmul(dec.basis.movedim(-3, -2), grad_t).movedim(-3, -2)  # (B, n, c, K)
-        if not bool(stationary.all()):
+        # Only the factors that are needed are formed (each is (B, n, c, K), as large as the basis):
+        # the fixed-space one for stationary probes, the adjoint's for the others.
+        if bool(stationary.all()):
+            left = _fixed_space_left(dec, grad_t)
+        else:
             grad_alpha = torch.diagonal(grad_t, dim1=-2, dim2=-1)
             grad_beta = 2.0 * torch.diagonal(grad_t, offset=1, dim1=-2, dim2=-1)
             _, adjoint, _ = lanczos_adjoint(split.matvec, dec, None, grad_alpha, grad_beta)
-            left = torch.where(stationary[..., None, :, None], left, adjoint.reshape(left.shape))
+            left = adjoint.reshape(dec.basis.shape)
+            if bool(stationary.any()):
+                left = torch.where(stationary[..., None, :, None], _fixed_space_left(dec, grad_t), left)
         num, n_, c, K = left.shape
         right = dec.basis.reshape(num, n_, c * K)
         part = sampled_product(pattern, split.to_original(left.reshape(num, n_, c * K)), split.to_original(right))
