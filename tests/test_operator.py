@@ -227,3 +227,27 @@ def test_constructor_validation():
         SparsityPattern.from_indices(torch.tensor([0, 2]), torch.tensor([1, 1]), (2, 2))
     with pytest.raises(ValueError, match="2-D"):
         SparseLinearOperator.from_tensor(torch.eye(3).to_sparse().unsqueeze(0))
+
+
+def test_union_of_nested_patterns_takes_the_subset_path_and_equals_the_general_merge():
+    """``P = Q + WᵀD⁻¹W`` with the Gram pattern inside ``Q``'s: the union is ``Q``'s pattern (no merge sort)."""
+    from gpsparse.core.pattern import SparsityPattern
+
+    big = SparseLinearOperator.from_tensor(
+        scipy_to_torch(lattice_precision_5pt(6, kappa=0.3) @ lattice_precision_5pt(6))
+    )  # 13-point stencil
+    small = _op("lattice5-6x6")  # 5-point stencil, inside it
+    for first, second in ((big, small), (small, big)):
+        pattern, position = first.pattern.union(second.pattern)
+        assert pattern.nnz == big.pattern.nnz and torch.equal(pattern.keys, big.pattern.keys)
+        if first is big:
+            assert pattern is big.pattern  # same object: its cached structure is reused
+        # the general merge, forced by a pattern that is contained in neither
+        keys = torch.unique(torch.cat([first.pattern.keys, second.pattern.keys]), return_inverse=True)[1]
+        torch.testing.assert_close(position, keys)
+        out = first + second
+        torch.testing.assert_close(out.to_dense(), first.to_dense() + second.to_dense(), **TOL)
+    # neither contains the other: the general path
+    shifted = SparsityPattern.from_indices(torch.tensor([0, 35]), torch.tensor([35, 0]), (36, 36))[0]
+    pattern, _ = small.pattern.union(shifted)
+    assert pattern.nnz == small.pattern.nnz + 2

@@ -126,15 +126,38 @@ class SparsityPattern:
         hit = cache.get(id(other))
         if hit is not None and hit[0] is other:
             return hit[1], hit[2]
-        union, inverse = torch.unique(torch.cat([self.keys, other.keys]), return_inverse=True)
-        n = self.size[1]
-        symmetric = self.symmetric and other.symmetric
-        pattern, order = SparsityPattern.from_indices(union // n, union % n, self.size, symmetric=symmetric)
-        position = torch.argsort(order)[inverse]
+        pattern, position = self._union_if_subset(other)
+        if pattern is None:
+            union, inverse = torch.unique(torch.cat([self.keys, other.keys]), return_inverse=True)
+            n = self.size[1]
+            symmetric = self.symmetric and other.symmetric
+            pattern, order = SparsityPattern.from_indices(union // n, union % n, self.size, symmetric=symmetric)
+            position = torch.argsort(order)[inverse]
         if len(cache) >= _UNION_CACHE_SIZE:
             cache.pop(next(iter(cache)))
         cache[id(other)] = (other, pattern, position)
         return pattern, position
+
+    def _union_if_subset(self, other: SparsityPattern) -> tuple[SparsityPattern | None, Tensor | None]:
+        """The union when one pattern contains the other: one ``searchsorted``, ``O(nnz log nnz)``, no sort.
+
+        The common case ``P = Q + WᵀD⁻¹W`` (interpolation within the stencil of
+        ``Q``, e.g. bilinear weights and a 13-point lattice precision) then skips
+        the ``unique`` + ``argsort`` merge of the general path. ``(None, None)``
+        when neither contains the other.
+        """
+        if self.size != other.size or self.device != other.device:
+            return None, None
+        for big, small, big_first in ((self, other, True), (other, self, False)):
+            if small.nnz > big.nnz or big.nnz == 0:
+                continue
+            pos, found = big.positions(small.row, small.col_long)
+            if bool(found.all()):
+                same = torch.arange(big.nnz, device=pos.device)
+                position = torch.cat([same, pos] if big_first else [pos, same])
+                symmetric = self.symmetric and other.symmetric  # as the general path declares
+                return (big if big.symmetric == symmetric else big.with_symmetric(symmetric)), position
+        return None, None
 
     def set_derived(self, key: object, value: object) -> None:
         """Replace a derived structure (e.g. a refreshed stale factor)."""
