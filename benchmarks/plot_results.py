@@ -89,7 +89,8 @@ def _normalise(row: dict) -> dict:
     if "kernel" not in row:
         return row
     seconds = row["steady_s"] if row.get("steady_s") is not None else row.get("first_s")
-    name = f"{'dense GPyTorch' if row['kernel'] == 'dense' else 'Markov'} ν = {row['nu']}"
+    label = {"dense": "dense GPyTorch", "markov": "Kalman", "banded": "banded precision", "peer": "value-only peer"}
+    name = f"{label.get(row['kernel'], row['kernel'])} ν = {row['nu']}"
     return {**row, "name": name, "N": row["n"], "total_s": seconds}
 
 
@@ -107,7 +108,7 @@ def main() -> None:
     made = [
         logdet_accuracy(args.results),
         scaling(args.results, "precision_cpu_1thread", "lattice GMRF + noise, 1 thread"),
-        scaling(args.results, "markov_cpu_1thread", "Markov Matérn vs dense GPyTorch, 1 thread"),
+        scaling(args.results, "markov_cpu_1thread", "Markov Matérn: Kalman, banded, peer, dense; 1 thread"),
     ]
     for path in made:
         if path is not None:
