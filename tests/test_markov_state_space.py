@@ -176,6 +176,8 @@ def test_operator_basics_float32_batches_and_errors():
     x = torch.tensor([[0.0], [0.5], [0.5], [0.2], [1.0]])
     op = kernel(x).evaluate_kernel()
     assert isinstance(op, StateSpaceCovarianceLinearOperator) and op.dtype == torch.float32
+    assert torch.equal(op.step_order, torch.argsort(op.rows))  # handed over from the kernel's sort
+    assert (op * 2.0).step_order is op.step_order and op[:, 1:3].step_order is not op.step_order
     x64 = x.double()
     for b in range(2):
         ref = matern_covariance(kernel.rate[b].double() * (x64 - x64.T).abs(), 1.5)

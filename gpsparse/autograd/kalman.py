@@ -181,9 +181,8 @@ class _Solve(torch.autograd.Function):
         _, f, g = _matmul_arrays(A, P0, ctx.alpha)
         Abar, P0bar, _ = _matmul_adjoint(A, P0, ctx.alpha, f, g, -rbar)
         dbar = -(rbar * ctx.alpha).sum(-1)
-        like = ctx.like
-        zero_s = torch.zeros_like(like[1])
-        return _to(Abar, like[0]), zero_s, _to(P0bar, like[2]), _to(dbar, like[3]), _to(rbar, like[4])
+        like = ctx.like  # no gradient for Σ: the stationary form carries it through A and P_0 (module docstring)
+        return _to(Abar, like[0]), None, _to(P0bar, like[2]), _to(dbar, like[3]), _to(rbar, like[4])
 
 
 def kalman_solve(A: Tensor, S: Tensor, P0: Tensor, noise: Tensor, rhs: Tensor) -> Tensor:

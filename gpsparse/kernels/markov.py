@@ -289,7 +289,8 @@ class MarkovMaternKernel(gpytorch.kernels.Kernel):
         # λ = √(2ν)/ℓ in float64 even for float32 models: near-degenerate (very long) lengthscales make the
         # gradient sensitive to λ's rounding (measured: 1.4e-3 relative in float32 at ℓ = 300·range).
         rate64 = math.sqrt(2 * self.nu) / self.lengthscale[..., 0, 0].to(torch.float64)
-        op = MaternCovarianceLinearOperator(gaps, rate64, scale, self.nu, steps.rows1, steps.rows2)
+        order = steps.order if symmetric else None  # argsort(rows1), known from the sort
+        op = MaternCovarianceLinearOperator(gaps, rate64, scale, self.nu, steps.rows1, steps.rows2, step_order=order)
         batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], op.batch_shape)
         return op._expand_batch(batch) if batch != op.batch_shape else op
 

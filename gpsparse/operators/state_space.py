@@ -34,7 +34,6 @@ from gpsparse.autograd.kalman import (
     kalman_inv_quad_logdet,
     kalman_solve,
     matern_inv_quad_logdet,
-    smoothed_moments,
     state_space_matmul,
 )
 from gpsparse.autograd.markov import matern_transition_and_noise
@@ -81,7 +80,14 @@ class StateSpaceCovarianceLinearOperator(LinearOperator):
     """
 
     def __init__(
-        self, transitions: Tensor, noises: Tensor, stationary: Tensor, rows: Tensor, cols: Tensor | None = None
+        self,
+        transitions: Tensor,
+        noises: Tensor,
+        stationary: Tensor,
+        rows: Tensor,
+        cols: Tensor | None = None,
+        *,
+        step_order: Tensor | None = None,
     ):
         s = stationary.shape[-1]
         if transitions.shape[-2:] != (s, s) or noises.shape[-2:] != (s, s) or stationary.shape[-2] != s:
@@ -95,9 +101,9 @@ class StateSpaceCovarianceLinearOperator(LinearOperator):
         for name, index in (("rows", rows), ("cols", cols)):
             if index is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
                 raise ValueError(f"{name} must index the {n} steps")
-        super().__init__(transitions, noises, stationary, rows=rows, cols=cols)
+        super().__init__(transitions, noises, stationary, rows=rows, cols=cols, step_order=step_order)
         self.transitions, self.noises, self.stationary = transitions, noises, stationary
-        self.rows, self.cols = rows, cols
+        self.rows, self.cols, self._step_order = rows, cols, step_order
 
     # ------------------------------------------------------------ structure
     @property
@@ -107,6 +113,17 @@ class StateSpaceCovarianceLinearOperator(LinearOperator):
     @property
     def _cols(self) -> Tensor:
         return self.rows if self.cols is None else self.cols
+
+    @property
+    def step_order(self) -> Tensor:
+        """``argsort(rows)``: step ``k`` holds row ``step_order[k]`` (from the kernel's cache, else computed once)."""
+        if self._step_order is None:
+            self._step_order = torch.argsort(self.rows)
+        return self._step_order
+
+    def _kept_order(self, changes: dict) -> Tensor | None:
+        """The step order for ``_with``: kept unless the rows or columns change."""
+        return None if ("rows" in changes or "cols" in changes) else self._step_order
 
     @property
     def is_symmetric(self) -> bool:
@@ -122,6 +139,7 @@ class StateSpaceCovarianceLinearOperator(LinearOperator):
         fields = dict(
             transitions=self.transitions, noises=self.noises, stationary=self.stationary, rows=self.rows, cols=self.cols
         )
+        fields["step_order"] = self._kept_order(changes)
         fields.update(changes)
         return StateSpaceCovarianceLinearOperator(**fields)
 
@@ -208,7 +226,7 @@ class StateSpaceCovarianceLinearOperator(LinearOperator):
         )
 
     def inv_quad_logdet(self, inv_quad_rhs: Tensor | None = None, logdet: bool = False, reduce_inv_quad: bool = True):
-        return self.solve(inv_quad_rhs)
+        return self.solve(inv_quad_rhs)  # raises: the noise-free K has no Kalman form (solve's message)
 
 
 class MaternCovarianceLinearOperator(StateSpaceCovarianceLinearOperator):
@@ -238,15 +256,25 @@ class MaternCovarianceLinearOperator(StateSpaceCovarianceLinearOperator):
     too (float32 models keep ~1e-6 relative gradients at long lengthscales).
     """
 
-    def __init__(self, gaps: Tensor, rate: Tensor, scale: Tensor, nu: float, rows: Tensor, cols: Tensor | None = None):
+    def __init__(
+        self,
+        gaps: Tensor,
+        rate: Tensor,
+        scale: Tensor,
+        nu: float,
+        rows: Tensor,
+        cols: Tensor | None = None,
+        *,
+        step_order: Tensor | None = None,
+    ):
         matern_order(nu)
         n = gaps.shape[-1] + 1
         for name, index in (("rows", rows), ("cols", cols)):
             if index is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
                 raise ValueError(f"{name} must index the {n} steps")
-        LinearOperator.__init__(self, gaps, rate, scale, nu=nu, rows=rows, cols=cols)
+        LinearOperator.__init__(self, gaps, rate, scale, nu=nu, rows=rows, cols=cols, step_order=step_order)
         self.gaps, self.rate, self.scale, self.nu = gaps, rate, scale, float(nu)
-        self.rows, self.cols = rows, cols
+        self.rows, self.cols, self._step_order = rows, cols, step_order
         self._blocks = None
 
     def _state_space(self):
@@ -278,6 +306,7 @@ class MaternCovarianceLinearOperator(StateSpaceCovarianceLinearOperator):
 
     def _with(self, **changes) -> MaternCovarianceLinearOperator:
         fields = dict(gaps=self.gaps, rate=self.rate, scale=self.scale, nu=self.nu, rows=self.rows, cols=self.cols)
+        fields["step_order"] = self._kept_order(changes)
         fields.update(changes)
         return MaternCovarianceLinearOperator(**fields)
 
@@ -335,7 +364,7 @@ class NoisyStateSpaceCovarianceLinearOperator(LinearOperator):
             raise ValueError("the noise variances must be finite and positive")
         super().__init__(covariance, noise)
         self.covariance, self.noise = covariance, noise
-        self._order = torch.argsort(covariance.rows)  # step k holds row _order[k]
+        self._order = covariance.step_order  # step k holds row _order[k]
 
     def _size(self) -> torch.Size:
         m = self.noise.shape[-1]
@@ -416,14 +445,6 @@ class NoisyStateSpaceCovarianceLinearOperator(LinearOperator):
         elif reduce_inv_quad:
             quad = quad.sum(-1)
         return quad, (logdet_term if logdet else zero)
-
-    def posterior_moments(self, observed_values: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior means ``E[K(K + D)⁻¹ y]`` and variances ``diag(K − K(K + D)⁻¹K)`` at the rows (values only)."""
-        y = self._steps(observed_values.unsqueeze(-1))
-        observed = torch.ones(self.shape[-1], dtype=torch.bool)
-        mean, var = smoothed_moments(*self._arguments(), y, observed)
-        rows = self.covariance.rows
-        return mean.squeeze(-1).index_select(-1, rows), var.index_select(-1, rows)
 
 
 def _check_dense(shape: torch.Size, what: str) -> None:
