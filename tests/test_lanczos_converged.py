@@ -95,24 +95,63 @@ def _symmetric_direction(indices, n, seed):
     return D[indices[0], indices[1]]
 
 
-@pytest.mark.parametrize(
-    "K",
-    [
-        10,
-        pytest.param(
-            40,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 11 item 7, left open: unconverged K with converged Ritz values, "
-                "the Lanczos adjoint recursion is unstable (about 1e6 times the FD derivative)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("K", [10, 20, 30])
 def test_unconverged_gradient_matches_finite_differences(problem, K):
+    """Unconverged K (no Ritz pair converged to working precision): the adjoint is the estimate's derivative.
+
+    At K = 30 one Ritz pair per probe has a relative residual of about 3e-10; the
+    estimate's curvature is then large (the central difference moves from 49.00 at
+    h = 1e-3 to 49.761 at h = 1e-7), so the step is 1e-7.
+    """
     indices, values, probes, n = problem
     _, grad = _gradient(indices, values, probes, n, K, True)
     for seed in range(2):
         direction = _symmetric_direction(indices, n, seed)
-        fd = _directional_fd(indices, values, probes, n, K, direction)
+        fd = _directional_fd(indices, values, probes, n, K, direction, h=1e-7)
         assert abs(float(grad @ direction) - fd) <= 1e-5 * max(1.0, abs(fd))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11 item 7, left open: K = 40 on this lattice (exactly repeated eigenvalues, Ritz pairs "
+    "converged to 1e-17) — the K-step map's derivative is ill-conditioned in float64 (central differences "
+    "drift with the step; gpsparse.core.slq.adjoint_backward)",
+)
+def test_converged_ritz_pairs_gradient_matches_finite_differences(problem):
+    indices, values, probes, n = problem
+    _, grad = _gradient(indices, values, probes, n, 40, True)
+    direction = _symmetric_direction(indices, n, 0)
+    fd = _directional_fd(indices, values, probes, n, 40, direction, h=1e-6)
+    assert abs(float(grad @ direction) - fd) <= 1e-3 * abs(fd)
+
+
+def _adjoint_left(A, probes, K):
+    from gpsparse.core.lanczos import lanczos
+    from gpsparse.core.lanczos_adjoint import lanczos_adjoint
+    from gpsparse.core.quadrature import FUNCTIONS, quadrature_grad_matrix
+
+    dec = lanczos(lambda x: A @ x, probes, K, reorthogonalize=True)
+    _, grad_t = quadrature_grad_matrix(dec.alpha, dec.beta, FUNCTIONS["log"])
+    grad_alpha = torch.diagonal(grad_t, dim1=-2, dim2=-1)
+    grad_beta = 2.0 * torch.diagonal(grad_t, offset=1, dim1=-2, dim2=-1)
+    _, adjoint, _ = lanczos_adjoint(lambda x: A @ x, dec, None, grad_alpha, grad_beta)
+    return dec, adjoint.reshape(dec.basis.shape)
+
+
+@pytest.mark.parametrize("K", [10, 40])
+def test_adjoint_satisfies_scale_and_shift_identities(problem, K):
+    """``∂q/∂A = Σ_k λ_k q_kᵀ`` of ``q = e₁ᵀ log(T) e₁``: ``⟨∂q/∂A, A⟩ = 1`` and ``tr ∂q/∂A = e₁ᵀ T⁻¹ e₁``.
+
+    Exact identities of the derivative of the K-step estimate (``T(sA) = sT(A)``
+    and ``T(A + sI) = T(A) + sI``), checked also with Ritz pairs converged to
+    working precision (K = 40; at K = 60, Ritz residuals 1e-26, the first holds only to 8e-5).
+    """
+    indices, values, probes, n = problem
+    A = torch.sparse_coo_tensor(indices, values, (n, n)).to_dense()
+    dec, left = _adjoint_left(A, probes, K)
+    trace = (left * dec.basis).sum((0, 2))
+    T = torch.diag_embed(dec.alpha) + torch.diag_embed(dec.beta, 1) + torch.diag_embed(dec.beta, -1)
+    shift = torch.linalg.inv(T)[..., 0, 0]
+    scale = (left * (A @ dec.basis.reshape(n, -1)).reshape(dec.basis.shape)).sum((0, 2))
+    assert float(((trace - shift).abs() / shift).max()) <= 1e-8
+    assert float((scale - 1).abs().max()) <= 1e-6
