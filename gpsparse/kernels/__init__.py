@@ -27,12 +27,21 @@ WendlandKernel
     as a [`SparseLinearOperator`][gpsparse.SparseLinearOperator], with a cached grid
     neighbour-search pattern.
 
+RandomWalkKernel, BesagKernel, BYM2Kernel
+:   Intrinsic GMRFs with linear constraints: RW1/RW2 on 1-D knots, the Besag
+    (ICAR) field on a graph and the BYM2 area effect (scaled Besag + i.i.d.,
+    learnable mixing ``φ`` and precision ``τ``); covariance ``Q⁺`` of the
+    constrained field, exact marginal likelihood (generalised determinant,
+    conditioning by kriging) and constrained posteriors;
+    ``IntrinsicAdditiveKernel`` for their sums with other sparse-precision terms.
+
 MaternPrecision
 :   The shared structure of ``τ(κ²I + L)^α`` on a fixed sparse Laplacian.
 """
 
 from gpsparse.kernels.base import SparsePrecisionAdditiveKernel, SparsePrecisionKernel, is_sparse_precision_kernel
 from gpsparse.kernels.graph import GraphMaternKernel, graph_laplacian
+from gpsparse.kernels.intrinsic import BesagKernel, BYM2Kernel, IntrinsicAdditiveKernel, RandomWalkKernel
 from gpsparse.kernels.lattice import LatticeMaternKernel
 from gpsparse.kernels.markov import MarkovMaternKernel
 from gpsparse.kernels.prediction import component_predictions
@@ -48,6 +57,10 @@ __all__ = [
     "GraphMaternKernel",
     "graph_laplacian",
     "MarkovMaternKernel",
+    "RandomWalkKernel",
+    "BesagKernel",
+    "BYM2Kernel",
+    "IntrinsicAdditiveKernel",
     "MaternPrecision",
     "WendlandKernel",
     "wendland_phi31",
