@@ -27,6 +27,15 @@ WendlandKernel
     as a [`SparseLinearOperator`][gpsparse.SparseLinearOperator], with a cached grid
     neighbour-search pattern.
 
+SpaceTimeKernel
+:   Separable space–time field ``k_s · k_t`` with precision ``Q_t ⊗ Q_s``
+    (Kronecker structure kept, ``log det Q`` from the factors), observed
+    through ``W = W_t ⊙ W_s`` at arbitrary space–time points.
+
+AR1Kernel, OrnsteinUhlenbeckKernel
+:   AR(1) chains on a fixed sorted time grid (tridiagonal precision, closed-form
+    log det): a regular grid with correlation ``ρ``, or Matérn ν = 1/2 at any knots.
+
 RandomWalkKernel, BesagKernel, BYM2Kernel
 :   Intrinsic GMRFs with linear constraints: RW1/RW2 on 1-D knots, the Besag
     (ICAR) field on a graph and the BYM2 area effect (scaled Besag + i.i.d.,
@@ -45,7 +54,9 @@ from gpsparse.kernels.intrinsic import BesagKernel, BYM2Kernel, IntrinsicAdditiv
 from gpsparse.kernels.lattice import LatticeMaternKernel
 from gpsparse.kernels.markov import MarkovMaternKernel
 from gpsparse.kernels.prediction import component_predictions
+from gpsparse.kernels.space_time import SpaceTimeKernel
 from gpsparse.kernels.spde import MaternPrecision
+from gpsparse.kernels.temporal import AR1Kernel, OrnsteinUhlenbeckKernel, TemporalPrecisionKernel
 from gpsparse.kernels.wendland import WendlandKernel, wendland_phi31
 
 __all__ = [
@@ -62,6 +73,10 @@ __all__ = [
     "BYM2Kernel",
     "IntrinsicAdditiveKernel",
     "MaternPrecision",
+    "SpaceTimeKernel",
+    "AR1Kernel",
+    "OrnsteinUhlenbeckKernel",
+    "TemporalPrecisionKernel",
     "WendlandKernel",
     "wendland_phi31",
 ]
