@@ -21,6 +21,10 @@ JacobiPreconditioner, IncompleteCholeskyPreconditioner, Preconditioner
     Preconditioners with split factors and log-determinants.
 settings
     Context managers for global settings.
+
+Subpackages (loaded by ``import gpsparse``, as ``import gpytorch`` loads its own): ``kernels``,
+and for non-Gaussian likelihoods by the Laplace approximation ``likelihoods``, ``models``
+(``LaplaceGP``) and ``mlls`` (``LaplaceMarginalLogLikelihood``).
 """
 
 from gpsparse import settings
@@ -73,3 +77,7 @@ __all__ = [
 
 # As `import gpytorch` loads gpytorch.kernels: `import gpsparse; gpsparse.kernels.LatticeMaternKernel` works.
 from gpsparse import kernels  # noqa: E402, F401  (kernels import the operators above)
+
+# isort: split
+# Likelihoods, models and marginal likelihoods of the Laplace approximation (issue 14), as gpytorch has them.
+from gpsparse import likelihoods, mlls, models  # noqa: E402, F401

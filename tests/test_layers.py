@@ -17,6 +17,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gpsparse"
 
 #: Rank of every layer; a module may import modules of equal or lower rank only.
 RANKS = {"errors": 0, "core": 1, "autograd": 2, "settings": 3, "linalg": 3, "operators": 4, "kernels": 5, "": 6}
+#: GPyTorch-facing adapters beside the kernels (issue 14): likelihoods, models and their marginal likelihoods.
+RANKS.update({"likelihoods": 5, "models": 5, "mlls": 5})
 #: Third-party packages a layer must not import (prefix match), with the reason.
 FORBIDDEN = {
     "core": ("gpytorch", "linear_operator", "torch.autograd"),
