@@ -19,6 +19,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "gpsparse"
 RANKS = {"errors": 0, "core": 1, "autograd": 2, "settings": 3, "linalg": 3, "operators": 4, "kernels": 5, "": 6}
 #: GPyTorch-facing adapters beside the kernels (issue 14): likelihoods, models and their marginal likelihoods.
 RANKS.update({"likelihoods": 5, "models": 5, "mlls": 5})
+#: Meshes (issue 15): geometry and FEM (NumPy/SciPy), the SPDE precision structure and its operator — the
+#: operators' rank (``Mesh.interpolation`` returns a SparseLinearOperator; ``gpsparse.kernels.mesh`` builds on it).
+RANKS.update({"mesh": 4})
 #: Third-party packages a layer must not import (prefix match), with the reason.
 FORBIDDEN = {
     "core": ("gpytorch", "linear_operator", "torch.autograd"),

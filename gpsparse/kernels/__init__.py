@@ -44,6 +44,12 @@ RandomWalkKernel, BesagKernel, BYM2Kernel
     conditioning by kriging) and constrained posteriors;
     ``IntrinsicAdditiveKernel`` for their sums with other sparse-precision terms.
 
+MeshMaternKernel
+:   SPDE/Matérn field on a triangulated mesh (planar domain with holes, sphere,
+    interval; ``gpsparse.mesh``), R-INLA's ``Q = τ²(κ²C̃ + G)C̃⁻¹(κ²C̃ + G)``
+    with range/σ parameters, optional non-stationary ``κ(s)``, ``τ(s)`` and
+    anisotropy; ``log det Q`` from the first-order factor (exact by CHOLMOD).
+
 MaternPrecision
 :   The shared structure of ``τ(κ²I + L)^α`` on a fixed sparse Laplacian.
 """
@@ -53,6 +59,7 @@ from gpsparse.kernels.graph import GraphMaternKernel, graph_laplacian
 from gpsparse.kernels.intrinsic import BesagKernel, BYM2Kernel, IntrinsicAdditiveKernel, RandomWalkKernel
 from gpsparse.kernels.lattice import LatticeMaternKernel
 from gpsparse.kernels.markov import MarkovMaternKernel
+from gpsparse.kernels.mesh import MeshMaternKernel, PCMaternRangePrior, PCMaternSigmaPrior
 from gpsparse.kernels.prediction import component_predictions
 from gpsparse.kernels.space_time import SpaceTimeKernel
 from gpsparse.kernels.spde import MaternPrecision
@@ -68,6 +75,9 @@ __all__ = [
     "GraphMaternKernel",
     "graph_laplacian",
     "MarkovMaternKernel",
+    "MeshMaternKernel",
+    "PCMaternRangePrior",
+    "PCMaternSigmaPrior",
     "RandomWalkKernel",
     "BesagKernel",
     "BYM2Kernel",
