@@ -669,6 +669,13 @@ def test_errors():
 SIZE_SCRIPT = textwrap.dedent(
     """
     import json, resource, time, torch, gpytorch, gpsparse
+    def peak_rss_kib():
+        # this process's own peak RSS in KiB: VmHWM (a child's ru_maxrss starts at its parent's RSS at fork)
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     from gpsparse.kernels.lattice import LatticeMaternKernel
 
     torch.set_num_threads(1)
@@ -697,7 +704,7 @@ SIZE_SCRIPT = textwrap.dedent(
         loss = -mll(model(x), y)
         loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     grads = [p.grad for p in model.parameters()]
     print(json.dumps({"nodes": model.covar.base_kernel.num_nodes, "loss": float(loss.detach()), "seconds": seconds,
                       "finite": all(bool(torch.isfinite(g).all()) for g in grads), "num_grads": len(grads),

@@ -402,6 +402,13 @@ def test_errors():
 SIZE_SCRIPT = textwrap.dedent(
     """
     import json, resource, time, torch, gpytorch
+    def peak_rss_kib():
+        # this process's own peak RSS in KiB: VmHWM (a child's ru_maxrss starts at its parent's RSS at fork)
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     from gpsparse import SparseLinearOperator
     from gpsparse.kernels import WendlandKernel
 
@@ -410,13 +417,13 @@ SIZE_SCRIPT = textwrap.dedent(
     x = torch.rand(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     covar = gpytorch.kernels.ScaleKernel(WendlandKernel()).double()
     covar.base_kernel.radius = 0.004  # ~10 neighbours per point (π ρ² n)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_kib()
     start = time.perf_counter()
     K = covar(x).evaluate_kernel()
     build = time.perf_counter() - start
     y = K @ torch.ones(n, 1, dtype=torch.float64)
     y.sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     print(json.dumps({"type": type(K).__name__, "shape": list(K.shape), "nnz": K.pattern.nnz, "build_s": build,
                       "grad": float(covar.base_kernel.raw_radius.grad), "peak_mib": peak / 1024,
                       "before_mib": before / 1024}))
