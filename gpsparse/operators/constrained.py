@@ -70,7 +70,7 @@ from torch import Tensor
 
 from gpsparse import settings as gs_settings
 from gpsparse.core.constraints import component_basis, constraint_basis, pivot_nodes
-from gpsparse.errors import DenseSizeError, NotPositiveDefiniteError
+from gpsparse.errors import NotPositiveDefiniteError
 from gpsparse.linalg import dispatch
 from gpsparse.operators.block import block_diagonal, component_offsets, hstack_interpolations
 from gpsparse.operators.gmrf import (
@@ -82,7 +82,7 @@ from gpsparse.operators.gmrf import (
     weighted_gram,
 )
 from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
-from gpsparse.operators.precision import SparsePrecisionLinearOperator
+from gpsparse.operators.precision import DenseLimitedCovariance, SparsePrecisionLinearOperator
 from gpsparse.operators.sparse import SparseLinearOperator
 
 __all__ = [
@@ -450,7 +450,7 @@ def _check_pseudo_logdet(pseudo_logdet, Q: SparseLinearOperator):
     return pseudo_logdet
 
 
-class ConstrainedPrecisionLinearOperator(LinearOperator):
+class ConstrainedPrecisionLinearOperator(DenseLimitedCovariance, LinearOperator):
     r"""``K = W Σ W'ᵀ``: the covariance of a GMRF with precision ``Q`` under linear constraints ``A x = 0``.
 
     ``Σ = V_⊥ (V_⊥ᵀ Q V_⊥)⁻¹ V_⊥ᵀ`` (module docstring): ``Q⁺`` for an
@@ -654,28 +654,6 @@ class ConstrainedPrecisionLinearOperator(LinearOperator):
         projection = -2.0 * (WV * WRV).sum(-1) + ((WV @ (completion.V.mT @ RV)) * WV).sum(-1)
         WPY = apply(self.interp, completion.PY)
         return base + projection - ((WPY @ completion.N) * WPY).sum(-1)
-
-    def to_dense(self) -> Tensor:
-        """Dense ``W Σ W'ᵀ`` within [`gpsparse.settings.max_dense_size`][]."""
-        self._check_dense("to_dense of a constrained precision-based covariance")
-        cols = self.shape[-1]
-        eye = torch.eye(cols, dtype=self.dtype, device=self.device)
-        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
-
-    def _check_dense(self, what: str) -> None:
-        if not self._dense_fits():
-            raise DenseSizeError(
-                f"{what} of shape {tuple(self.shape)} exceeds gpsparse.settings.max_dense_size = "
-                f"{gs_settings.current().max_dense_size:,}"
-            )
-
-    def _dense_fits(self) -> bool:
-        limit = gs_settings.current().max_dense_size
-        return math.prod(self.shape) <= limit and self.batch_shape.numel() * self.Q.shape[-1] * self.shape[-1] <= limit
-
-    def _cholesky(self, upper: bool = False):
-        self.to_dense()  # raises above the dense limit
-        return super()._cholesky(upper=upper)
 
     # ---------------------------------------------------------------- noise
     def add_diagonal(self, diag: Tensor) -> LinearOperator:

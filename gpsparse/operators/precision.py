@@ -65,7 +65,40 @@ __all__ = [
 ]
 
 
-class SparsePrecisionLinearOperator(LinearOperator):
+class DenseLimitedCovariance:
+    """``to_dense`` and dense Cholesky of a covariance ``W Σ W'ᵀ`` over a precision ``self.Q``, within the dense limit.
+
+    Shared by the precision-based covariances (``SparsePrecisionLinearOperator``,
+    ``ConstrainedPrecisionLinearOperator``): the dense matrix is built by ``self._matmul``
+    of identity columns, i.e. ``batch · N · m`` solve entries, so both ``K`` (``m × m``) and
+    those solves must fit [`gpsparse.settings.max_dense_size`][].
+    """
+
+    def to_dense(self) -> Tensor:
+        """Dense ``K`` within [`gpsparse.settings.max_dense_size`][] (solves with dense identity columns)."""
+        self._check_dense(f"to_dense of a {type(self).__name__}")
+        cols = self.shape[-1]
+        eye = torch.eye(cols, dtype=self.dtype, device=self.device)
+        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
+
+    def _check_dense(self, what: str) -> None:
+        """Raise ``DenseSizeError`` when ``K`` or its m solves in ``Q`` exceed the dense limit."""
+        if not self._dense_fits():
+            raise DenseSizeError(
+                f"{what} of shape {tuple(self.shape)} exceeds gpsparse.settings.max_dense_size = "
+                f"{gs_settings.current().max_dense_size:,}"
+            )
+
+    def _dense_fits(self) -> bool:
+        limit = gs_settings.current().max_dense_size
+        return math.prod(self.shape) <= limit and self.batch_shape.numel() * self.Q.shape[-1] * self.shape[-1] <= limit
+
+    def _cholesky(self, upper: bool = False):
+        self.to_dense()  # raises above the dense limit
+        return super()._cholesky(upper=upper)
+
+
+class SparsePrecisionLinearOperator(DenseLimitedCovariance, LinearOperator):
     r"""The covariance ``K = s · W Q⁻¹ W'ᵀ`` of a Gaussian Markov random field, never formed (``s = ±1``).
 
     Parameters
@@ -200,29 +233,6 @@ class SparsePrecisionLinearOperator(LinearOperator):
         if not self.is_symmetric:
             raise ValueError("the diagonal of a cross-covariance is not defined here")
         return _signed(self.sign, covariance_diagonal(self.Q, self.interp))
-
-    def to_dense(self) -> Tensor:
-        """Dense ``s · W Q⁻¹ W'ᵀ`` within [`gpsparse.settings.max_dense_size`][] (solves with dense columns)."""
-        self._check_dense("to_dense of a precision-based covariance")
-        cols = self.shape[-1]
-        eye = torch.eye(cols, dtype=self.dtype, device=self.device)
-        return self._matmul(eye.expand(*self.batch_shape, cols, cols))
-
-    def _check_dense(self, what: str) -> None:
-        """Raise ``DenseSizeError`` when ``K`` or its m solves in ``Q`` exceed the dense limit."""
-        if not self._dense_fits():
-            raise DenseSizeError(
-                f"{what} of shape {tuple(self.shape)} exceeds gpsparse.settings.max_dense_size = "
-                f"{gs_settings.current().max_dense_size:,}"
-            )
-
-    def _dense_fits(self) -> bool:
-        limit = gs_settings.current().max_dense_size
-        return math.prod(self.shape) <= limit and self.batch_shape.numel() * self.Q.shape[-1] * self.shape[-1] <= limit
-
-    def _cholesky(self, upper: bool = False):
-        self.to_dense()  # raises above the dense limit
-        return super()._cholesky(upper=upper)
 
     # ---------------------------------------------------------------- noise
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
