@@ -10,7 +10,7 @@ constant ``a = A⁻¹ ∂_x F``. ``Q``, ``W`` and ``μ`` are read from the model
 definition), densely. Precisions: 2-D lattice (CHOLMOD road), 1-D lattice (banded road), graph
 Matérn (CHOLMOD), a sum of two lattice fields (block precision), and the dense road forced.
 Markov kernels are no longer sparse-precision kernels (the Kalman road), so they are not
-Laplace models; BYM2 is not in gpsparse yet (another issue).
+Laplace models; intrinsic priors (BYM2, Besag, random walks): ``tests/test_laplace_constrained.py``.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from gpsparse.core.banded import _band_inverse, _factor_batch, _layout, _solve_factor
 from gpsparse.core.config import LogdetConfig, SolverConfig
+from gpsparse.core.laplace_constraints import EXACT_ROADS, ConstrainedFactor, ConstraintSpace
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.core.quadrature import rademacher
 from gpsparse.core.slq import PreconditionedOperator, hutchinson_forward, resolve_preconditioner
@@ -461,10 +462,15 @@ class _KrylovFactor:
         return left, right
 
 
-def factorize(values: Tensor, pattern: SparsityPattern, road: str, krylov=None, probes=None, prior=None):
+def factorize(
+    values: Tensor, pattern: SparsityPattern, road: str, krylov=None, probes=None, prior=None, constraints=None
+):
     """A factorisation of ``P`` on ``road`` (module notes), float64 values ``(nnz,)``.
 
-    On the Krylov road ``probes`` ``(N, p)`` are the Rademacher probes and
+    With ``constraints`` (a ``ConstraintSpace``) it is the constrained
+    ``ConstrainedFactor`` (solves with ``Σ_P``, ``log det_S P``, ``Σ_P`` on the
+    pattern) over the road's factorisation of the completion. On the Krylov
+    road ``probes`` ``(N, p)`` are the Rademacher probes and
     ``prior = (values, pattern)`` of ``Q``, whose log-determinant and inverse
     the same probes estimate (``logdet_difference``, ``prior_probe_factors``).
 
@@ -475,6 +481,8 @@ def factorize(values: Tensor, pattern: SparsityPattern, road: str, krylov=None, 
     ValueError
         An unknown road.
     """
+    if constraints is not None:
+        return ConstrainedFactor(values, pattern, constraints, lambda v, p: factorize(v, p, road))
     if road == "banded":
         return _BandedFactor(values, pattern)
     if road == "cholesky":
@@ -563,6 +571,10 @@ class LaplaceProblem:
         ``(N, p)`` Rademacher probes of the Krylov road.
     state : ModeState
         Warm start in, mode and record out.
+    constraints : ConstraintSpace or None
+        Linear constraints ``Vᵀx = 0`` of an intrinsic prior: the mode is
+        sought on that subspace and ``P⁻¹``, ``log det P`` become ``Σ_P``,
+        ``log det_S P`` (``gpsparse.core.laplace_constraints``; exact roads only).
     """
 
     structure: PosteriorStructure
@@ -573,10 +585,17 @@ class LaplaceProblem:
     krylov: KrylovOptions = field(default_factory=KrylovOptions)
     probes: Tensor | None = None
     state: ModeState = field(default_factory=ModeState)
+    constraints: ConstraintSpace | None = None
 
     def __post_init__(self) -> None:
         if self.road not in ROADS:
             raise ValueError(f"unknown road {self.road!r}; choose one of {ROADS}")
+        if self.constraints is not None and self.road not in EXACT_ROADS:
+            raise NotImplementedError(
+                f"the Laplace approximation with linear constraints (an intrinsic prior: random walk, Besag, BYM2) "
+                f"runs on the exact roads {EXACT_ROADS}, not on {self.road!r}: install scikit-sparse (CHOLMOD), or "
+                'use road="dense" within gpsparse.settings.max_dense_size'
+            )
         if self.road == "krylov" and self.probes is None:
             n = self.structure.num_nodes
             self.probes = rademacher(
@@ -643,6 +662,10 @@ def find_mode(problem: LaplaceProblem, q_values: Tensor, mean: Tensor, params: t
     x = problem.state.warm_start(n, q_values.device)
     if x is None:
         x = torch.zeros(n, dtype=torch.float64, device=q_values.device)
+    space = problem.constraints
+    if space is not None:
+        space = space.to(q_values.device)
+        x = space.project(x)  # Newton's steps stay in S = {Vᵀx = 0}; so must the start
 
     def evaluate(x: Tensor):
         f = mean + s.apply_w(w, x)
@@ -659,6 +682,8 @@ def find_mode(problem: LaplaceProblem, q_values: Tensor, mean: Tensor, params: t
     steps = problem.state.steps = []
     for k in range(int(opts.max_iters) + 1):
         grad = s.apply_wt(w, d1) - qx
+        if space is not None:  # the gradient within S (at the mode ∇Ψ ∈ span V)
+            grad = space.project(grad)
         grad_norm = float(torch.linalg.vector_norm(grad))
         if not (math.isfinite(grad_norm) and bool(torch.isfinite(psi))):
             raise NonConvergenceError(
@@ -669,7 +694,7 @@ def find_mode(problem: LaplaceProblem, q_values: Tensor, mean: Tensor, params: t
         factor = None  # release the previous iterate's factor before the next one is built (peak memory)
         try:
             factor = factorize(
-                p_values, s.pattern, problem.road, problem.krylov, problem.probes, (q_values, s.q_pattern)
+                p_values, s.pattern, problem.road, problem.krylov, problem.probes, (q_values, s.q_pattern), space
             )
         except NotPositiveDefiniteError as err:
             low = float((-d2).min())
@@ -711,6 +736,9 @@ def find_mode(problem: LaplaceProblem, q_values: Tensor, mean: Tensor, params: t
                 )
         x = x_new
         f, ell, d1, d2, d3, qx, quad, psi = trial
+        if space is not None and space.residual(x) > 1e-12 * (1.0 + float(x.abs().max())):
+            x = space.project(x)  # rounding drift off S
+            f, ell, d1, d2, d3, qx, quad, psi = evaluate(x)
         previous_step = step_norm
     raise NonConvergenceError(
         f"Laplace mode: Newton's method did not converge in {opts.max_iters} iterations: at iteration {k} the "

@@ -2,7 +2,10 @@ r"""``LaplaceGP``: a GPyTorch model with a non-Gaussian likelihood, inferred by 
 
 The covariance module is any gpsparse sparse-precision kernel (a kernel
 returning ``W Q⁻¹ Wᵀ``: ``LatticeMaternKernel``, ``GraphMaternKernel``, their
-``ScaleKernel`` and sums), so the latent field at the observations is
+``ScaleKernel`` and sums) or an intrinsic GMRF kernel (``BYM2Kernel``,
+``BesagKernel``, ``RandomWalkKernel``, and their sums with the others: the
+approximation then lives on the constraint subspace, ``gpsparse.core.laplace_constraints``,
+exact roads only), so the latent field at the observations is
 ``f = μ + W x`` with ``x ~ N(0, Q⁻¹)`` on the N latent nodes. Everything runs
 on the latent ``x``: Newton's method for the mode ``x̂`` on the sparse
 ``P = Q + Wᵀ H W`` and the log-determinants (``gpsparse.core.laplace``), the
@@ -61,6 +64,7 @@ from gpsparse.core.banded import bandwidth
 from gpsparse.core.cholmod import cholmod_available
 from gpsparse.core.config import LogdetConfig, SolverConfig
 from gpsparse.core.laplace import (
+    ConstraintSpace,
     KrylovOptions,
     LaplaceProblem,
     ModeState,
@@ -71,20 +75,44 @@ from gpsparse.core.laplace import (
 )
 from gpsparse.core.quadrature import rademacher
 from gpsparse.kernels.base import is_sparse_precision_kernel
+from gpsparse.kernels.intrinsic import IntrinsicAdditiveKernel, _IntrinsicKernel
 from gpsparse.likelihoods.base import LaplaceLikelihood
 from gpsparse.linalg import dispatch
 from gpsparse.linalg.config import road_config
 from gpsparse.linalg.variance import couples_outside, pattern_with_pairs
+from gpsparse.operators.constrained import ConstrainedPrecisionLinearOperator, constrained_logdet
 from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
 from gpsparse.operators.precision import SparsePrecisionLinearOperator
 from gpsparse.operators.sparse import SparseLinearOperator
 
-__all__ = ["LaplaceGP", "ROAD_CHOICES"]
+__all__ = ["LaplaceGP", "ROAD_CHOICES", "is_intrinsic_kernel"]
 
 #: ``road`` values of ``LaplaceGP``.
 ROAD_CHOICES = ("auto", "banded", "cholesky", "dense", "krylov")
 #: ``road="auto"`` takes the dense road for at most this many latent nodes when neither banded nor CHOLMOD applies.
 DENSE_MAX_NODES = 2048
+
+
+def is_intrinsic_kernel(kernel: gpytorch.kernels.Kernel) -> bool:
+    """Whether ``kernel`` is an intrinsic GMRF kernel (random walk, Besag, BYM2) or a sum holding one."""
+    while isinstance(kernel, gpytorch.kernels.ScaleKernel):
+        kernel = kernel.base_kernel
+    return isinstance(kernel, (_IntrinsicKernel, IntrinsicAdditiveKernel))
+
+
+def _prior_operator(prior: MultivariateNormal):
+    """The prior's covariance as a ``SparsePrecisionLinearOperator`` or ``ConstrainedPrecisionLinearOperator``."""
+    op = prior.lazy_covariance_matrix
+    op = op.evaluate_kernel() if hasattr(op, "evaluate_kernel") else op
+    if isinstance(op, ConstrainedPrecisionLinearOperator) and op.is_symmetric:
+        return op
+    if not isinstance(op, SparsePrecisionLinearOperator) or not op.is_symmetric or op.sign < 0:
+        raise TypeError(
+            "the Laplace approximation needs a prior covariance W Q⁻¹ Wᵀ (a SparsePrecisionLinearOperator from "
+            "a gpsparse sparse-precision kernel, or a ConstrainedPrecisionLinearOperator from an intrinsic one), "
+            f"got {type(op).__name__}"
+        )
+    return op
 
 
 class LaplaceGP(gpytorch.models.GP):
@@ -171,10 +199,11 @@ class LaplaceGP(gpytorch.models.GP):
             )
         if covar_module is None:
             raise TypeError("LaplaceGP needs a covar_module (a gpsparse sparse-precision kernel)")
-        if not is_sparse_precision_kernel(covar_module):
+        if not (is_sparse_precision_kernel(covar_module) or is_intrinsic_kernel(covar_module)):
             raise TypeError(
-                "LaplaceGP needs a sparse-precision covariance module (a gpsparse kernel returning W Q⁻¹ Wᵀ, "
-                f"possibly in ScaleKernel or sums of such kernels), got {type(covar_module).__name__}"
+                "LaplaceGP needs a sparse-precision covariance module (a gpsparse kernel returning W Q⁻¹ Wᵀ or an "
+                "intrinsic GMRF kernel, possibly in ScaleKernel or sums of such kernels), got "
+                f"{type(covar_module).__name__}"
             )
         if road not in ROAD_CHOICES:
             raise ValueError(f"road must be one of {ROAD_CHOICES}, got {road!r}")
@@ -248,13 +277,7 @@ class LaplaceGP(gpytorch.models.GP):
         the structure of ``P``, the road, the likelihood's closed forms and
         this model's ``laplace_state`` (the warm start).
         """
-        op = prior.lazy_covariance_matrix
-        op = op.evaluate_kernel() if hasattr(op, "evaluate_kernel") else op
-        if not isinstance(op, SparsePrecisionLinearOperator) or not op.is_symmetric or op.sign < 0:
-            raise TypeError(
-                "the Laplace approximation needs a prior covariance W Q⁻¹ Wᵀ (a SparsePrecisionLinearOperator from "
-                f"a gpsparse sparse-precision kernel), got {type(op).__name__}"
-            )
+        op = _prior_operator(prior)
         Q = op.Q
         if Q.batch_shape != torch.Size() or prior.mean.dim() != 1:
             raise NotImplementedError("LaplaceGP handles one field: batched kernels or means are not supported")
@@ -265,7 +288,10 @@ class LaplaceGP(gpytorch.models.GP):
         else:
             w_pattern, w_values = op.interp.pattern, op.interp.values.detach().to(torch.float64)
         structure = posterior_structure(Q.pattern, w_pattern)
-        road = self._choose_road(structure)
+        road = self._choose_road(structure, isinstance(op, ConstrainedPrecisionLinearOperator))
+        space = None
+        if isinstance(op, ConstrainedPrecisionLinearOperator):
+            space = ConstraintSpace(op.constraints.basis(torch.float64, Q.device), op.constraints.pivots.to(Q.device))
         y = self.likelihood.check_targets(target).to(device=Q.device, dtype=torch.float64)
         if y.shape != (m,):
             raise ValueError(f"the targets have shape {tuple(y.shape)} but the model has {m} training points")
@@ -285,15 +311,19 @@ class LaplaceGP(gpytorch.models.GP):
             krylov=self.krylov,
             probes=self._krylov_probes(structure.num_nodes, Q.device) if road == "krylov" else None,
             state=self.laplace_state,
+            constraints=space,
         )
         return problem, Q.values, prior.mean, likelihood.laplace_parameters(), Q
 
-    def _choose_road(self, structure) -> str:
+    def _choose_road(self, structure, constrained: bool = False) -> str:
         n = structure.num_nodes
         config = road_config(symmetric=True, num_rows=n, dense_max_rows=DENSE_MAX_NODES)
         if self.road == "auto":
             config = replace(config, cholesky=cholmod_available())
-            return dispatch.choose_road(structure.pattern, config, logdet=True)
+            road = dispatch.choose_road(structure.pattern, config, logdet=True)
+            if road == "krylov" and constrained and n * n <= config.max_dense_size:
+                return "dense"  # the constrained approximation has exact roads only
+            return road
         if self.road == "banded" and bandwidth(structure.pattern) > max(config.max_banded_bandwidth, 1):
             raise ValueError(
                 f'road="banded" needs a half-bandwidth ≤ max_banded_bandwidth = {config.max_banded_bandwidth}, '
@@ -313,8 +343,15 @@ class LaplaceGP(gpytorch.models.GP):
             self._probes = self._probes.to(device)
         return self._probes
 
-    def prior_logdet(self, Q: SparseLinearOperator, road: str) -> Tensor:
-        """``log det Q``: the kernel's closed form where it has one, else the road's (differentiable)."""
+    def prior_logdet(self, Q: SparseLinearOperator, road: str, prior_op=None) -> Tensor:
+        """``log det Q`` (``log det_S Q`` under constraints): the closed form where known, else the road's.
+
+        ``prior_op`` is the prior covariance operator; a constrained one gives
+        its ``pseudo_logdet`` or, without one, the completion of ``Q``
+        (``gpsparse.operators.constrained.constrained_logdet``). Differentiable.
+        """
+        if isinstance(prior_op, ConstrainedPrecisionLinearOperator):
+            return constrained_logdet(prior_op)
         if isinstance(Q, KnownLogdetSparseLinearOperator):
             return Q.known_logdet
         n = Q.shape[-1]
@@ -328,7 +365,7 @@ class LaplaceGP(gpytorch.models.GP):
         value = laplace_objective(problem, q_values, mean, params)
         if problem.road == "krylov":  # the objective already holds −½(log det P − log det Q), one set of probes
             return value
-        return value + 0.5 * self.prior_logdet(Q, problem.road).to(value)
+        return value + 0.5 * self.prior_logdet(Q, problem.road, _prior_operator(prior)).to(value)
 
     # ------------------------------------------------------------------ prediction
     def _parameter_key(self) -> tuple:
@@ -372,7 +409,8 @@ class LaplaceGP(gpytorch.models.GP):
         test_mean = self.mean_module(x)
         cross = self.covar_module(x, *self.train_inputs)
         cross = cross.evaluate_kernel() if hasattr(cross, "evaluate_kernel") else cross
-        if not isinstance(cross, SparsePrecisionLinearOperator):
+        constrained = isinstance(cross, ConstrainedPrecisionLinearOperator)
+        if not (constrained or isinstance(cross, SparsePrecisionLinearOperator)):
             raise TypeError(f"expected a sparse-precision cross-covariance, got {type(cross).__name__}")
         Q = post["Q"]
         if cross.Q.shape != Q.shape or cross.Q.pattern.nnz != Q.pattern.nnz:
@@ -384,7 +422,10 @@ class LaplaceGP(gpytorch.models.GP):
         mode = post["mode"].to(test_mean)
         latent = mode if w_test is None else w_test._matmul(mode.unsqueeze(-1)).squeeze(-1)
         mean = test_mean + latent
-        covar = SparsePrecisionLinearOperator(self._variance_precision(post["precision"], w_test), interp=w_test)
+        if constrained:  # W* Σ_P W*ᵀ: the constrained posterior covariance
+            covar = ConstrainedPrecisionLinearOperator(post["precision"], cross.constraints, interp=w_test)
+        else:
+            covar = SparsePrecisionLinearOperator(self._variance_precision(post["precision"], w_test), interp=w_test)
         return MultivariateNormal(mean, covar)
 
     def _variance_precision(self, precision: SparseLinearOperator, w_test) -> SparseLinearOperator:

@@ -90,6 +90,7 @@ __all__ = [
     "ConstrainedPrecisionLinearOperator",
     "NoisyConstrainedPrecisionLinearOperator",
     "add_covariances",
+    "constrained_logdet",
 ]
 
 #: Orthonormality tolerance of a basis given to ``LinearConstraints`` directly.
@@ -985,6 +986,21 @@ class NoisyConstrainedPrecisionLinearOperator(LinearOperator):
             known_b=known,
         )
         return difference + posterior.correction - prior_correction
+
+
+def constrained_logdet(op: ConstrainedPrecisionLinearOperator) -> Tensor:
+    """``log det_S Q`` of a constrained covariance's precision (differentiable in ``Q``'s values).
+
+    The kernel's ``pseudo_logdet`` when it has one, else from the completion:
+    ``log det R + log|det Inner| − 2 log|det T|`` (module docstring), ``log det R``
+    on the dispatcher's road for ``R`` (exact on the banded, CHOLMOD and dense
+    roads; a stochastic estimate on the Krylov road).
+    """
+    if op.pseudo_logdet is not None:
+        return op.pseudo_logdet
+    prior = _complete(op.Q, op.constraints)
+    R = prior.R
+    return dispatch.logdet(R.values, R.pattern, R._road_config(dense=True)) + prior.correction
 
 
 def add_covariances(a, b) -> ConstrainedPrecisionLinearOperator | None:
