@@ -112,7 +112,7 @@ class DenseLatticeKernel(gpytorch.kernels.Kernel):
         self.lap = dense_laplacian(low, high, sizes)
 
     def covariance(self):
-        nu = self.alpha - len(self.sizes) / 2
+        nu = max(self.alpha - len(self.sizes) / 2, 0.5)  # R-INLA's nominal ν for α = 1 in 2-D
         kappa2 = 8 * nu / self.lengthscale[0, 0] ** 2
         tau = periodic_variance(kappa2, self.spacing, self.alpha, {1: 2048, 2: 256, 3: 48}[len(self.sizes)])
         eye = torch.eye(self.lap.shape[0], dtype=F64)
@@ -152,6 +152,7 @@ CASES = {  # (low, high, grid size, α) — anisotropic cells everywhere
     "1d-a1": ((0.0,), (2.0,), (41,), 1),
     "1d-a2": ((0.0,), (2.0,), (41,), 2),
     "1d-a3": ((-1.0,), (1.0,), (33,), 3),
+    "2d-a1": ((0.0, -0.5), (1.2, 0.5), (13, 9), 1),
     "2d-a2": ((0.0, -0.5), (1.2, 0.5), (13, 9), 2),
     "2d-a3": ((0.0, 0.0), (1.0, 1.3), (9, 11), 3),
     "3d-a2": ((0.0, 0.0, 0.0), (1.0, 0.8, 1.2), (6, 5, 7), 2),
@@ -185,6 +186,22 @@ def test_lattice_variance_matches_brute_force_periodic_sum(spacing, alpha, cells
     (reference_grad,) = torch.autograd.grad(reference, reference_kappa2)
     torch.testing.assert_close(value, reference, rtol=1e-12, atol=0)
     torch.testing.assert_close(grad, reference_grad, rtol=1e-11, atol=0)
+
+
+@pytest.mark.parametrize("spacing, cells", [((0.1, 0.1), 2), ((0.05, 0.08), 8), ((0.02, 0.02), 16)])
+def test_lattice_variance_alpha_one_in_two_dimensions(spacing, cells):
+    # ν = 0: the continuum variance diverges, the lattice variance is finite and exact (κ from ν_nominal = 1/2)
+    kappa2 = torch.tensor(4.0 / (cells * max(spacing)) ** 2, dtype=F64, requires_grad=True)
+    value = lattice_variance(kappa2, spacing, 1)
+    (grad,) = torch.autograd.grad(value, kappa2)
+    reference_kappa2 = kappa2.detach().clone().requires_grad_(True)
+    reference = periodic_variance(reference_kappa2, spacing, 1, 1024)
+    (reference_grad,) = torch.autograd.grad(reference, reference_kappa2)
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=0)
+    # log-divergence as h → 0 at fixed κ: v ≈ h² (log(1/(κ²h²)) + c) / (4π) (the nominal continuum variance is ∞)
+    v, k2 = float(value.detach()), float(kappa2.detach())
+    assert v > spacing[0] * spacing[1] / (4 * math.pi) * math.log(1 / (k2 * max(spacing) ** 2))
 
 
 def test_lattice_variance_batches_and_continuum_limit():
@@ -398,7 +415,7 @@ def test_variances_at_nodes_cell_centres_and_boundaries():
 
 
 # ----------------------------------------------------- kernel vs dense model
-@pytest.mark.parametrize("case", ["1d-a1", "2d-a2", "3d-a3"])
+@pytest.mark.parametrize("case", ["1d-a1", "2d-a1", "2d-a2", "3d-a3"])
 def test_kernel_matrices_match_dense_reference(case):
     low, high, sizes, alpha = CASES[case]
     k = kernel(low, high, sizes, alpha, lengthscale=0.5)
@@ -419,7 +436,7 @@ def test_kernel_matrices_match_dense_reference(case):
         torch.testing.assert_close(k(x1[:20], x2, diag=True), dense(x1[:20], x2, diag=True), **tol)
 
 
-@pytest.mark.parametrize("case", ["1d-a2", "1d-a3", "2d-a2", "2d-a3", "3d-a2"])
+@pytest.mark.parametrize("case", ["1d-a2", "1d-a3", "2d-a1", "2d-a2", "2d-a3", "3d-a2"])
 def test_marginal_likelihood_and_gradients_match_dense(case):
     low, high, sizes, alpha = CASES[case]
     x = points(60, low, high, seed=3)
@@ -627,9 +644,8 @@ def test_errors():
             LatticeMaternKernel([[0.0, 0.0], [1.0, 1.0]], bad)
     with pytest.raises(ValueError, match="more than 2³¹ − 1"):
         LatticeMaternKernel([[0.0] * 3, [1.0] * 3], 2000)
-    with pytest.raises(ValueError, match=r"ν = α − d/2 = 0 ≤ 0 in d = 2 dimensions; use alpha ≥ 2"):
-        LatticeMaternKernel([[0.0, 0.0], [1.0, 1.0]], 5, alpha=1)
-    with pytest.raises(ValueError, match=r"ν = α − d/2 = -0.5 ≤ 0 in d = 3"):
+    assert LatticeMaternKernel([[0.0, 0.0], [1.0, 1.0]], 5, alpha=1).nu_nominal == 0.5  # ν = 0: a lattice GMRF
+    with pytest.raises(ValueError, match=r"ν = α − d/2 = -0.5 < 0 in d = 3 dimensions; use alpha ≥ 2"):
         LatticeMaternKernel([[0.0] * 3, [1.0] * 3], 5, alpha=1)
     with pytest.raises(ValueError, match="alpha must be a positive integer"):
         LatticeMaternKernel([0.0, 1.0], 5, alpha=1.5)

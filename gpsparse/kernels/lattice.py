@@ -86,8 +86,8 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     $$
 
     with ``L`` the finite-difference Laplacian with Neumann boundaries
-    (``neumann_laplacian``) and ``ℓ`` the learnable ``lengthscale``.
-    ``τ = v(κ)`` (``lattice_variance``) makes the marginal variance of
+    (``neumann_laplacian``) and ``ℓ`` the learnable ``lengthscale``
+    (ν = 0, α = 1 in 2-D: see *Smoothness*). ``τ = v(κ)`` (``lattice_variance``) makes the marginal variance of
     the *discretised* field exactly 1 on the infinite lattice, hence ≈ 1 at
     nodes away from the boundary (within 1e-6 beyond about 4ℓ from it, see
     the notes; wrap the kernel in ``gpytorch.kernels.ScaleKernel`` for an
@@ -102,7 +102,20 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     lengthscale of ``gpytorch.kernels.MaternKernel(nu=ν)`` (``√(2ν)/κ``).
 
     *Smoothness.* ``α`` is an integer: ``ν = α − d/2`` is 1/2, 3/2, 5/2, … in
-    1-D and 3-D and 1, 2, … in 2-D; ``α ≤ d/2`` is refused. ``Q`` has the
+    1-D and 3-D and 0, 1, 2, … in 2-D; ``α < d/2`` is refused.
+    ``α = 1`` in 2-D (``Q = τ(κ² I + L)``, 5 nonzeros per row) is a valid
+    GMRF on the lattice, but its continuum limit is not a field with point
+    values (ν = 0: the Matérn variance diverges like ``log(1/(κh))/(2π)``
+    as ``h → 0``). Here ``τ`` still makes the *lattice* variance exactly 1,
+    so the model depends on the grid: a finer grid gives a rougher field
+    (nearest-neighbour correlation → 1 more slowly than for ν > 0). ``κ``
+    then follows R-INLA's nominal smoothness ``ν_nominal = max(ν, 1/2)``,
+    ``κ = √(8 ν_nominal)/ℓ`` (``nu_nominal``). The field is much rougher
+    than the exponential (ν = 1/2) covariance with the same κ: measured at
+    8 cells per ``ℓ`` in the interior, the correlation at distance ``h``,
+    ``2h``, ``ℓ/2``, ``ℓ`` and ``1.5ℓ`` is 0.51, 0.30, 0.14, 0.037, 0.011
+    (``exp(−κr)``: 0.78, 0.61, 0.37, 0.135, 0.050).
+    ``Q`` has the
     pattern of ``(|L| + I)^α`` (13 nonzeros per row for d = 2, α = 2; 25 for
     d = 3, α = 2).
 
@@ -123,7 +136,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     grid_size : int or sequence of int
         Nodes per dimension (each ≥ 2); one int for all dimensions.
     alpha : int
-        Power ``α`` of the SPDE operator (default 2), ``α > d/2``.
+        Power ``α`` of the SPDE operator (default 2), ``α ≥ d/2`` (``α = 1`` in 2-D: ν = 0, see *Smoothness*).
     lengthscale_prior : gpytorch.priors.Prior, optional
         Prior on ``lengthscale``.
     lengthscale_constraint : gpytorch.constraints.Interval, optional
@@ -202,7 +215,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
     ValueError
         Bad ``bounds`` (shape, non-finite, lower ≥ upper), bad ``grid_size``
         (not an integer ≥ 2 per dimension, wrong length, more than 2³¹ − 1
-        nodes), ``α`` not an integer or ``α ≤ d/2``, ``ard_num_dims`` > 1,
+        nodes), ``α`` not an integer or ``α < d/2``, ``ard_num_dims`` > 1,
         inputs of the wrong dimension, with NaN/Inf or outside the bounds.
     NotImplementedError
         ``last_dim_is_batch=True``; batched inputs with different members.
@@ -245,10 +258,10 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         sizes = _parse_grid_size(grid_size, d)
         if isinstance(alpha, bool) or int(alpha) != alpha or int(alpha) < 1:
             raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
-        if not int(alpha) > d / 2:
+        if not int(alpha) >= d / 2:
             raise ValueError(
-                f"alpha = {alpha} gives smoothness ν = α − d/2 = {int(alpha) - d / 2:g} ≤ 0 in d = {d} dimensions; "
-                f"use alpha ≥ {d // 2 + 1}"
+                f"alpha = {alpha} gives smoothness ν = α − d/2 = {int(alpha) - d / 2:g} < 0 in d = {d} dimensions; "
+                f"use alpha ≥ {(d + 1) // 2}"
             )
         ard = kwargs.pop("ard_num_dims", None)
         if ard not in (None, 1):
@@ -285,6 +298,11 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         return self.alpha - self.dim / 2
 
     @property
+    def nu_nominal(self) -> float:
+        """``max(ν, 1/2)``: the smoothness in ``κ = √(8 ν_nominal)/ℓ`` (R-INLA's convention; ν = 0 for α = 1 in 2-D)."""
+        return max(self.nu, 0.5)
+
+    @property
     def num_nodes(self) -> int:
         """Lattice nodes ``N = Π m_d``."""
         return math.prod(self.grid_size)
@@ -305,8 +323,8 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         return self.lengthscale.detach()[..., 0, 0] / max(self.spacing)
 
     def kappa2(self) -> Tensor:
-        """``κ² = 8ν/ℓ²``, ``(*batch_shape)``, differentiable in the lengthscale."""
-        return 8.0 * self.nu / self.lengthscale[..., 0, 0] ** 2
+        """``κ² = 8 ν_nominal/ℓ²``, ``(*batch_shape)``, differentiable in the lengthscale."""
+        return 8.0 * self.nu_nominal / self.lengthscale[..., 0, 0] ** 2
 
     def precision(self) -> KnownLogdetSparseLinearOperator:
         """``Q = τ (κ² I + L)^α`` (``N × N``, batch ``(*batch_shape)``) with its exact log-determinant."""
