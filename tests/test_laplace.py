@@ -131,6 +131,10 @@ def make_problem(precision: str, kind: str, *, road: str = "auto", seed: int = 0
         x = torch.rand(m, 2, generator=gen, dtype=torch.float64)
         kernel = gpytorch.kernels.ScaleKernel(LatticeMaternKernel(BOX, 9))
         kernel.base_kernel.lengthscale = 0.5
+    elif precision == "fractional":  # α = 1.5 in 2-D (ν = 1/2): five GMRF blocks behind one W
+        x = torch.rand(m, 2, generator=gen, dtype=torch.float64)
+        kernel = gpytorch.kernels.ScaleKernel(LatticeMaternKernel(BOX, 9, alpha=1.5))
+        kernel.base_kernel.lengthscale = 0.5
     elif precision == "lattice1d":
         x = torch.rand(m, 1, generator=gen, dtype=torch.float64)
         kernel = gpytorch.kernels.ScaleKernel(LatticeMaternKernel([-0.2, 1.2], 30))
@@ -189,7 +193,7 @@ PRECISIONS = ["lattice", "lattice1d", "graph", "sum"]
 
 @needs_cholmod
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", [*PRECISIONS, "fractional"])
 def test_against_dense_reference(precision, kind):
     model, x, y = make_problem(precision, kind)
     value, grads = laplace_value_and_grads(model, x, y)
@@ -301,7 +305,7 @@ def test_newton_failure_names_the_iteration_and_gradient_norm():
 
 
 @needs_cholmod
-@pytest.mark.parametrize("precision", ["lattice", "graph", "lattice1d"])
+@pytest.mark.parametrize("precision", ["lattice", "graph", "lattice1d", "fractional"])
 def test_prediction_against_dense(precision):
     model, x, y = make_problem(precision, "poisson")
     if precision == "graph":

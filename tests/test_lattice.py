@@ -647,8 +647,8 @@ def test_errors():
     assert LatticeMaternKernel([[0.0, 0.0], [1.0, 1.0]], 5, alpha=1).nu_nominal == 0.5  # ν = 0: a lattice GMRF
     with pytest.raises(ValueError, match=r"ν = α − d/2 = -0.5 < 0 in d = 3 dimensions; use alpha ≥ 2"):
         LatticeMaternKernel([[0.0] * 3, [1.0] * 3], 5, alpha=1)
-    with pytest.raises(ValueError, match="alpha must be a positive integer"):
-        LatticeMaternKernel([0.0, 1.0], 5, alpha=1.5)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        LatticeMaternKernel([0.0, 1.0], 5, alpha=-1.5)  # fractional α: tests/test_fractional.py
     with pytest.raises(ValueError, match="isotropic"):
         LatticeMaternKernel([[0.0, 0.0], [1.0, 1.0]], 5, ard_num_dims=2)
     with pytest.raises(ValueError, match="active_dims selects 1 dimensions but the bounds have 2"):

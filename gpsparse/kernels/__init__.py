@@ -52,9 +52,14 @@ MeshMaternKernel
 
 MaternPrecision
 :   The shared structure of ``τ(κ²I + L)^α`` on a fixed sparse Laplacian.
+
+FractionalMaternPrecision
+:   ``(κ²I + L)^{−α}`` for a non-integer ``α`` as a sum of ``m + 1`` GMRFs
+    (positive partial fractions of ``y^β``, ``gpsparse.core.rational``).
 """
 
 from gpsparse.kernels.base import SparsePrecisionAdditiveKernel, SparsePrecisionKernel, is_sparse_precision_kernel
+from gpsparse.kernels.fractional import FractionalMaternPrecision
 from gpsparse.kernels.graph import GraphMaternKernel, graph_laplacian
 from gpsparse.kernels.intrinsic import BesagKernel, BYM2Kernel, IntrinsicAdditiveKernel, RandomWalkKernel
 from gpsparse.kernels.lattice import LatticeMaternKernel
@@ -83,6 +88,7 @@ __all__ = [
     "BYM2Kernel",
     "IntrinsicAdditiveKernel",
     "MaternPrecision",
+    "FractionalMaternPrecision",
     "SpaceTimeKernel",
     "AR1Kernel",
     "OrnsteinUhlenbeckKernel",
