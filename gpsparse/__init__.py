@@ -81,3 +81,7 @@ from gpsparse import kernels  # noqa: E402, F401  (kernels import the operators 
 # isort: split
 # Likelihoods, models and marginal likelihoods of the Laplace approximation (issue 14), as gpytorch has them.
 from gpsparse import likelihoods, mlls, models  # noqa: E402, F401
+
+# isort: split
+# Probe-parallel estimators across processes (torch.distributed), issue 16.
+from gpsparse import distributed  # noqa: E402, F401

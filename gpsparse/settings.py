@@ -82,6 +82,9 @@ class _Settings:
     #: "auto" computes variances exactly at any number of points from a selected inverse of the
     #: precision (banded road, or CHOLMOD when installed) for precisions of at most this many nodes.
     selected_inverse_limit: int = 1_000_000
+    #: Probe-parallel run (``gpsparse.core.config.ProbePartition``) set by
+    #: ``gpsparse.distributed.probe_parallel``; None: this process does every probe.
+    probe_partition: object = None
 
 
 _state = threading.local()
@@ -100,6 +103,15 @@ def _override(**changes):
         yield _state.value
     finally:
         _state.value = previous
+
+
+def probe_partition(partition):
+    """Set the probe partition (a ``gpsparse.core.config.ProbePartition`` or None) for the block.
+
+    The public entry point is ``gpsparse.distributed.probe_parallel``, which
+    builds the partition from a ``torch.distributed`` process group.
+    """
+    return _override(probe_partition=partition)
 
 
 def max_dense_size(elements: int):

@@ -46,6 +46,8 @@ __all__ = [
     "SolverConfig",
     "LogdetConfig",
     "RoadConfig",
+    "ProbePartition",
+    "share",
 ]
 
 METHODS = ("cg", "minres", "bicgstab")
@@ -174,6 +176,50 @@ class LogdetConfig:
 
 
 @dataclass(frozen=True)
+class ProbePartition:
+    """Where this process stands in a probe-parallel run (``gpsparse.distributed``).
+
+    The Krylov road's ``p`` probes (and ``k`` right-hand-side columns) are the
+    same on every rank — drawn from the same generator stream — and rank ``r``
+    of ``world_size`` processes the contiguous block
+    ``torch.tensor_split(arange(p), world_size)[r]`` of them; the results are
+    combined by collectives over ``group``.
+
+    Parameters
+    ----------
+    group : object
+        The ``torch.distributed`` process group (None: the default group).
+        Opaque here: the cores never communicate.
+    rank : int
+        This process's rank within ``group`` (``0 ≤ rank < world_size``).
+    world_size : int
+        Number of processes in ``group`` (≥ 1).
+    backend : str
+        The group's backend (``"gloo"``, ``"nccl"``, …), for the device check.
+    """
+
+    group: Any
+    rank: int
+    world_size: int
+    backend: str = "gloo"
+
+    def __post_init__(self) -> None:
+        if int(self.world_size) < 1 or not 0 <= int(self.rank) < int(self.world_size):
+            raise ValueError(f"rank {self.rank} is not in a group of {self.world_size} processes")
+
+    def block(self, count: int) -> tuple[int, int]:
+        """``(start, stop)`` of this rank's contiguous share of ``count`` items (``tensor_split`` sizes)."""
+        return share(count, self.world_size, self.rank)
+
+
+def share(count: int, parts: int, index: int) -> tuple[int, int]:
+    """``(start, stop)`` of block ``index`` when ``count`` items are split as ``torch.tensor_split`` does."""
+    base, extra = divmod(int(count), int(parts))
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass(frozen=True)
 class RoadConfig:
     """Everything the dispatcher needs to choose and run a road (``gpsparse.linalg.dispatch``).
 
@@ -195,6 +241,10 @@ class RoadConfig:
         Elements a dense road may form (``batch · n · n``).
     solver, logdet : SolverConfig, LogdetConfig
         Settings of the Krylov road's solves and SLQ estimates.
+    partition : ProbePartition, optional
+        Split the Krylov road's probes and right-hand-side columns across the
+        ranks of a process group (``gpsparse.distributed.probe_parallel``);
+        None: one process does all of them.
     """
 
     road: str = "auto"
@@ -204,6 +254,7 @@ class RoadConfig:
     max_dense_size: int = DEFAULT_MAX_DENSE_SIZE
     solver: SolverConfig = field(default_factory=SolverConfig)
     logdet: LogdetConfig = field(default_factory=LogdetConfig)
+    partition: ProbePartition | None = None
 
     def __post_init__(self) -> None:
         if self.road not in ROADS:

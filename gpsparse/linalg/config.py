@@ -72,4 +72,5 @@ def road_config(
         max_dense_size=s.max_dense_size,
         solver=solver,
         logdet=logdet,
+        partition=s.probe_partition,
     )

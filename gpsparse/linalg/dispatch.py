@@ -53,6 +53,7 @@ from gpsparse.core.slq import check_probes, resolve_preconditioner
 from gpsparse.core.solver import solve_with_info
 from gpsparse.core.sparse_ops import to_dense
 from gpsparse.errors import DenseSizeError, EstimatorAccuracyWarning, NotPositiveDefiniteError
+from gpsparse.linalg import parallel
 
 __all__ = [
     "choose_road",
@@ -125,6 +126,14 @@ def solve(values: Tensor, pattern: SparsityPattern, rhs: Tensor, config: RoadCon
             raise ValueError(f"x0 has shape {tuple(x0.shape)} but B has shape {tuple(rhs.shape)}")
         check_operand(x0, values, "x0")
         x03d = flatten_operands(values, x0.detach(), pattern.size[1])[1]
+    partition = config.partition
+    if partition is not None and partition.world_size > 1:
+
+        def local(v, rhs_block):
+            k0, k1 = partition.block(rhs3d.shape[-1])
+            return SparseSolve.apply(v, rhs_block, pattern, config.solver, None if x03d is None else x03d[..., k0:k1])
+
+        return unflatten(parallel.split_solve(partition, local, values2d, rhs3d, pattern))
     return unflatten(SparseSolve.apply(values2d, rhs3d, pattern, config.solver, x03d))
 
 
@@ -299,26 +308,38 @@ def logdet_difference(
     num_probes = max(config_a.logdet.num_probes, config_b.logdet.num_probes)
     probes = rademacher((num, n, num_probes), generator=generator, dtype=values_a.dtype, device=values_a.device)
     groups = torch.tensor_split(torch.arange(num_probes), min(num_probes, max(2, min(16, num_probes // 4))))
-    parts = []
-    for values, pattern, config, exact in (
-        (values_a, pattern_a, config_a, exact_a),
-        (values_b, pattern_b, config_b, exact_b),
+    estimated = []  # (values2d, pattern, logdet config, sign) of each matrix on the estimator
+    for values, pattern, config, exact, sign in (
+        (values_a, pattern_a, config_a, exact_a, 1.0),
+        (values_b, pattern_b, config_b, exact_b, -1.0),
     ):
-        if exact:
-            parts.append(None)
-            continue
-        check_finite(values, "sparse matrix values")
-        values2d = values.expand(*batch, pattern.nnz).reshape(num, pattern.nnz)
-        logdet_config = config.logdet
-        if isinstance(logdet_config.preconditioner, str) and logdet_config.preconditioner != "jacobi":
-            # Build a named preconditioner once, not once per group (Jacobi scaling is done per call, exactly).
-            built = resolve_preconditioner(
-                logdet_config.preconditioner, values2d, pattern, logdet_config.cholesky_refresh
-            )
-            logdet_config = replace(logdet_config, preconditioner=built)
-        parts.append(torch.stack([slq_apply(values2d, pattern, probes[..., g], logdet_config) for g in groups], -1))
-    zero = values_a.new_zeros(num, len(groups))
-    per_group = (zero if parts[0] is None else parts[0]) - (zero if parts[1] is None else parts[1])  # (num, G)
+        if not exact:
+            check_finite(values, "sparse matrix values")
+            values2d = values.expand(*batch, pattern.nnz).reshape(num, pattern.nnz)
+            estimated.append((values2d, pattern, _built_logdet_config(values2d, pattern, config.logdet), sign))
+
+    def group_differences(*values2d, first=0, stop=None):
+        """``(num, stop − first)``: Σ ± estimate of each estimated matrix, on the groups ``first:stop``."""
+        stop = len(groups) if stop is None else stop
+        total = values_a.new_zeros(num, stop - first)
+        for v, (_, pattern, logdet_config, sign) in zip(values2d, estimated):
+            parts = [slq_apply(v, pattern, probes[..., g], logdet_config) for g in groups[first:stop]]
+            total = total + sign * torch.stack(parts, -1) if parts else total
+        return total
+
+    partition = config_a.partition
+    inputs = [e[0] for e in estimated]
+    if partition is not None and partition.world_size > 1:
+        per_group = parallel.split_groups(
+            partition,
+            lambda *args: group_differences(*args[:-2], first=args[-2], stop=args[-1]),
+            inputs,
+            estimated[0][1],
+            probes,
+            len(groups),
+        )
+    else:
+        per_group = group_differences(*inputs)  # (num, G)
     weights = torch.tensor([len(g) / num_probes for g in groups], dtype=values_a.dtype, device=values_a.device)
     difference = (per_group * weights).sum(-1)
     if exact_a:
@@ -333,8 +354,9 @@ def logdet_difference(
         bound = DIFFERENCE_RTOL * difference.detach().abs().reshape(batch) + DIFFERENCE_ATOL
         if bool((stderr > bound).any()):
             worst = int((stderr / bound).reshape(-1).argmax())
+            estimate = float(difference.detach().reshape(-1)[worst])
             warnings.warn(
-                f"the log-determinant difference is estimated as {float(difference.reshape(-1)[worst]):.4g} with an "
+                f"the log-determinant difference is estimated as {estimate:.4g} with an "
                 f"estimated standard error of {float(stderr.reshape(-1)[worst]):.3g} "
                 f"(from {num_probes} shared probes), "
                 f"above {DIFFERENCE_RTOL:g}·|difference| + {DIFFERENCE_ATOL:g}; use more probes "
@@ -344,6 +366,14 @@ def logdet_difference(
                 stacklevel=3,
             )
     return quad, difference.reshape(batch), stderr
+
+
+def _built_logdet_config(values2d, pattern, logdet_config):
+    """Build a named preconditioner once, not once per probe group (Jacobi scaling is done per call, exactly)."""
+    if isinstance(logdet_config.preconditioner, str) and logdet_config.preconditioner != "jacobi":
+        built = resolve_preconditioner(logdet_config.preconditioner, values2d, pattern, logdet_config.cholesky_refresh)
+        return replace(logdet_config, preconditioner=built)
+    return logdet_config
 
 
 def _slq_inv_quad_logdet(values, pattern, rhs, batch, config: RoadConfig, probes, generator):
@@ -356,15 +386,27 @@ def _slq_inv_quad_logdet(values, pattern, rhs, batch, config: RoadConfig, probes
         probes = rademacher(shape, generator=generator, dtype=values.dtype, device=values.device)
     else:
         probes = check_probes(probes, n, num, values)
-    if rhs is None:
-        return None, slq_apply(values2d, pattern, probes, config.logdet).reshape(batch)
-    rhs3d = rhs.expand(*batch, n, rhs.shape[-1]).reshape(num, n, rhs.shape[-1])
-    if config.logdet.gradient == "hutchinson":
-        quad, estimate = slq_apply(values2d, pattern, probes, config.logdet, rhs=rhs3d)
+    rhs3d = None if rhs is None else rhs.expand(*batch, n, rhs.shape[-1]).reshape(num, n, rhs.shape[-1])
+
+    def terms(v, rhs_block, probe_block):
+        return _slq_terms(v, pattern, rhs_block, probe_block, config)
+
+    if config.partition is not None and config.partition.world_size > 1:
+        quad, estimate = parallel.split_inv_quad_logdet(config.partition, terms, values2d, rhs3d, probes, pattern)
     else:
-        estimate = slq_apply(values2d, pattern, probes, config.logdet)
-        quad = SparseInvQuad.apply(values2d, rhs3d, pattern, config.solver)
-    return quad.reshape(*batch, rhs.shape[-1]), estimate.reshape(batch)
+        quad, estimate = terms(values2d, rhs3d, probes)
+    return (None if rhs is None else quad.reshape(*batch, rhs.shape[-1])), estimate.reshape(batch)
+
+
+def _slq_terms(values2d, pattern, rhs3d, probes, config: RoadConfig):
+    """``(inv_quad (B, k) or None, estimate (B,))`` of the SLQ estimator on these probes and columns."""
+    if rhs3d is None:
+        return None, slq_apply(values2d, pattern, probes, config.logdet)
+    if config.logdet.gradient == "hutchinson":
+        return slq_apply(values2d, pattern, probes, config.logdet, rhs=rhs3d)
+    return SparseInvQuad.apply(values2d, rhs3d, pattern, config.solver), slq_apply(
+        values2d, pattern, probes, config.logdet
+    )
 
 
 def _dense_inv_quad_logdet(values, pattern, rhs, batch, config: RoadConfig):
