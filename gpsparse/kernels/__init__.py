@@ -50,6 +50,11 @@ MeshMaternKernel
     with range/σ parameters, optional non-stationary ``κ(s)``, ``τ(s)`` and
     anisotropy; ``log det Q`` from the first-order factor (exact by CHOLMOD).
 
+BarrierMaternKernel
+:   The barrier model (Bakka et al. 2019, R-INLA's ``inla.barrier.pcmatern``) on a
+    mesh: a short range ``f·r`` on barrier triangles, so that correlation flows
+    around barriers instead of across them.
+
 MaternPrecision
 :   The shared structure of ``τ(κ²I + L)^α`` on a fixed sparse Laplacian.
 
@@ -58,6 +63,7 @@ FractionalMaternPrecision
     (positive partial fractions of ``y^β``, ``gpsparse.core.rational``).
 """
 
+from gpsparse.kernels.barrier import BarrierMaternKernel
 from gpsparse.kernels.base import SparsePrecisionAdditiveKernel, SparsePrecisionKernel, is_sparse_precision_kernel
 from gpsparse.kernels.fractional import FractionalMaternPrecision
 from gpsparse.kernels.graph import GraphMaternKernel, graph_laplacian
@@ -81,6 +87,7 @@ __all__ = [
     "graph_laplacian",
     "MarkovMaternKernel",
     "MeshMaternKernel",
+    "BarrierMaternKernel",
     "PCMaternRangePrior",
     "PCMaternSigmaPrior",
     "RandomWalkKernel",

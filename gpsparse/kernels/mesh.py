@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -247,7 +248,7 @@ class MeshMaternKernel(SparsePrecisionKernel):
                 if not isinstance(prior, Prior):
                     raise TypeError(f"expected a gpytorch Prior for {name}_prior, got {type(prior).__name__}")
                 self.register_prior(
-                    f"{name}_prior", prior, lambda m, n=name: getattr(m, n), lambda m, v, n=name: setattr(m, n, v)
+                    f"{name}_prior", prior, partial(_get_attribute, name), partial(_set_attribute, name)
                 )
         for name, basis in (("kappa_coefficients", kappa_basis), ("tau_coefficients", tau_basis)):
             if basis is not None:
@@ -419,6 +420,16 @@ class MeshMaternKernel(SparsePrecisionKernel):
         state["_interp_cache"] = []
         state["_structure"] = None
         return state
+
+
+def _get_attribute(name: str, module):
+    """Prior parameter closure (module-level functions, so that kernels with priors pickle)."""
+    return getattr(module, name)
+
+
+def _set_attribute(name: str, module, value) -> None:
+    """Prior setting closure (module-level, see ``_get_attribute``)."""
+    setattr(module, name, value)
 
 
 def _basis(basis, num_vertices: int, name: str) -> np.ndarray | None:

@@ -8,6 +8,11 @@ Mesh
     stiffness ``G`` (``gpsparse.mesh.fem``) and the barycentric interpolation
     ``W`` (``gpsparse.mesh.locate``).
 
+cells_in_polygon
+:   Indices of the triangles whose centroid lies in a polygon (e.g. the
+    barrier triangles of [`BarrierMaternKernel`][gpsparse.kernels.BarrierMaternKernel];
+    ``gpsparse.mesh.barrier``).
+
 lonlat_to_cartesian
 :   Longitude/latitude in degrees to points on a sphere (for spherical meshes).
 
@@ -15,7 +20,8 @@ The Matérn kernel on a mesh is [`MeshMaternKernel`][gpsparse.kernels.MeshMatern
 its precision structure is ``gpsparse.mesh.spde``.
 """
 
+from gpsparse.mesh.barrier import cells_in_polygon
 from gpsparse.mesh.builders import lonlat_to_cartesian
 from gpsparse.mesh.mesh import Mesh
 
-__all__ = ["Mesh", "lonlat_to_cartesian"]
+__all__ = ["Mesh", "cells_in_polygon", "lonlat_to_cartesian"]
