@@ -32,6 +32,7 @@ def cg(
     atol: float = 0.0,
     max_iters: int | None = None,
     return_tridiag: bool = False,
+    check_every: int | None = None,
 ) -> tuple[Tensor, SolverInfo]:
     r"""Preconditioned conjugate gradients (Hestenes & Stiefel, 1952) for SPD ``A``.
 
@@ -61,6 +62,15 @@ def cg(
     return_tridiag : bool
         Also return the Lanczos tridiagonal matrices of every column in
         ``info.tridiag`` (see [`SolverInfo`][gpsparse.SolverInfo] for layout and padding).
+    check_every : int, optional
+        Host synchronisations: convergence and breakdown are looked at every
+        this many iterations (default 1 on the CPU, 8 on CUDA, where each
+        look waits for the device). Converged columns are frozen on the
+        device in between, so the solution, the iteration counts, the
+        tridiagonals and the errors (with the iteration at which they
+        occurred) are the same for every value; only up to
+        ``check_every − 1`` no-op iterations may run after the last column
+        converged.
 
     Returns
     -------
@@ -99,10 +109,12 @@ def cg(
     """
     with torch.no_grad():
         problem = _Problem(matvec, rhs, x0, preconditioner, rtol, atol, max_iters)
-        return _cg(problem, return_tridiag)
+        return _cg(problem, return_tridiag, check_every=check_every)
 
 
-def _cg(pb: _Problem, return_tridiag: bool, fused: bool | None = None) -> tuple[Tensor, SolverInfo]:
+def _cg(
+    pb: _Problem, return_tridiag: bool, fused: bool | None = None, check_every: int | None = None
+) -> tuple[Tensor, SolverInfo]:
     """The CG loop on a validated problem; ``fused`` chooses the column work (``gpsparse.core.fused.column_ops``).
 
     The solution update ``x ← x + αⱼ‖b‖pⱼ`` is applied in the same pass as
@@ -140,6 +152,11 @@ def _cg(pb: _Problem, return_tridiag: bool, fused: bool | None = None) -> tuple[
     if ops.fused:
         ops.own(x, r, p)
 
+    if check_every is None:
+        check_every = 8 if pb.device.type == "cuda" else 1
+    if int(check_every) < 1:
+        raise ValueError(f"check_every must be a positive integer, got {check_every}")
+    window: list[tuple] = []  # per iteration since the last look: (iteration, bad_a, pAp, bad_m, rz, nonfinite)
     iteration = 0
     while running and iteration < pb.max_iters:
         iteration += 1
@@ -165,21 +182,40 @@ def _cg(pb: _Problem, return_tridiag: bool, fused: bool | None = None) -> tuple[
 
         bad_a = active & (pAp <= 0)
         nonfinite = _nonfinite(rr)
-        if precond is None:
-            bad_a_any, nonfinite_any, running = _flags(bad_a, nonfinite, ~converged)
-            bad_m_any = False
-        else:
+        bad_m = torch.zeros_like(bad_a)
+        if precond is not None:
             bad_m = ~converged & (rz <= 0)
             nonfinite = nonfinite | _nonfinite(rz)
-            bad_a_any, bad_m_any, nonfinite_any, running = _flags(bad_a, bad_m, nonfinite, ~converged)
+        window.append((iteration, bad_a, pAp, bad_m, rz, nonfinite))
+        if len(window) >= check_every or iteration >= pb.max_iters:
+            running = _look(window, converged)
+            window = []
+    if window:
+        _look(window, converged)
+
+    if return_tridiag and len(alphas) > 1:
+        steps = int(its.max())  # no-op iterations after the last convergence (check_every > 1) are dropped
+        alphas, betas = alphas[: max(steps, 1)], betas[: max(steps, 1)]
+    return pb.finish(its, rr, converged, _tridiag(alphas, betas, its, pb.dtype) if return_tridiag else None)
+
+
+def _look(window: list[tuple], converged: Tensor) -> bool:
+    """One host synchronisation for the iterations in ``window``: raise at the first bad one, else ``not converged``.
+
+    Raises ``NotPositiveDefiniteError`` (``pᵀAp ≤ 0``, then ``rᵀM⁻¹r ≤ 0``) or
+    ``SolverBreakdownError`` (NaN/Inf) naming the earliest iteration at which it occurred.
+    """
+    masks = [m for _, bad_a, _, bad_m, _, nonfinite in window for m in (bad_a, bad_m, nonfinite)]
+    flags = _flags(*masks, ~converged)
+    for position, (iteration, bad_a, pAp, bad_m, rz, nonfinite) in enumerate(window):
+        bad_a_any, bad_m_any, nonfinite_any = flags[3 * position : 3 * position + 3]
         if bad_a_any:
             _raise_not_pd("pᵀAp", "matrix", bad_a, pAp, iteration)
         if bad_m_any:
             _raise_not_pd("rᵀM⁻¹r", "preconditioner", bad_m, rz, iteration)
         if nonfinite_any:
             _raise_nonfinite("cg", nonfinite, iteration)
-
-    return pb.finish(its, rr, converged, _tridiag(alphas, betas, its, pb.dtype) if return_tridiag else None)
+    return flags[-1]
 
 
 def _tridiag(alphas: list[Tensor], betas: list[Tensor], its: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
