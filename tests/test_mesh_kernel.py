@@ -29,7 +29,7 @@ from gpsparse.kernels import (
 from gpsparse.kernels.mesh import NORMALIZATIONS
 from gpsparse.mesh import Mesh
 from gpsparse.mesh.operator import SPDEPrecisionLinearOperator
-from gpsparse.mesh.spde import MeshSPDEStructure, matern_tau, sphere_variance_factor
+from gpsparse.mesh.spde import MeshSPDEStructure, matern_tau, nominal_smoothness, sphere_variance_factor
 from gpsparse.operators.precision import NoisySparsePrecisionLinearOperator
 
 F64 = torch.float64
@@ -109,6 +109,9 @@ def gradients(value: torch.Tensor, model) -> dict:
 CASES = {
     "plane": dict(mesh=lambda: irregular_mesh(), alpha=2),
     "plane-alpha3": dict(mesh=lambda: irregular_mesh(6), alpha=3),
+    "plane-alpha1": dict(mesh=lambda: irregular_mesh(), alpha=1),
+    "plane-alpha1-anisotropic-nonstationary": dict(mesh=lambda: irregular_mesh(), alpha=1, anisotropy=True, basis=True),
+    "sphere-alpha1": dict(mesh=lambda: Mesh.icosphere(2), alpha=1),
     "sphere": dict(mesh=lambda: Mesh.icosphere(2), alpha=2, normalization="sphere"),
     "interval-alpha1": dict(mesh=lambda: Mesh.interval(np.sort(np.random.default_rng(0).uniform(0, 1, 30))), alpha=1),
     "interval-alpha2": dict(mesh=lambda: Mesh.interval(np.linspace(0, 1, 25)), alpha=2),
@@ -578,7 +581,8 @@ def test_priors_enter_the_marginal_likelihood():
 def test_bad_kernel_arguments_raise():
     plane, sphere, line = irregular_mesh(4), Mesh.icosphere(1), Mesh.interval([0.0, 1.0, 2.0])
     cases = [
-        (lambda: MeshMaternKernel(plane, alpha=1), ValueError, "ν = α − d/2 = 0"),
+        (lambda: MeshMaternKernel(plane, alpha=0), ValueError, "positive integer"),
+        (lambda: MeshMaternKernel(sphere, alpha=1, normalization="sphere"), ValueError, "alpha ≥ 2"),
         (lambda: MeshMaternKernel(plane, alpha=1.5), ValueError, "positive integer"),
         (lambda: MeshMaternKernel(plane, alpha=True), ValueError, "positive integer"),
         (lambda: MeshMaternKernel(plane, normalization="sphere"), ValueError, "spherical mesh"),
@@ -596,6 +600,9 @@ def test_bad_kernel_arguments_raise():
             make()
     assert NORMALIZATIONS == ("rinla", "sphere")
     MeshMaternKernel(line, alpha=1)  # ν = 1/2 on an interval: valid
+    MeshMaternKernel(plane, alpha=1)  # ν = 0 in 2-D: the GMRF on the mesh (nominal κ, τ)
+    with pytest.raises(ValueError, match="ν = α − d/2 = 0"):
+        matern_tau(torch.tensor(2.0), torch.tensor(1.0), 1, 2)  # without nominal=True
 
 
 def test_bad_inputs_raise():
@@ -693,3 +700,45 @@ def test_operator_keeps_its_type_where_the_factorised_form_survives():
     torch.testing.assert_close((Q * 3.0).logdet(), torch.logdet(3.0 * Q.to_dense()), **EXACT)
     noisy = gpsparse.SparsePrecisionLinearOperator(Q).add_diagonal(torch.tensor(0.5, dtype=F64))
     assert isinstance(noisy, NoisySparsePrecisionLinearOperator)
+
+
+# ------------------------------------------------------------------ α = 1 in 2-D (ν = 0)
+def test_alpha1_in_2d_uses_rinla_nominal_kappa_and_tau():
+    """κ = √(8·½)/ρ = 2/ρ and τ² = Γ(½)/(Γ(3/2)·4π·κ·σ²) = 1/(2πκσ²) (R-INLA's inla.spde2.matern, alpha = 1)."""
+    for mesh in (irregular_mesh(), Mesh.icosphere(1)):
+        kernel = MeshMaternKernel(mesh, alpha=1).double()
+        kernel.range, kernel.sigma = 0.4, 1.7
+        assert kernel.nu == 0 and kernel.nu_nominal == 0.5
+        torch.testing.assert_close(kernel.kappa(), torch.tensor(2 / 0.4, dtype=F64), **EXACT)
+        torch.testing.assert_close(kernel.tau() ** 2, torch.tensor(1 / (2 * math.pi * 5.0 * 1.7**2), dtype=F64))
+        c = torch.from_numpy(mesh.lumped_mass())
+        G = torch.from_numpy(mesh.stiffness_matrix().toarray())
+        expected = 1 / (2 * math.pi * 5.0 * 1.7**2) * (25.0 * torch.diag(c) + G)
+        torch.testing.assert_close(kernel.precision().to_dense(), expected, **EXACT)
+    assert nominal_smoothness(1, 2) == (0.5, 1.5) and nominal_smoothness(2, 2) == (1.0, 2.0)
+    assert MeshMaternKernel(irregular_mesh(), alpha=2).nu_nominal == 1.0
+
+
+def _alpha1_centre_variance(m: int) -> float:
+    mesh = Mesh.regular_grid([[-4, -4], [4, 4]], m, diagonal="alternate")
+    kernel = MeshMaternKernel(mesh, alpha=1).double()
+    kernel.range, kernel.sigma = 1.0, 1.0
+    with torch.no_grad():
+        values = kernel.precision().values.numpy()
+    p = kernel.structure().pattern
+    Q = sp.csc_matrix(sp.csr_matrix((values, p.col.numpy(), p.crow.numpy()), shape=p.size))
+    e = np.zeros(m * m)
+    e[(m * m) // 2] = 1.0
+    return float(spl.spsolve(Q, e)[(m * m) // 2])
+
+
+def test_alpha1_in_2d_variance_grows_like_the_log_of_the_mesh_size():
+    """The ν = 0 caveat, measured: variance 4.6σ², 6.2σ², 7.6σ² at h = ρ/4, ρ/8, ρ/16 (centre of [−4ρ, 4ρ]²).
+
+    Each halving of h adds ≈ log 2/(2πτ²) = 1.39σ² (τ² = 1/(2πκσ²), κ = 2/ρ): the continuum limit diverges.
+    """
+    variances = [_alpha1_centre_variance(m) for m in (33, 65, 129)]
+    np.testing.assert_allclose(variances, [4.647, 6.167, 7.602], rtol=2e-3)
+    steps = np.diff(variances)
+    tau2 = 1 / (2 * math.pi * 2.0)  # κ = 2, σ = 1
+    np.testing.assert_allclose(steps, math.log(2) / (2 * math.pi * tau2), rtol=0.1)

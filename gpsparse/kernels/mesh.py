@@ -18,7 +18,9 @@ $$
 Q_1 = τ^2 (κ^2 \tilde C + G), \qquad Q_2 = τ^2 (κ^2 \tilde C + G)\, \tilde C^{-1} (κ^2 \tilde C + G)
 $$
 
-(and recursively for higher integer ``α``), read at arbitrary points by the
+(and recursively for higher integer ``α``; ``α = 1`` in 2-D, where ``ν = 0``,
+is the valid GMRF ``Q_1`` with R-INLA's nominal ``κ``, ``τ``: see the
+kernel's notes), read at arbitrary points by the
 barycentric interpolation ``W`` of the mesh: the covariance of the
 observations is ``W Q⁻¹ Wᵀ``
 ([`SparsePrecisionLinearOperator`][gpsparse.SparsePrecisionLinearOperator]).
@@ -97,9 +99,9 @@ class MeshMaternKernel(SparsePrecisionKernel):
         Interval, planar or spherical mesh; inputs are points of its space
         (``(n, 1)``, ``(n, 2)`` or ``(n, 3)`` on its sphere) inside it.
     alpha : int
-        ``α`` with ``ν = α − d/2 > 0``: ``α ≥ 1`` on intervals, ``α ≥ 2`` in
-        2-D (``α = 2``: ν = 1 in 2-D, R-INLA's default). Non-stationary or
-        anisotropic fields: ``α ≤ 2``.
+        ``α ≥ 1``, smoothness ``ν = α − d/2`` (``α = 2``: ν = 1 in 2-D,
+        R-INLA's default; ``α = 1`` in 2-D, ν = 0: see *α = 1 in 2-D* below).
+        Non-stationary or anisotropic fields: ``α ≤ 2``.
     range_prior, sigma_prior : gpytorch Prior, optional
         E.g. [`PCMaternRangePrior`][gpsparse.kernels.mesh.PCMaternRangePrior] and
         [`PCMaternSigmaPrior`][gpsparse.kernels.mesh.PCMaternSigmaPrior] (the
@@ -131,6 +133,8 @@ class MeshMaternKernel(SparsePrecisionKernel):
         ``(*batch_shape, 1)``: ``ρ`` and ``σ`` (settable).
     nu : float
         ``α − d/2``.
+    nu_nominal : float
+        ``ν``, or 1/2 for ``α = 1`` in 2-D (R-INLA's nominal smoothness).
 
     Notes
     -----
@@ -162,12 +166,30 @@ class MeshMaternKernel(SparsePrecisionKernel):
     natural boundary condition (boundary vertices carry half or a quarter of
     the mass) against the lattice's mirror half a cell beyond the last node.
 
+    *α = 1 in 2-D* (ν = 0). ``Q = τ²(κ²C̃ + G)`` is a valid GMRF on the mesh,
+    but its continuum limit is not a field with point values: the Matérn
+    variance with ν = 0 diverges like ``log(1/(κh))/(2πτ²)`` as the mesh size
+    ``h → 0``, so the model depends on the mesh (finer mesh, rougher field).
+    As R-INLA's ``inla.spde2.matern(alpha = 1)`` does, ``κ`` and ``τ`` follow
+    the nominal smoothness ``ν_nom = 1/2``, ``α_nom = 3/2``
+    (``gpsparse.mesh.spde.nominal_smoothness``): ``κ = 2/ρ`` and
+    ``τ² = Γ(1/2)/(Γ(3/2)·4πκσ²) = 1/(2πκσ²)``, so values are comparable with
+    R-INLA fits; ``σ`` is then a *nominal* scale, not the marginal standard
+    deviation. Measured at the centre of a regular mesh of ``[−4ρ, 4ρ]²``
+    (alternating diagonals): the variance is 4.6σ², 6.2σ², 7.6σ², 9.0σ² for
+    ``h = ρ/4, ρ/8, ρ/16, ρ/32`` (growing by ``log 2/(2πτ²)``, 1.39σ² per
+    halving), the correlation at ``ρ/2``, ``ρ``, ``1.5ρ`` 0.18, 0.049, 0.015 at
+    ``h = ρ/4`` and 0.11, 0.030, 0.009 at ``h = ρ/16`` (``exp(−κr)``: 0.37,
+    0.135, 0.050). Scale the variance with ``ScaleKernel`` or a learnable
+    ``σ`` accordingly; ``normalization="sphere"`` is refused (the series diverges).
+
     Raises
     ------
     ValueError
-        ``ν ≤ 0``, bad bases (shape, non-finite), anisotropy off the plane,
-        ``normalization="sphere"`` off the sphere, inputs of the wrong
-        dimension, non-finite, off the sphere or outside the mesh.
+        ``α < 1`` or not an integer, bad bases (shape, non-finite), anisotropy
+        off the plane, ``normalization="sphere"`` off the sphere or with
+        ``α = 1``, inputs of the wrong dimension, non-finite, off the sphere
+        or outside the mesh.
 
     References
     ----------
@@ -213,15 +235,12 @@ class MeshMaternKernel(SparsePrecisionKernel):
         if isinstance(alpha, bool) or int(alpha) != alpha or int(alpha) < 1:
             raise ValueError(f"alpha must be a positive integer, got {alpha!r}")
         alpha = int(alpha)
-        if not alpha > mesh.dim / 2:
-            raise ValueError(
-                f"alpha = {alpha} gives smoothness ν = α − d/2 = {alpha - mesh.dim / 2:g} ≤ 0 on a {mesh.dim}-D "
-                f"mesh; use alpha ≥ {mesh.dim // 2 + 1}"
-            )
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if normalization == "sphere" and mesh.kind != "sphere":
             raise ValueError(f"normalization='sphere' needs a spherical mesh, got a {mesh.kind} mesh")
+        if normalization == "sphere" and alpha < 2:
+            raise ValueError("normalization='sphere' needs alpha ≥ 2: the sphere's variance series diverges for ν = 0")
         if logdet_road not in LOGDET_ROADS:
             raise ValueError(f"logdet_road must be one of {LOGDET_ROADS}, got {logdet_road!r}")
         if anisotropy and mesh.kind != "plane":
@@ -294,13 +313,18 @@ class MeshMaternKernel(SparsePrecisionKernel):
         return self.alpha - self.mesh.dim / 2
 
     @property
+    def nu_nominal(self) -> float:
+        """``ν``, or R-INLA's nominal 1/2 when ``ν = 0`` (α = 1 in 2-D): the smoothness in ``κ = √(8 ν_nominal)/ρ``."""
+        return self.nu if self.nu > 0 else 0.5
+
+    @property
     def num_nodes(self) -> int:
         """Mesh vertices ``N``."""
         return self.mesh.num_vertices
 
     def kappa(self) -> Tensor:
         """``κ(s)``: ``(*batch_shape)`` for a stationary field, ``(*batch_shape, N)`` with ``kappa_basis``."""
-        kappa = math.sqrt(8 * self.nu) / self.range[..., 0]
+        kappa = math.sqrt(8 * self.nu_nominal) / self.range[..., 0]
         if self.kappa_basis is None:
             return kappa
         basis = self._basis_tensor(self.kappa_basis)
@@ -308,8 +332,8 @@ class MeshMaternKernel(SparsePrecisionKernel):
 
     def tau(self) -> Tensor:
         """``τ(s)``, R-INLA's formula at the stationary ``κ_ρ``, ``σ``: ``(*batch_shape)`` or ``(*batch_shape, N)``."""
-        kappa = math.sqrt(8 * self.nu) / self.range[..., 0]
-        tau = matern_tau(kappa, self.sigma[..., 0], self.alpha, self.mesh.dim)
+        kappa = math.sqrt(8 * self.nu_nominal) / self.range[..., 0]
+        tau = matern_tau(kappa, self.sigma[..., 0], self.alpha, self.mesh.dim, nominal=True)
         if self.normalization == "sphere":
             tau = tau * sphere_variance_factor(kappa, self.mesh.radius, self.alpha).sqrt()
         if self.tau_basis is None:

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from gpsparse.core.pattern import SparsityPattern
 
-__all__ = ["MeshSPDEStructure", "matern_tau", "sphere_variance_factor"]
+__all__ = ["MeshSPDEStructure", "matern_tau", "nominal_smoothness", "sphere_variance_factor"]
 
 
 class MeshSPDEStructure:
@@ -324,14 +324,31 @@ def _pattern(structure: sp.csr_matrix) -> SparsityPattern:
 
 
 # ---------------------------------------------------------------- normalisation
-def matern_tau(kappa: Tensor, sigma: Tensor, alpha: int, dim: int) -> Tensor:
+def nominal_smoothness(alpha: float, dim: int) -> tuple[float, float]:
+    r"""R-INLA's nominal ``(ν, α)``: ``ν_nom = max(1/2, α − d/2)``, ``α_nom = max(ν_nom + d/2, α)``.
+
+    Equal to ``(α − d/2, α)`` whenever ``ν = α − d/2 ≥ 1/2``; for ``α = 1`` in
+    2-D (``ν = 0``) it is ``(1/2, 3/2)``: the smoothness R-INLA's
+    ``inla.spde2.matern`` puts into ``κ = √(8ν_nom)/ρ`` and its nominal ``τ``.
+    """
+    nu = max(0.5, alpha - dim / 2.0)
+    return nu, max(nu + dim / 2.0, float(alpha))
+
+
+def matern_tau(kappa: Tensor, sigma: Tensor, alpha: int, dim: int, *, nominal: bool = False) -> Tensor:
     r"""R-INLA's ``τ`` for marginal standard deviation ``σ`` in ``ℝ^d``: ``σ² = Γ(ν) / (Γ(α)(4π)^{d/2} κ^{2ν} τ²)``.
 
     ``ν = α − d/2 > 0``. Differentiable in ``κ`` and ``σ`` (any broadcastable shapes).
+    ``nominal=True`` allows ``ν ≤ 0`` (``α = 1`` in 2-D) with R-INLA's nominal
+    ``(ν, α)`` of ``nominal_smoothness`` in the formula (``τ² = 1/(2πκσ²)`` for
+    ``α = 1``, ``d = 2``): there ``σ`` is a nominal scale, not the marginal
+    standard deviation (which diverges as the mesh is refined).
     """
     nu = alpha - dim / 2.0
     if nu <= 0:
-        raise ValueError(f"alpha = {alpha} gives ν = α − d/2 = {nu:g} ≤ 0 in d = {dim}: no finite variance")
+        if not nominal:
+            raise ValueError(f"alpha = {alpha} gives ν = α − d/2 = {nu:g} ≤ 0 in d = {dim}: no finite variance")
+        nu, alpha = nominal_smoothness(alpha, dim)
     log_c = math.lgamma(nu) - math.lgamma(alpha) - (dim / 2.0) * math.log(4 * math.pi)
     return torch.exp(0.5 * log_c - nu * torch.log(kappa) - torch.log(sigma))
 
