@@ -113,9 +113,9 @@ def test_unconverged_gradient_matches_finite_differences(problem, K):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 11 item 7, left open: K = 40 on this lattice (exactly repeated eigenvalues, Ritz pairs "
-    "converged to 1e-17) — the K-step map's derivative is ill-conditioned in float64 (central differences "
-    "drift with the step; gpsparse.core.slq.adjoint_backward)",
+    reason="issue 11 item 7, left open: at K = 40 the exact derivative of the estimate is ill-posed in float64 "
+    "(66.24 at the float64 matrix, about -1.1e6 after a sub-ulp 1e-17 perturbation: "
+    "tests/test_lanczos_converged_reference.py); the adjoint returns 3.8e7, float64 central differences 65.5",
 )
 def test_converged_ritz_pairs_gradient_matches_finite_differences(problem):
     indices, values, probes, n = problem

@@ -207,15 +207,20 @@ def adjoint_backward(
       (measured: 10⁻¹¹–10⁻⁹ at K = 40 and 64 with Ritz residuals 10⁻¹⁷–10⁻²³),
       and matches dense references in training (tests/test_gpytorch_end_to_end.py,
       61 of 64 probes in that state). One known exception (issue 11, item 7,
-      open): on the 12 × 12 lattice ``(0.1 I + L)²`` (exactly repeated
-      eigenvalues) at K = 40 it is 10⁶ times the finite differences of the
-      estimate — but there the derivative of the K-step map itself is
-      ill-conditioned in float64: the central differences drift from 64.95 to
-      65.83 as the step goes from 10⁻³ to 10⁻⁸, and an independent exact
-      formula (``dq = ⟨∂q/∂T, E_KK⟩ + 2β_K Σ_j (∂q/∂T)_{jK} e_{K+1}ᵀ
-      Dp_{j−1}(T₂)[E] e₁`` on the 2K-step projection ``T₂``, ``E = Q₂ᵀ dA Q₂``,
-      evaluated in 50-digit arithmetic; it agrees with this recursion to 10⁻⁷
-      at K = 10 and 30) gives yet another 10⁷-sized value.
+      open): on the 12 × 12 lattice ``(0.1 I + L)²`` (exactly degenerate
+      eigenvalues) at K = 40 it returns ``3.8·10⁷`` along a direction where the
+      exact derivative of the estimate is ``66.24``. That exact derivative is
+      ill-posed in float64 (docs/mathematics.md, "Gradient of the K-step
+      estimate after Ritz convergence"): by Gauss-quadrature exactness
+      ``q_K = ‖z‖² e₁ᵀ f(T_K) e₁ = zᵀ h(A) z`` with ``h`` the degree-``2K−1``
+      Hermite interpolant of ``f`` at the Ritz values, and ``∂q_K/∂A =
+      Dh(A)[z zᵀ] = ‖z‖² Q₂ Dh(T₂)[e₁e₁ᵀ] Q₂ᵀ`` (``T₂``, ``Q₂``: the same run
+      continued to ``2K − 1`` steps; verified against 60-digit finite
+      differences to 25 digits). A Ritz value converged onto a degenerate
+      eigenvalue sits where ``h''`` is about ``10²³``, so a split ``δ`` of that
+      eigenvalue adds ``~h''·w·δ`` to the derivative: a ``1e-17`` relative
+      (sub-ulp) perturbation of the values moves it to ``−1.1·10⁶``
+      (tests/test_lanczos_converged_reference.py).
 
     Both give ``∂/∂a[e] = Σ_k (C⁻ᵀ left_k)[i_e] (C⁻ᵀ q_k)[j_e]``, a sampled product.
     """
