@@ -185,7 +185,8 @@ def main() -> None:
         "|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['workload']} | {r['ranks']} | {r['step_s']:.2f} | {r['speedup']:.2f} | {r['max_rel_diff_vs_first']:.1e} |"
+        f"| {r['workload']} | {r['ranks']} | {r['step_s']:.2f} | {r['speedup']:.2f} "
+        f"| {r['max_rel_diff_vs_first']:.1e} |"
         for r in rows
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
