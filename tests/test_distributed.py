@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pathlib
 import time
+import warnings
 
 import pytest
 import torch
@@ -33,9 +34,14 @@ pytestmark = pytest.mark.skipif(
 
 
 def _worker(rank: int, world: int, directory: str, names, errors: bool) -> None:
+    import faulthandler
+    import os
     import sys
 
     sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: the loopback device, whatever the hostname says
+    trace = open(f"{directory}/rank{rank}.trace", "w")  # noqa: SIM115 (kept open until the process ends)
+    faulthandler.enable(file=trace, all_threads=True)  # a C++ abort still leaves the Python stacks behind
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
     try:
@@ -45,11 +51,12 @@ def _worker(rank: int, world: int, directory: str, names, errors: bool) -> None:
         if errors:
             results["errors"] = distributed_cases.error_cases(rank)
         torch.save(results, f"{directory}/rank{rank}.pt")
+        dist.barrier()  # no rank closes its connections while a peer's last collective is in flight
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, directory: pathlib.Path, names=None, errors: bool = False) -> list[dict]:
+def _run_ranks(world: int, directory: pathlib.Path, names, errors: bool) -> None:
     context = mp.start_processes(
         _worker, args=(world, str(directory), names, errors), nprocs=world, join=False, start_method="spawn"
     )
@@ -59,7 +66,33 @@ def _spawn(world: int, directory: pathlib.Path, names=None, errors: bool = False
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {world} ranks did not finish within {TIMEOUT:.0f} s")
-    return [torch.load(directory / f"rank{r}.pt") for r in range(world)]
+
+
+def _traces(directory: pathlib.Path) -> str:
+    return "\n".join(
+        f"--- {t.name}:\n{t.read_text()}" for t in sorted(directory.glob("rank*.trace")) if t.stat().st_size
+    )
+
+
+def _spawn(world: int, directory: pathlib.Path, names=None, errors: bool = False) -> list[dict]:
+    """Run the cases on ``world`` gloo ranks; the results of every rank.
+
+    A rank killed by a signal (a C++ abort inside gloo's transport, seen once in CI while the ranks
+    connected) is retried once in a fresh rendezvous directory, with a warning that carries the Python
+    stacks the aborted ranks left; a Python error, a wrong result or a second abort fails the test.
+    """
+    for attempt in (0, 1):
+        where = directory / f"attempt{attempt}"
+        where.mkdir()
+        try:
+            _run_ranks(world, where, names, errors)
+        except mp.ProcessExitedException as error:
+            if error.signal_name is None or attempt == 1:
+                raise AssertionError(f"{error}\n{_traces(where)}") from error
+            warnings.warn(f"gloo ranks aborted ({error}); retrying once\n{_traces(where)}", stacklevel=2)
+            continue
+        return [torch.load(where / f"rank{r}.pt") for r in range(world)]
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
