@@ -606,7 +606,9 @@ def test_random_walk_scaling_is_exact_beyond_the_dense_size(order):
     dense = RandomWalkKernel(torch.tensor(t), order=order, max_dense_nodes=2048)
     selected = RandomWalkKernel(torch.tensor(t), order=order)
     assert (dense.scale_method, selected.scale_method) == ("dense", "selected")
-    assert selected.scale == pytest.approx(dense.scale, rel=1e-9)
+    # RW2 on 300 irregular gaps has a condition number ~1e10: either road is accurate to ~1e-16 × that, and
+    # agreement to 1e-9 held with one LAPACK build but not another (4e-9 with numpy 2.4.6's OpenBLAS).
+    assert selected.scale == pytest.approx(dense.scale, rel=1e-9 if order == 1 else 1e-7)
     assert selected.structure.pseudo_logdet == pytest.approx(dense.structure.pseudo_logdet, rel=1e-9)
     size = 20_000 if order == 1 else 3_000  # RW2's condition number grows like N⁴ (class notes)
     big = RandomWalkKernel(torch.linspace(0.0, 1.0, size, dtype=torch.float64), order=order)

@@ -157,7 +157,11 @@ def test_finite_differences_of_the_objective(prior, kind):
     model, x, y = make_model(prior, kind, road="dense")
     _, grads = laplace_value_and_grads(model, x, y)
     mll = LaplaceMarginalLogLikelihood(model.likelihood, model)
-    h = 1e-5
+    # The objective is smooth to ~1e-9 only: Newton stops at the rounding floor of the solve (the "stalled"
+    # rule of NewtonOptions), and on RW2 (condition ~1e10) that floor leaves mode errors that move the
+    # objective by ~1e-9 where a ±h step changes the iteration count (measured: h = 1e-5 off by 5e-4 in
+    # d/dconstant, 2e-3 in d/doutputscale at h = 1e-4, while h = 1e-3 agrees to 1e-8).
+    h = 1e-3
     for (name, param), grad in zip(model.named_parameters(), grads):
         flat = param.data.view(-1)
         for i in range(flat.numel()):
