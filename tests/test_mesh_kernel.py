@@ -581,10 +581,11 @@ def test_priors_enter_the_marginal_likelihood():
 def test_bad_kernel_arguments_raise():
     plane, sphere, line = irregular_mesh(4), Mesh.icosphere(1), Mesh.interval([0.0, 1.0, 2.0])
     cases = [
-        (lambda: MeshMaternKernel(plane, alpha=0), ValueError, "positive integer"),
+        (lambda: MeshMaternKernel(plane, alpha=0), ValueError, "≥ 1"),
         (lambda: MeshMaternKernel(sphere, alpha=1, normalization="sphere"), ValueError, "alpha ≥ 2"),
-        (lambda: MeshMaternKernel(plane, alpha=1.5), ValueError, "positive integer"),
-        (lambda: MeshMaternKernel(plane, alpha=True), ValueError, "positive integer"),
+        (lambda: MeshMaternKernel(plane, alpha=0.9), ValueError, "≥ 1"),  # fractional α: tests/test_mesh_fractional.py
+        (lambda: MeshMaternKernel(plane, alpha=True), ValueError, "positive number"),
+        (lambda: MeshMaternKernel(plane, alpha=float("nan")), ValueError, "≥ 1"),
         (lambda: MeshMaternKernel(plane, normalization="sphere"), ValueError, "spherical mesh"),
         (lambda: MeshMaternKernel(plane, normalization="magic"), ValueError, "normalization"),
         (lambda: MeshMaternKernel(sphere, anisotropy=True), ValueError, "planar mesh"),

@@ -200,10 +200,8 @@ class MeshSPDEStructure:
         t = self.tensors(kappa2.dtype, kappa2.device)
         if not self.general:
             alpha = self.alpha
-            coefficients = torch.stack([kappa2 ** (alpha - k) * math.comb(alpha, k) for k in range(1, alpha + 1)], -1)
-            mass = (kappa2**alpha).unsqueeze(-1) * t["lumped"]  # κ^{2α} c̃_i: the k = 0 term, on the diagonal
-            values = (coefficients @ t["basis"]).index_add(-1, t["diag"], mass)
-            return (tau**2).unsqueeze(-1) * values
+            coefficients = torch.stack([kappa2 ** (alpha - k) * math.comb(alpha, k) for k in range(alpha + 1)], -1)
+            return self.polynomial_values(coefficients, tau)
         k2, tau_n = _per_vertex(kappa2, self.num_nodes), _per_vertex(tau, self.num_nodes)
         h = self._weights(anisotropy, kappa2)
         row, col = t["row"], t["col"]
@@ -214,6 +212,22 @@ class MeshSPDEStructure:
             second = _pairs(h) @ t["second"] if h is not None else t["second"][0]
             inner = (k2[..., row] + k2[..., col]) * first + second + _diagonal_term(k2**2, t, self.num_nodes)
         return (tau_n[..., row] * tau_n[..., col]) * t["scale"] * inner
+
+    def polynomial_values(self, coefficients: Tensor, tau: Tensor) -> Tensor:
+        r"""Values ``(*batch, nnz)`` of ``τ² D p(L) D`` with ``p(L) = Σ_{k=0}^{α} a_k L^k`` (stationary, isotropic).
+
+        ``coefficients``: ``(*batch, α + 1)`` the ``a_k``; ``tau``: ``(*batch)``.
+        ``Q_α`` is ``a_k = \binom{α}{k} κ^{2(α−k)}``; other polynomials of degree
+        ``≤ α`` (the blocks of a fractional field, ``gpsparse.mesh.fractional``) share the pattern.
+        """
+        if self.general:
+            raise ValueError("polynomial_values needs a stationary isotropic structure (general=False)")
+        t = self.tensors(coefficients.dtype, coefficients.device)
+        if coefficients.shape[-1] != self.alpha + 1:
+            raise ValueError(f"expected {self.alpha + 1} coefficients, got {coefficients.shape[-1]}")
+        mass = coefficients[..., :1] * t["lumped"]  # a_0 c̃_i: the k = 0 term, on the diagonal
+        values = (coefficients[..., 1:] @ t["basis"]).index_add(-1, t["diag"], mass)
+        return (tau**2).unsqueeze(-1) * values
 
     def factor_values(self, kappa2: Tensor, anisotropy: Tensor | None = None) -> Tensor:
         """Values of ``M = 𝒦² + L_H`` ``(*batch, nnz_M)`` on ``factor_pattern``."""
