@@ -63,11 +63,12 @@ def _median_time(call, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def _case(values, pattern, n: int, k: int, iterations: int, repeats: int) -> dict:
-    """SpMM and CG timings with ``k`` columns (medians and minima, ms)."""
+def _case(values, pattern, n: int, k: int, iterations: int, repeats: int, method: str = "cg") -> dict:
+    """SpMM and CG (or Lanczos without re-orthogonalisation) timings with ``k`` columns (medians and minima, ms)."""
     import torch
 
     from gpsparse.core.krylov import cg
+    from gpsparse.core.lanczos import lanczos
     from gpsparse.core.solver import buffered_matvec
     from gpsparse.core.sparse_ops import spmm
 
@@ -77,11 +78,14 @@ def _case(values, pattern, n: int, k: int, iterations: int, repeats: int) -> dic
     matvec = buffered_matvec(values, pattern)
 
     def run(its):
+        if method == "lanczos":
+            return lanczos(matvec, rhs, its, reorthogonalize=False)
         return cg(matvec, rhs, rtol=0.0, max_iters=its)
 
     one_med, one_min = _median_time(lambda: run(1), repeats)
     many_med, many_min = _median_time(lambda: run(iterations), repeats)
-    assert run(iterations)[1].iterations == iterations
+    if method == "cg":
+        assert run(iterations)[1].iterations == iterations
     per_med = (many_med - one_med) / (iterations - 1)
     per_min = (many_min - one_min) / (iterations - 1)
     return {
@@ -96,7 +100,7 @@ def _case(values, pattern, n: int, k: int, iterations: int, repeats: int) -> dic
     }
 
 
-def worker(m: int, columns: list[int], iterations: int, repeats: int) -> dict:
+def worker(m: int, columns: list[int], iterations: int, repeats: int, method: str = "cg") -> dict:
     """Measure SpMM and CG per-iteration times in this process (the gpsparse found on sys.path)."""
     import torch
 
@@ -112,13 +116,19 @@ def worker(m: int, columns: list[int], iterations: int, repeats: int) -> dict:
     pattern = SparsityPattern(crow, col, (n, n), symmetric=True)
     out = {"library": os.path.dirname(os.path.dirname(gpsparse.__file__)), "n": n, "nnz": int(a.nnz), "cases": []}
     for k in columns:
-        out["cases"].append(_case(values, pattern, n, k, iterations, repeats))
+        out["cases"].append(_case(values, pattern, n, k, iterations, repeats, method))
     return out
 
 
 def run_worker(tree: str, args) -> dict:
     env = dict(os.environ, PYTHONPATH=tree, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    spec = {"m": args.m, "columns": args.columns, "iterations": args.iterations, "repeats": args.repeats}
+    spec = {
+        "m": args.m,
+        "columns": args.columns,
+        "iterations": args.iterations,
+        "repeats": args.repeats,
+        "method": args.method,
+    }
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/")
     if proc.returncode != 0:
@@ -127,19 +137,22 @@ def run_worker(tree: str, args) -> dict:
 
 
 def render(meta: dict, rows: list[dict]) -> str:
+    lanczos = meta.get("method") == "lanczos"
+    name = "Lanczos" if lanczos else "CG"
+    detail = "Lanczos without re-orthogonalisation (basis stored)" if lanczos else "CG without preconditioner"
     lines = [
-        f"# CG per iteration vs bare SpMM — n = {meta['n']:,}, {meta['nnz'] / meta['n']:.1f} nnz/row, float64",
+        f"# {name} per iteration vs bare SpMM — n = {meta['n']:,}, {meta['nnz'] / meta['n']:.1f} nnz/row, float64",
         "",
         f"Machine: {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}, numba {meta['numba']}, "
         f"python {meta['python']}; **1 thread** (torch, numba, MKL); {meta['date']}; "
         f"load average {meta['load_start']:.2f} at start, {meta['load_end']:.2f} at end (shared machine). "
-        f"Matrix (κ²I + L)², κ = 0.5, on a {meta['m']}² Neumann lattice; CG without preconditioner, "
+        f"Matrix (κ²I + L)², κ = 0.5, on a {meta['m']}² Neumann lattice; {detail}, "
         f"per iteration = (t({meta['iterations']} its) − t(1 it)) / {meta['iterations'] - 1}, medians of "
         f"{meta['repeats']} runs per round; median over {meta['rounds']} rounds of the medians, and in brackets "
         "from the minima (min over runs and rounds of t(N), t(1), SpMM); SpMM = "
         "torch CSR addmm (int32) into a reused buffer, same k, same process.",
         "",
-        "| code | k | SpMM ms | CG per-iteration ms | per-iteration / SpMM | load (median) |",
+        f"| code | k | SpMM ms | {name} per-iteration ms | per-iteration / SpMM | load (median) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -160,11 +173,15 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "krylov_iteration_cpu_1thread"))
+    parser.add_argument("--method", choices=("cg", "lanczos"), default="cg", help="lanczos: no re-orthogonalisation")
+    parser.add_argument("--out", help="default results/krylov_iteration_cpu_1thread (lanczos: lanczos_iteration_…)")
     args = parser.parse_args()
+    if args.out is None:
+        stem = "krylov_iteration_cpu_1thread" if args.method == "cg" else "lanczos_iteration_cpu_1thread"
+        args.out = os.path.join(HERE, "results", stem)
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(worker(spec["m"], spec["columns"], spec["iterations"], spec["repeats"])))
+        print(json.dumps(worker(spec["m"], spec["columns"], spec["iterations"], spec["repeats"], spec["method"])))
         return
 
     import numba
@@ -218,6 +235,7 @@ def main() -> None:
         "iterations": args.iterations,
         "repeats": args.repeats,
         "rounds": args.rounds,
+        "method": args.method,
         "trees": dict(trees),
     }
     table = render(meta, rows)

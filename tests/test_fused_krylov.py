@@ -16,6 +16,7 @@ from gpsparse.core.fused import FUSED_MIN_ENTRIES, FusedColumnOps, TorchColumnOp
 from gpsparse.core.krylov import cg
 from gpsparse.core.krylov.cg import _cg
 from gpsparse.core.krylov.problem import _Problem
+from gpsparse.core.lanczos import _lanczos
 
 DTYPES = [torch.float64, torch.float32]
 # (*batch, k) of the blocks; n = 37 rows (not a multiple of the 4 partial sums)
@@ -155,3 +156,77 @@ def test_public_cg_uses_the_fused_kernels_on_cpu(monkeypatch):
     x, info = cg(lambda v: d.unsqueeze(-1) * v, b, rtol=1e-10)
     assert calls and len(calls) == info.iterations == 3
     torch.testing.assert_close(x, 1.0 / d, **close(torch.float64))
+
+
+# ------------------------------------------------------------------ Lanczos
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_lanczos_kernels_match_torch(dtype, shape):
+    batch, k = shape
+    w, q_prev, q, r = _blocks(batch, k, dtype, 4)
+    beta, scale = torch.rand(*batch, k, dtype=dtype), torch.rand(*batch, k, dtype=dtype)
+    fused, plain = FusedColumnOps(column_dot, w), TorchColumnOps(column_dot)
+    for previous in (None, q_prev):
+        r1, r2 = torch.empty_like(r), torch.empty_like(r)
+        a1 = fused.lanczos_alpha(w, previous, beta, q, r1)
+        a2 = plain.lanczos_alpha(w, previous, beta, q, r2)
+        torch.testing.assert_close(a1, a2, **close(dtype))
+        torch.testing.assert_close(r1, r2, **close(dtype))
+    K, n = 4, r.shape[-2]
+    stores = [torch.zeros(*batch, k, K, n, dtype=dtype) for _ in range(2)]
+    news = [torch.empty_like(r) for _ in range(2)]
+    fused.lanczos_next(r, scale, news[0], stores[0], 2)
+    plain.lanczos_next(r, scale, news[1], stores[1], 2)
+    torch.testing.assert_close(news[0], news[1], **close(dtype))
+    torch.testing.assert_close(stores[0], stores[1], **close(dtype))
+    torch.testing.assert_close(stores[0][..., 2, :], news[0].mT, rtol=0, atol=0)
+    assert not stores[0][..., [0, 1, 3], :].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("reorthogonalize", [False, True])
+def test_lanczos_fused_matches_torch(dtype, shape, reorthogonalize):
+    """Whole runs, fused vs torch column work, and against the differentiable (out-of-place) oracle."""
+    batch, k = shape
+    A = _spd(37, batch, dtype)
+    (v,) = _blocks(batch, k, dtype, 1)
+
+    # Without re-orthogonalisation rounding differences grow with the steps (lost orthogonality): 6 steps in float32.
+    steps = 12 if reorthogonalize or dtype == torch.float64 else 6
+
+    def run(fused, differentiable=False):
+        return _lanczos(lambda x: A @ x, v, steps, reorthogonalize, 1e-10, differentiable=differentiable, fused=fused)
+
+    one, two, oracle = run(True), run(False), run(None, differentiable=True)
+    for other in (two, oracle):
+        for name in ("alpha", "beta", "basis", "residual"):
+            torch.testing.assert_close(getattr(one, name), getattr(other, name), **close(dtype), msg=name)
+        assert torch.equal(one.steps, other.steps)
+
+
+def test_lanczos_fused_stops_at_an_invariant_subspace():
+    """A start vector in a 3-dimensional invariant subspace: β₃ = 0, the rest is padding on both paths."""
+    A = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    v = torch.zeros(40, 2, dtype=torch.float64)
+    v[[2, 7, 30], 0] = 1.0
+    v[:, 1] = torch.linspace(1.0, 2.0, 40, dtype=torch.float64)
+    one = _lanczos(lambda x: A @ x, v, 8, True, 1e-10, differentiable=False, fused=True)
+    two = _lanczos(lambda x: A @ x, v, 8, True, 1e-10, differentiable=False, fused=False)
+    assert one.steps.tolist() == two.steps.tolist() == [3, 8]
+    for name in ("alpha", "beta", "basis", "residual"):
+        torch.testing.assert_close(getattr(one, name), getattr(two, name), rtol=1e-12, atol=1e-14, msg=name)
+    assert not one.basis[:, 0, 3:].any()
+
+
+def test_public_lanczos_uses_the_fused_kernels_on_large_cpu_blocks(monkeypatch):
+    from gpsparse.core import fused as module
+    from gpsparse.core.lanczos import lanczos
+
+    calls = []
+    original = module._lanczos_next_kernel
+    monkeypatch.setattr(module, "_lanczos_next_kernel", lambda *a: calls.append(1) or original(*a))
+    n = FUSED_MIN_ENTRIES // 4 + 1
+    A = torch.linspace(1.0, 3.0, n, dtype=torch.float64)
+    lanczos(lambda x: A.unsqueeze(-1) * x, torch.ones(n, 4, dtype=torch.float64), 5, reorthogonalize=False)
+    assert len(calls) == 4

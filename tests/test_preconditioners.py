@@ -609,7 +609,6 @@ def test_incomplete_cholesky_with_shift_takes_the_first_shift_that_works():
         incomplete_cholesky_with_shift(negative)
 
 
-
 def test_a_shifted_incomplete_cholesky_leaves_no_reference_cycles():
     """The failed attempts' exceptions are not kept: their tracebacks would hold the frames (and the callers'
     frames with their arrays) in a cycle that only the cyclic collector frees — in the Laplace Newton loop at
@@ -627,6 +626,7 @@ def test_a_shifted_incomplete_cholesky_leaves_no_reference_cycles():
     finally:
         if enabled:
             gc.enable()
+
 
 def _factorises(A, shift) -> bool:
     try:

@@ -16,7 +16,16 @@ kernels here do CG's vector work in three passes:
   numbers.
 
 That is 10 block passes per unpreconditioned CG iteration instead of 12, and
-no GEMM. Coefficients (``α``, ``β``: ``(*batch, k)``) are applied exactly as
+no GEMM. Lanczos (``gpsparse.core.lanczos``) uses two more:
+
+* ``lanczos_alpha(w, q_prev, β, q, r)``: ``r ← w − β q_prev`` and ``α = qᵀr``
+  per column in one pass (then ``residual`` for ``r ← r − αq`` with ``‖r‖²``);
+* ``lanczos_next(r, scale, q_new, store, k)``: ``q_new ← r/β`` written both to
+  the ``(n, k)`` block and, transposed, to the stored basis (``(p, K, n)``,
+  each column's basis contiguous) in one pass — the strided copy torch makes of
+  that transpose was a third of a 16-column iteration.
+
+Coefficients (``α``, ``β``: ``(*batch, k)``) are applied exactly as
 torch's ``addcmul`` does (``r − α·q``, ``x + (αs)·p``, ``z + β·p`` in the
 block's dtype), so iterates agree with the torch path to rounding; the column
 sums accumulate in float64 (also for float32 blocks) with four interleaved
@@ -182,6 +191,81 @@ def _step_kernel(x, p, z, alpha, beta):
                 p[s, i, c] = z[s, i, c] + b[c] * pv
 
 
+@_jit
+def _lanczos_alpha_vector(w, q_prev, beta, q, r, first):
+    """``r ← w − β q_prev`` (or ``r ← w``) on 1-D arrays; returns ``qᵀ r`` (float64, four partial sums)."""
+    n = w.shape[0]
+    if first:
+        beta = 0.0 * beta
+    s0 = s1 = s2 = s3 = 0.0
+    m = n - n % 4
+    for i in range(0, m, 4):
+        v0 = w[i] - beta * q_prev[i]
+        v1 = w[i + 1] - beta * q_prev[i + 1]
+        v2 = w[i + 2] - beta * q_prev[i + 2]
+        v3 = w[i + 3] - beta * q_prev[i + 3]
+        r[i], r[i + 1], r[i + 2], r[i + 3] = v0, v1, v2, v3
+        s0 += np.float64(q[i]) * np.float64(v0)
+        s1 += np.float64(q[i + 1]) * np.float64(v1)
+        s2 += np.float64(q[i + 2]) * np.float64(v2)
+        s3 += np.float64(q[i + 3]) * np.float64(v3)
+    for i in range(m, n):
+        v = w[i] - beta * q_prev[i]
+        r[i] = v
+        s0 += np.float64(q[i]) * np.float64(v)
+    return (s0 + s1) + (s2 + s3)
+
+
+@_jit
+def _lanczos_alpha_kernel(w, q_prev, beta, q, r, out, first):
+    """``r ← w − β q_prev`` (``r ← w`` when ``first``) and ``out[s, c] = Σ_i q r`` (float64), one pass."""
+    nb, n, k = w.shape
+    acc = np.zeros(k, np.float64)
+    for s in range(nb):
+        if k == 1:
+            out[s, 0] = _lanczos_alpha_vector(
+                w[s].reshape(n), q_prev[s].reshape(n), beta[s, 0], q[s].reshape(n), r[s].reshape(n), first
+            )
+            continue
+        acc[:] = 0.0
+        b = beta[s]
+        for i in range(n):
+            for c in range(k):
+                v = w[s, i, c] if first else w[s, i, c] - b[c] * q_prev[s, i, c]
+                r[s, i, c] = v
+                acc[c] += np.float64(q[s, i, c]) * np.float64(v)
+        for c in range(k):
+            out[s, c] = acc[c]
+
+
+#: Rows per cache block of the transposed basis write (``256 × k`` entries: a few tens of kB).
+_TRANSPOSE_ROWS = 256
+
+
+@_jit
+def _lanczos_next_kernel(r, scale, q_new, store, step):
+    """``q_new ← scale · r`` per column, also written to the basis ``store[s, c, step, :]``, one pass."""
+    nb, n, k = r.shape
+    for s in range(nb):
+        a = scale[s]
+        if k == 1:
+            rs, qs, st, a0 = r[s].reshape(n), q_new[s].reshape(n), store[s, 0, step], a[0]
+            for i in range(n):
+                v = rs[i] * a0
+                qs[i] = v
+                st[i] = v
+            continue
+        for start in range(0, n, _TRANSPOSE_ROWS):  # cache blocks: contiguous runs in every column's basis
+            stop = min(n, start + _TRANSPOSE_ROWS)
+            for i in range(start, stop):
+                for c in range(k):
+                    q_new[s, i, c] = r[s, i, c] * a[c]
+            for c in range(k):
+                column = store[s, c, step]
+                for i in range(start, stop):
+                    column[i] = q_new[s, i, c]
+
+
 # --------------------------------------------------------------------------------------------------
 # the two implementations of the column work
 # --------------------------------------------------------------------------------------------------
@@ -202,6 +286,9 @@ class TorchColumnOps:
     def __init__(self, dot: Callable[[Tensor, Tensor], Tensor]) -> None:
         self._dot = dot
 
+    def own(self, *blocks: Tensor) -> None:
+        """Register the solver's long-lived buffers (nothing to do for torch operations)."""
+
     def dot(self, a: Tensor, b: Tensor) -> Tensor:
         """Column inner products ``Σ_i a[..., i, c] b[..., i, c]``: ``(*batch, k)``."""
         return self._dot(a, b)
@@ -215,6 +302,20 @@ class TorchColumnOps:
         """``x ← x + α p``, then ``p ← z + β p``, in place (coefficients ``(*batch, k)``)."""
         x.addcmul_(p, alpha.unsqueeze(-2))
         torch.addcmul(z, p, beta.unsqueeze(-2), out=p)
+
+    def lanczos_alpha(self, w: Tensor, q_prev: Tensor | None, beta: Tensor, q: Tensor, r: Tensor) -> Tensor:
+        """Lanczos: ``r ← w − β q_prev`` (``r ← w`` without ``q_prev``); returns ``α = qᵀ r`` per column."""
+        if q_prev is None:
+            r.copy_(w)
+        else:
+            torch.addcmul(w, q_prev, -beta.unsqueeze(-2), out=r)
+        return self.dot(q, r)
+
+    def lanczos_next(self, r: Tensor, scale: Tensor, q_new: Tensor, store: Tensor, step: int) -> Tensor:
+        """Lanczos: ``q_new ← scale · r`` per column, stored as ``store[..., c, step, :]`` (``(*batch, p, K, n)``)."""
+        torch.mul(r, scale.unsqueeze(-2), out=q_new)
+        store[..., step, :] = q_new.mT
+        return q_new
 
 
 class FusedColumnOps(TorchColumnOps):
@@ -290,6 +391,24 @@ class FusedColumnOps(TorchColumnOps):
             return super().step(x, p, z, alpha, beta)
         _step_kernel(xv, pv, zv, self._coef(alpha), self._coef(beta))
         return None
+
+    def lanczos_alpha(self, w: Tensor, q_prev: Tensor | None, beta: Tensor, q: Tensor, r: Tensor) -> Tensor:
+        wv, qv, rv = self._array(w), self._array(q), self._array(r)
+        pv = qv if q_prev is None else self._array(q_prev)
+        if wv is None or qv is None or rv is None or pv is None:
+            return super().lanczos_alpha(w, q_prev, beta, q, r)
+        out, view = self._out()
+        _lanczos_alpha_kernel(wv, pv, self._coef(beta), qv, rv, view, q_prev is None)
+        return out
+
+    def lanczos_next(self, r: Tensor, scale: Tensor, q_new: Tensor, store: Tensor, step: int) -> Tensor:
+        rv, qv = self._array(r), self._array(q_new)
+        ok = store.device.type == "cpu" and store.dtype == self.dtype and store.is_contiguous()
+        if rv is None or qv is None or not ok:
+            return super().lanczos_next(r, scale, q_new, store, step)
+        sv = store.detach().view(-1, *store.shape[-3:]).numpy()
+        _lanczos_next_kernel(rv, self._coef(scale), qv, sv, int(step))
+        return q_new
 
 
 def column_ops(block: Tensor, dot: Callable[[Tensor, Tensor], Tensor], *, fused: bool | None = None) -> TorchColumnOps:

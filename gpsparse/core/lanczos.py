@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from gpsparse.core.columns import column_dot
+from gpsparse.core.fused import column_ops
 from gpsparse.core.krylov.problem import Matvec, _checked, _where
 from gpsparse.core.quadrature import tridiagonal
 from gpsparse.errors import SolverBreakdownError
@@ -241,11 +242,19 @@ def _validate_forward(matvec, v, num_lanczos, breakdown_tol) -> float:
 
 
 def _lanczos(
-    matvec: Matvec, v: Tensor, K: int, reorthogonalize: bool, tol: float, *, differentiable: bool
+    matvec: Matvec,
+    v: Tensor,
+    K: int,
+    reorthogonalize: bool,
+    tol: float,
+    *,
+    differentiable: bool,
+    fused: bool | None = None,
 ) -> LanczosDecomposition:
     """The forward loop. ``differentiable=True`` uses no in-place writes (lists, then stack), so plain
     autograd can run through it: that is the test oracle of
-    ``lanczos_adjoint``."""
+    ``lanczos_adjoint``. Otherwise the column work runs through ``gpsparse.core.fused.column_ops``
+    (``fused``: its choice; the numba kernels on large CPU blocks by default)."""
     *batch, n, p = v.shape
     dtype, device = v.dtype, v.device
     columns = (*batch, p)
@@ -258,6 +267,11 @@ def _lanczos(
         store = torch.empty(*batch, p, K, n, dtype=dtype, device=device)
         basis = store.movedim(-1, -3)
         r = torch.empty_like(q)  # own buffer for the residual (matvec may return a reused buffer)
+        spare = torch.empty_like(q)  # the third vector buffer (q_{k+1} overwrites q_{k−1})
+        ops = column_ops(q, column_dot, fused=fused)
+        ops.own(q, r, spare)
+        if K:
+            basis[..., 0] = q
     stored: list[Tensor] = []
     alphas: list[Tensor] = []
     betas: list[Tensor] = []
@@ -271,20 +285,16 @@ def _lanczos(
 
     k = 0
     for k in range(K):
-        if differentiable:
-            stored.append(q)
-        else:
-            basis[..., k] = q
         w = matvec(q)
         # r = w − β_{k−1} q_{k−1};  α = q_kᵀ r;  r ← r − α q_k
         if differentiable:
+            stored.append(q)
             r = w if q_prev is None else torch.addcmul(w, q_prev, -beta_prev.unsqueeze(-2))
-        elif q_prev is None:
-            r.copy_(w)
+            alpha = column_dot(q, r)
+            r = torch.addcmul(r, q, -alpha.unsqueeze(-2))
         else:
-            torch.addcmul(w, q_prev, -beta_prev.unsqueeze(-2), out=r)
-        alpha = column_dot(q, r)
-        r = torch.addcmul(r, q, -alpha.unsqueeze(-2), out=None if differentiable else r)
+            alpha = ops.lanczos_alpha(w, q_prev, beta_prev, q, r)
+            norm2 = ops.residual(r, q, alpha)  # ‖r‖² in the same pass (stale after re-orthogonalisation)
         if reorthogonalize:  # classical Gram–Schmidt twice ("twice is enough")
             if differentiable:
                 Q = torch.stack(stored, dim=-1)
@@ -293,14 +303,15 @@ def _lanczos(
             else:
                 for _ in range(2):
                     r.sub_(_project(store[..., : k + 1, :], r))
+                norm2 = ops.dot(r, r)
         alpha = torch.where(active, alpha, one)
         alphas.append(alpha)
         steps = steps + active
+        beta = torch.linalg.vector_norm(r, dim=-2) if differentiable else norm2.clamp_min(0).sqrt()
         if k == K - 1:
             _check_finite(alpha, None, k)
-            residual = torch.where(active, torch.linalg.vector_norm(r, dim=-2), zero)
+            residual = torch.where(active, beta, zero)
             break
-        beta = torch.linalg.vector_norm(r, dim=-2)
         anorm2 = torch.maximum(anorm2, torch.where(active, alpha * alpha + beta_prev * beta_prev + beta * beta, zero))
         stop = active & ((beta <= tol * torch.sqrt(anorm2)) | (k + 1 >= n))
         active = active & ~stop
@@ -310,9 +321,9 @@ def _lanczos(
         if differentiable:
             q_prev, q = q, r * scale
         else:
-            # recycle the buffer of q_{k−1} for q_{k+1} (q_k stays as q_prev)
-            new = torch.empty_like(q) if q_prev is None else q_prev
-            q_prev, q = q, torch.mul(r, scale, out=new)
+            # recycle the buffer of q_{k−1} for q_{k+1} (q_k stays as q_prev); q_{k+1} also goes to the basis
+            new = spare if q_prev is None else q_prev
+            q_prev, q = q, ops.lanczos_next(r, scale.squeeze(-2), new, store, k + 1)
         beta_prev = beta
         if not _check_finite(alpha, beta, k):  # every column has stopped: the rest is padding
             break
