@@ -230,3 +230,27 @@ def test_public_lanczos_uses_the_fused_kernels_on_large_cpu_blocks(monkeypatch):
     A = torch.linspace(1.0, 3.0, n, dtype=torch.float64)
     lanczos(lambda x: A.unsqueeze(-1) * x, torch.ones(n, 4, dtype=torch.float64), 5, reorthogonalize=False)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reorthogonalize", [False, True])
+def test_fused_lanczos_columns_do_not_depend_on_their_neighbours(dtype, reorthogonalize):
+    """Each column's coefficients are the same bits alone or with others (probe-parallel runs split the columns)."""
+    (v,) = _blocks((), 5, dtype, 1, n=41)
+
+    def matvec(x):  # tridiagonal (3, −1): elementwise, so itself the same bits for any number of columns
+        y = 3.0 * x
+        y[1:] -= x[:-1]
+        y[:-1] -= x[1:]
+        return y
+
+    def run(block):
+        return _lanczos(matvec, block, 10, reorthogonalize, 1e-10, differentiable=False, fused=True)
+
+    together = run(v)
+    for c in range(5):
+        alone = run(v[:, c : c + 1].contiguous())
+        torch.testing.assert_close(alone.alpha[0], together.alpha[c], rtol=0, atol=0)
+        torch.testing.assert_close(alone.beta[0], together.beta[c], rtol=0, atol=0)
+    pair = run(v[:, 1:3].contiguous())
+    torch.testing.assert_close(pair.alpha, together.alpha[1:3], rtol=0, atol=0)

@@ -114,17 +114,19 @@ def _dot_vector(a, b):
 def _dot_kernel(a, b, out):
     """``out[s, c] = Σ_i a[s, i, c] b[s, i, c]`` (float64 accumulation), one pass over ``a`` and ``b``."""
     nb, n, k = a.shape
-    acc = np.zeros(k, np.float64)
+    acc = np.zeros((k, 4), np.float64)
+    m = n - n % 4
     for s in range(nb):
         if k == 1:
             out[s, 0] = _dot_vector(a[s].reshape(n), b[s].reshape(n))
             continue
         acc[:] = 0.0
         for i in range(n):
+            lane = i & 3 if i < m else 0
             for c in range(k):
-                acc[c] += np.float64(a[s, i, c]) * np.float64(b[s, i, c])
+                acc[c, lane] += np.float64(a[s, i, c]) * np.float64(b[s, i, c])
         for c in range(k):
-            out[s, c] = acc[c]
+            out[s, c] = (acc[c, 0] + acc[c, 1]) + (acc[c, 2] + acc[c, 3])
 
 
 @_jit
@@ -154,7 +156,8 @@ def _residual_vector(r, q, alpha):
 def _residual_kernel(r, q, alpha, out):
     """``r[s, :, c] ← r[s, :, c] − α[s, c] q[s, :, c]`` and ``out[s, c] = ‖r[s, :, c]‖²``, one pass."""
     nb, n, k = r.shape
-    acc = np.zeros(k, np.float64)
+    acc = np.zeros((k, 4), np.float64)
+    m = n - n % 4
     for s in range(nb):
         if k == 1:
             out[s, 0] = _residual_vector(r[s].reshape(n), q[s].reshape(n), alpha[s, 0])
@@ -162,12 +165,13 @@ def _residual_kernel(r, q, alpha, out):
         acc[:] = 0.0
         a = alpha[s]
         for i in range(n):
+            lane = i & 3 if i < m else 0
             for c in range(k):
                 v = r[s, i, c] - a[c] * q[s, i, c]
                 r[s, i, c] = v
-                acc[c] += np.float64(v) * np.float64(v)
+                acc[c, lane] += np.float64(v) * np.float64(v)
         for c in range(k):
-            out[s, c] = acc[c]
+            out[s, c] = (acc[c, 0] + acc[c, 1]) + (acc[c, 2] + acc[c, 3])
 
 
 @_jit
@@ -195,22 +199,23 @@ def _step_kernel(x, p, z, alpha, beta):
 def _lanczos_alpha_vector(w, q_prev, beta, q, r, first):
     """``r ← w − β q_prev`` (or ``r ← w``) on 1-D arrays; returns ``qᵀ r`` (float64, four partial sums)."""
     n = w.shape[0]
-    if first:
-        beta = 0.0 * beta
     s0 = s1 = s2 = s3 = 0.0
     m = n - n % 4
     for i in range(0, m, 4):
-        v0 = w[i] - beta * q_prev[i]
-        v1 = w[i + 1] - beta * q_prev[i + 1]
-        v2 = w[i + 2] - beta * q_prev[i + 2]
-        v3 = w[i + 3] - beta * q_prev[i + 3]
+        if first:
+            v0, v1, v2, v3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+        else:
+            v0 = w[i] - beta * q_prev[i]
+            v1 = w[i + 1] - beta * q_prev[i + 1]
+            v2 = w[i + 2] - beta * q_prev[i + 2]
+            v3 = w[i + 3] - beta * q_prev[i + 3]
         r[i], r[i + 1], r[i + 2], r[i + 3] = v0, v1, v2, v3
         s0 += np.float64(q[i]) * np.float64(v0)
         s1 += np.float64(q[i + 1]) * np.float64(v1)
         s2 += np.float64(q[i + 2]) * np.float64(v2)
         s3 += np.float64(q[i + 3]) * np.float64(v3)
     for i in range(m, n):
-        v = w[i] - beta * q_prev[i]
+        v = w[i] if first else w[i] - beta * q_prev[i]
         r[i] = v
         s0 += np.float64(q[i]) * np.float64(v)
     return (s0 + s1) + (s2 + s3)
@@ -220,7 +225,8 @@ def _lanczos_alpha_vector(w, q_prev, beta, q, r, first):
 def _lanczos_alpha_kernel(w, q_prev, beta, q, r, out, first):
     """``r ← w − β q_prev`` (``r ← w`` when ``first``) and ``out[s, c] = Σ_i q r`` (float64), one pass."""
     nb, n, k = w.shape
-    acc = np.zeros(k, np.float64)
+    acc = np.zeros((k, 4), np.float64)
+    m = n - n % 4
     for s in range(nb):
         if k == 1:
             out[s, 0] = _lanczos_alpha_vector(
@@ -230,12 +236,13 @@ def _lanczos_alpha_kernel(w, q_prev, beta, q, r, out, first):
         acc[:] = 0.0
         b = beta[s]
         for i in range(n):
+            lane = i & 3 if i < m else 0
             for c in range(k):
                 v = w[s, i, c] if first else w[s, i, c] - b[c] * q_prev[s, i, c]
                 r[s, i, c] = v
-                acc[c] += np.float64(q[s, i, c]) * np.float64(v)
+                acc[c, lane] += np.float64(q[s, i, c]) * np.float64(v)
         for c in range(k):
-            out[s, c] = acc[c]
+            out[s, c] = (acc[c, 0] + acc[c, 1]) + (acc[c, 2] + acc[c, 3])
 
 
 #: Rows per cache block of the transposed basis write (``256 × k`` entries: a few tens of kB).

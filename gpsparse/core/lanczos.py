@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from gpsparse.core.columns import column_dot
-from gpsparse.core.fused import column_ops
+from gpsparse.core.fused import column_ops, fused_available
 from gpsparse.core.krylov.problem import Matvec, _checked, _where
 from gpsparse.core.quadrature import tridiagonal
 from gpsparse.errors import SolverBreakdownError
@@ -241,6 +241,10 @@ def _validate_forward(matvec, v, num_lanczos, breakdown_tol) -> float:
     return tol
 
 
+#: Rows per column (``B·n``) from which the Lanczos loop uses the fused kernels by default.
+FUSED_MIN_ROWS = 1 << 12
+
+
 def _lanczos(
     matvec: Matvec,
     v: Tensor,
@@ -254,21 +258,29 @@ def _lanczos(
     """The forward loop. ``differentiable=True`` uses no in-place writes (lists, then stack), so plain
     autograd can run through it: that is the test oracle of
     ``lanczos_adjoint``. Otherwise the column work runs through ``gpsparse.core.fused.column_ops``
-    (``fused``: its choice; the numba kernels on large CPU blocks by default)."""
+    (``fused``: the numba kernels; by default for CPU float32/float64 blocks of at least
+    ``FUSED_MIN_ROWS`` rows per column, whatever the number of columns: each column's coefficients
+    are then the same bits however many columns run together — what probe-parallel runs rely on)."""
     *batch, n, p = v.shape
     dtype, device = v.dtype, v.device
     columns = (*batch, p)
-    norm = torch.linalg.vector_norm(v, dim=-2)
-    q = v / norm.unsqueeze(-2)
-    if not differentiable:
-        q = q.contiguous()
+    if differentiable:
+        norm = torch.linalg.vector_norm(v, dim=-2)
+        q = v / norm.unsqueeze(-2)
+    else:
+        if fused is None:  # by rows, not columns: a column's arithmetic must not depend on how many run with it
+            fused = fused_available() and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
+            fused = fused and v.numel() // max(p, 1) >= FUSED_MIN_ROWS
+        ops = column_ops(v, column_dot, fused=fused)
+        v = v.detach().contiguous()
+        norm = ops.dot(v, v).sqrt() if ops.fused else torch.linalg.vector_norm(v, dim=-2)
+        q = (v / norm.unsqueeze(-2)).contiguous()
         # Storage (*batch, p, K, n): each column's basis is one contiguous K × n block, so that the
         # re-orthogonalisation is a batched GEMV over it; `basis` is the (*batch, n, p, K) view of it.
         store = torch.empty(*batch, p, K, n, dtype=dtype, device=device)
         basis = store.movedim(-1, -3)
         r = torch.empty_like(q)  # own buffer for the residual (matvec may return a reused buffer)
         spare = torch.empty_like(q)  # the third vector buffer (q_{k+1} overwrites q_{k−1})
-        ops = column_ops(q, column_dot, fused=fused)
         ops.own(q, r, spare)
         if K:
             basis[..., 0] = q
@@ -294,7 +306,10 @@ def _lanczos(
             r = torch.addcmul(r, q, -alpha.unsqueeze(-2))
         else:
             alpha = ops.lanczos_alpha(w, q_prev, beta_prev, q, r)
-            norm2 = ops.residual(r, q, alpha)  # ‖r‖² in the same pass (stale after re-orthogonalisation)
+            if ops.fused:
+                norm2 = ops.residual(r, q, alpha)  # ‖r‖² in the same pass (stale after re-orthogonalisation)
+            else:
+                r.addcmul_(q, alpha.unsqueeze(-2), value=-1.0)
         if reorthogonalize:  # classical Gram–Schmidt twice ("twice is enough")
             if differentiable:
                 Q = torch.stack(stored, dim=-1)
@@ -303,11 +318,12 @@ def _lanczos(
             else:
                 for _ in range(2):
                     r.sub_(_project(store[..., : k + 1, :], r))
-                norm2 = ops.dot(r, r)
+                if ops.fused:
+                    norm2 = ops.dot(r, r)
         alpha = torch.where(active, alpha, one)
         alphas.append(alpha)
         steps = steps + active
-        beta = torch.linalg.vector_norm(r, dim=-2) if differentiable else norm2.clamp_min(0).sqrt()
+        beta = norm2.clamp_min(0).sqrt() if not differentiable and ops.fused else torch.linalg.vector_norm(r, dim=-2)
         if k == K - 1:
             _check_finite(alpha, None, k)
             residual = torch.where(active, beta, zero)
