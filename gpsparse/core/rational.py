@@ -80,6 +80,22 @@ class StieltjesApproximation:
         y = np.asarray(y, dtype=np.float64)
         return self.constant + (self.residues * y[..., None] / (1.0 + self.poles * y[..., None])).sum(-1)
 
+    def terms(self) -> list[tuple[float, float | None]]:
+        """``(weight, p)`` per GMRF block: ``(c₀, None)`` if ``c₀ > 0``, then ``(r_i, p_i)`` for ``r_i > 0``."""
+        terms = [(self.constant, None)] if self.constant > 0 else []
+        return terms + [(float(r), float(p)) for r, p in zip(self.residues, self.poles) if r > 0]
+
+    def warn_if_poor(self, limit: float = 1e-2, stacklevel: int = 3) -> None:
+        """A ``UserWarning`` when the uniform error exceeds ``limit`` (covariance errors of that size)."""
+        if self.error > limit:
+            bound = f"{limit:.0e}".replace("e-0", "e-")
+            warnings.warn(
+                f"the rational approximation of y^{self.beta:.3g} with {self.residues.size} partial fractions has "
+                f"uniform error {self.error:.2g} (> {bound}, covariance errors of that size relative to the "
+                "variance); raise rational_order (≤ 8) or pick α nearer an integer + 1/2",
+                stacklevel=stacklevel + 1,
+            )
+
 
 def stieltjes_approximation(beta: float, order: int) -> StieltjesApproximation:
     """Fit ``R ≈ y^β`` with ``order`` partial fractions (cached per ``(β, order)``).

@@ -41,7 +41,6 @@ with error above 1e-2 (small β) is built with a warning.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
@@ -80,13 +79,7 @@ class FractionalMaternPrecision:
             raise ValueError(f"FractionalMaternPrecision needs a non-integer alpha, got {alpha}")
         self.alpha, self.spacing = alpha, tuple(float(h) for h in spacing)
         self.rational: StieltjesApproximation = stieltjes_approximation(round(self.beta, 12), int(order))
-        if self.rational.error > 1e-2:
-            warnings.warn(
-                f"the rational approximation of y^{self.beta:.3g} with {int(order)} partial fractions has uniform "
-                f"error {self.rational.error:.2g} (> 1e-2, covariance errors of that size relative to the variance); "
-                "raise rational_order (≤ 8) or pick α nearer an integer + 1/2",
-                stacklevel=3,
-            )
+        self.rational.warn_if_poor()
         self.structure = MaternPrecision(laplacian, self.degree + 1, eigenvalues=eigenvalues)
         self.num_nodes = self.structure.num_nodes
 
@@ -97,8 +90,7 @@ class FractionalMaternPrecision:
 
     def _terms(self) -> list[tuple[float, float | None]]:
         """``(weight, p)`` per block: ``(c₀, None)`` for ``Q_0`` (if ``c₀ > 0``), ``(r_i, p_i)`` for the rest."""
-        terms = [(self.rational.constant, None)] if self.rational.constant > 0 else []
-        return terms + [(float(r), float(p)) for r, p in zip(self.rational.residues, self.rational.poles) if r > 0]
+        return self.rational.terms()
 
     def operator(self, kappa2: Tensor) -> KnownLogdetSparseLinearOperator:
         """The block-diagonal precision (``(m+1)N`` square, batch of ``κ²``), normalised to unit variance."""

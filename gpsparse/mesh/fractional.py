@@ -40,7 +40,6 @@ the ``c₀`` block — an ``α = 1`` field whose variance grows like
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from linear_operator.operators import LinearOperator
@@ -195,13 +194,7 @@ class FractionalMeshPrecision:
             raise ValueError(f"FractionalMeshPrecision needs a non-integer alpha > 1, got {alpha}")
         self.alpha, self.logdet_road = alpha, logdet_road
         self.rational: StieltjesApproximation = stieltjes_approximation(round(self.beta, 12), int(order))
-        if self.rational.error > 1e-2:
-            warnings.warn(
-                f"the rational approximation of y^{self.beta:.3g} with {int(order)} partial fractions has uniform "
-                f"error {self.rational.error:.2g} (> 1e-2, covariance errors of that size relative to the variance); "
-                "raise rational_order (≤ 8) or pick α nearer an integer + 1/2",
-                stacklevel=3,
-            )
+        self.rational.warn_if_poor()
         self.low = MeshSPDEStructure(mesh, self.degree)  # Q_0: degree n
         self.high = MeshSPDEStructure(mesh, self.degree + 1)  # Q_i: degree n + 1
         self.num_nodes = mesh.num_vertices
@@ -209,8 +202,7 @@ class FractionalMeshPrecision:
 
     def _terms(self) -> list[tuple[float, float | None]]:
         """``(weight, p)`` per block: ``(c₀, None)`` for ``Q_0`` (if ``c₀ > 0``), ``(r_i, p_i)`` for the rest."""
-        terms = [(self.rational.constant, None)] if self.rational.constant > 0 else []
-        return terms + [(float(r), float(p)) for r, p in zip(self.rational.residues, self.rational.poles) if r > 0]
+        return self.rational.terms()
 
     @property
     def num_blocks(self) -> int:
