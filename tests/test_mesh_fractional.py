@@ -29,7 +29,8 @@ import gpsparse
 from gpsparse.core.cholmod import cholmod_available
 from gpsparse.kernels import MeshMaternKernel, SparsePrecisionAdditiveKernel
 from gpsparse.mesh import Mesh
-from gpsparse.mesh.fractional import FractionalMeshPrecision, FractionalSPDEPrecisionLinearOperator
+from gpsparse.mesh.fractional import FractionalMeshPrecision
+from gpsparse.mesh.operator import SPDEPrecisionLinearOperator
 from gpsparse.mesh.spde import matern_tau
 
 F64 = torch.float64
@@ -73,7 +74,7 @@ def test_blocks_logdet_and_covariance_match_dense(case):
     kappa2 = torch.tensor(7.0, dtype=F64, requires_grad=True)
     tau = torch.tensor(0.6, dtype=F64, requires_grad=True)
     Q = structure.operator(kappa2, tau)
-    assert isinstance(Q, FractionalSPDEPrecisionLinearOperator)
+    assert isinstance(Q, SPDEPrecisionLinearOperator)
     assert Q.shape == (structure.num_blocks * mesh.num_vertices,) * 2
     dense = Q.to_dense()
     torch.testing.assert_close(dense, dense.mT)
@@ -317,13 +318,16 @@ class TestFractionalSPDEPrecisionLinearOperatorBatch(TestFractionalSPDEPrecision
 
 def test_operator_keeps_its_type_where_the_factorised_form_survives():
     Q = _fractional_operator((2,), F64)
-    assert isinstance(Q * 3.0, FractionalSPDEPrecisionLinearOperator)
-    assert isinstance(Q._expand_batch(torch.Size([4, 2])), FractionalSPDEPrecisionLinearOperator)
-    assert isinstance(Q[1], FractionalSPDEPrecisionLinearOperator)
+    assert isinstance(Q * 3.0, SPDEPrecisionLinearOperator)
+    assert isinstance(Q._expand_batch(torch.Size([4, 2])), SPDEPrecisionLinearOperator)
+    assert isinstance(Q[1], SPDEPrecisionLinearOperator)
     torch.testing.assert_close(Q[1].logdet(), torch.logdet(Q.to_dense()[1]), **EXACT)
     torch.testing.assert_close((Q * 3.0).logdet(), torch.logdet(3.0 * Q.to_dense()), **EXACT)
     torch.testing.assert_close(Q._expand_batch(torch.Size([4, 2])).logdet()[3], torch.logdet(Q.to_dense()), **EXACT)
-    with pytest.raises(ValueError, match="powers"):
-        FractionalSPDEPrecisionLinearOperator(
-            Q.values, Q.factor_values, Q.offset, pattern=Q.pattern, factor_pattern=Q.factor_pattern, powers=(0, 1)
-        )
+    kw = dict(pattern=Q.pattern, factor_pattern=Q.factor_pattern)
+    with pytest.raises(ValueError, match="power must be"):
+        SPDEPrecisionLinearOperator(Q.values, Q.factor_values, Q.offset, **kw, power=(0, 1))
+    with pytest.raises(ValueError, match="factor_values must have shape"):
+        SPDEPrecisionLinearOperator(Q.values, Q.factor_values, Q.offset, **kw, power=(1, 1, 1))
+    with pytest.raises(ValueError, match="size"):  # one factor must match Q's size
+        SPDEPrecisionLinearOperator(Q.values, Q.factor_values[..., 0, :], Q.offset, **kw, power=1)

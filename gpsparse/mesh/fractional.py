@@ -26,7 +26,7 @@ $$
 
 (``s_i`` the constant, no last term for ``Q_0``): ``m + 1`` log-determinants
 of first-order factors, exact by CHOLMOD/banded/dense or stochastic
-(``gpsparse.mesh.operator``).
+(``gpsparse.mesh.operator``; ``SPDEPrecisionLinearOperator`` with one power per factor).
 
 *Normalisation.* ``τ`` is R-INLA's (and rSPDE's) formula
 ``σ² = Γ(ν)/(Γ(α)(4π)^{d/2} κ^{2ν} τ²)`` at the fractional ``α``: the
@@ -42,133 +42,15 @@ from __future__ import annotations
 import math
 
 import torch
-from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from gpsparse.core.rational import StieltjesApproximation, stieltjes_approximation
-from gpsparse.linalg import dispatch
-from gpsparse.mesh.operator import LOGDET_ROADS, SPDEPrecisionLinearOperator
+from gpsparse.mesh.operator import SPDEPrecisionLinearOperator
 from gpsparse.mesh.spde import MeshSPDEStructure
 from gpsparse.operators.block import block_diagonal
 from gpsparse.operators.sparse import SparseLinearOperator
 
-__all__ = ["FractionalMeshPrecision", "FractionalSPDEPrecisionLinearOperator"]
-
-
-class FractionalSPDEPrecisionLinearOperator(SPDEPrecisionLinearOperator):
-    r"""A sparse precision with ``log det Q = Σ_f power_f · log det M_f + offset`` (several first-order factors).
-
-    Parameters
-    ----------
-    values : Tensor
-        ``(*batch, nnz)`` values of ``Q`` on ``pattern``.
-    factor_values : Tensor
-        ``(*batch_f, F, nnz_M)``: the ``F`` factors ``M_f`` on ``factor_pattern``.
-    offset : Tensor
-        ``(*batch)``.
-    powers : tuple of int
-        ``F`` positive integers.
-    pattern, factor_pattern, logdet_road :
-        As for [`SPDEPrecisionLinearOperator`][gpsparse.mesh.operator.SPDEPrecisionLinearOperator];
-        ``log det`` is computed on first use, all ``F`` factors in one batched call.
-    """
-
-    def __init__(
-        self,
-        values: Tensor,
-        factor_values: Tensor,
-        offset: Tensor,
-        *,
-        pattern,
-        factor_pattern,
-        powers: tuple[int, ...],
-        logdet_road: str = "auto",
-    ):
-        powers = tuple(int(p) for p in powers)
-        if not powers or any(p < 1 for p in powers):
-            raise ValueError(f"powers must be positive integers, got {powers!r}")
-        if factor_values.dim() < 2 or factor_values.shape[-2] != len(powers):
-            raise ValueError(f"factor_values must have shape (*batch, {len(powers)}, nnz_M)")
-        SparseLinearOperator.__init__(self, values, pattern=pattern)
-        if not (pattern.symmetric and factor_pattern.symmetric):
-            raise ValueError("an SPDE precision and its factors need symmetric patterns")
-        if pattern.size[0] % factor_pattern.size[0]:
-            raise ValueError(f"the factors have size {factor_pattern.size}, which does not divide Q's {pattern.size}")
-        if factor_values.shape[-1] != factor_pattern.nnz:
-            raise ValueError(f"factor_values must have shape (*batch, {len(powers)}, {factor_pattern.nnz})")
-        if not isinstance(offset, Tensor) or offset.shape != values.shape[:-1]:
-            raise ValueError(f"offset must have the batch shape {tuple(values.shape[:-1])} of the values")
-        if logdet_road not in LOGDET_ROADS:
-            raise ValueError(f"logdet_road must be one of {LOGDET_ROADS}, got {logdet_road!r}")
-        LinearOperator.__init__(
-            self,
-            values,
-            factor_values,
-            offset,
-            pattern=pattern,
-            factor_pattern=factor_pattern,
-            powers=powers,
-            logdet_road=logdet_road,
-        )
-        self.factor_values, self.offset, self.powers = factor_values, offset, powers
-        self.factor_pattern, self.power, self.logdet_road = factor_pattern, None, logdet_road
-        self._logdet: Tensor | None = None
-
-    def factor(self) -> SparseLinearOperator:
-        """The factors ``M_f`` as one SparseLinearOperator ``(*batch_f, F, N, N)``."""
-        return SparseLinearOperator(self.factor_values, pattern=self.factor_pattern)
-
-    def factor_road(self) -> str:
-        batch = self.factor_values.shape[:-1].numel()
-        return dispatch.choose_road(self.factor_pattern, self._factor_config(), logdet=True, batch_numel=batch)
-
-    @property
-    def known_logdet(self) -> Tensor:
-        """``Σ_f power_f log det M_f + offset`` ``(*batch)``, computed on first use."""
-        if self._logdet is None:
-            logdets = dispatch.logdet(self.factor_values, self.factor_pattern, self._factor_config())  # (*b, F)
-            weights = torch.tensor(self.powers, dtype=logdets.dtype, device=logdets.device)
-            self._logdet = ((logdets * weights).sum(-1) + self.offset).expand(self.batch_shape)
-        return self._logdet
-
-    def _with(self, values: Tensor, factor_values: Tensor, offset: Tensor) -> FractionalSPDEPrecisionLinearOperator:
-        return FractionalSPDEPrecisionLinearOperator(
-            values,
-            factor_values,
-            offset,
-            pattern=self.pattern,
-            factor_pattern=self.factor_pattern,
-            powers=self.powers,
-            logdet_road=self.logdet_road,
-        )
-
-    def _factors_for(self, batch_shape: torch.Size) -> Tensor:
-        return self.factor_values.expand(*batch_shape, *self.factor_values.shape[-2:])
-
-    def _expand_batch(self, batch_shape) -> FractionalSPDEPrecisionLinearOperator:
-        batch_shape = torch.Size(batch_shape)
-        values = self.values.expand(*batch_shape, self.pattern.nnz)
-        return self._with(values, self._factors_for(batch_shape), self.offset.expand(batch_shape))
-
-    def _getitem(self, row_index, col_index, *batch_indices) -> LinearOperator:
-        result = SparseLinearOperator._getitem(self, row_index, col_index, *batch_indices)
-        if not isinstance(result, SparseLinearOperator) or result.pattern is not self.pattern:
-            return result
-        factors = self._factors_for(self.batch_shape)
-        factors = factors[(*batch_indices, slice(None), slice(None))] if batch_indices else factors
-        offset = self.offset[batch_indices] if batch_indices else self.offset
-        if offset.shape != result.values.shape[:-1]:
-            return result
-        return self._with(result.values, factors, offset)
-
-    def _mul_constant(self, other) -> SparseLinearOperator:
-        other = torch.as_tensor(other, dtype=self.dtype, device=self.device)
-        scaled = SparseLinearOperator._mul_constant(self, other)
-        if not bool((other > 0).all()):
-            return scaled
-        batch = scaled.values.shape[:-1]
-        offset = (self.offset + self.pattern.size[0] * other.log()).expand(batch)
-        return self._with(scaled.values, self._factors_for(batch), offset)
+__all__ = ["FractionalMeshPrecision"]
 
 
 class FractionalMeshPrecision:
@@ -209,7 +91,7 @@ class FractionalMeshPrecision:
         """``m + 1`` (``m`` when ``c₀ = 0``; partial fractions with a zero residue are dropped)."""
         return len(self._terms())
 
-    def operator(self, kappa2: Tensor, tau: Tensor) -> FractionalSPDEPrecisionLinearOperator:
+    def operator(self, kappa2: Tensor, tau: Tensor) -> SPDEPrecisionLinearOperator:
         """The block-diagonal precision ``((m+1)N`` square, batch of ``κ²``, ``τ``)."""
         n, blocks, shifts, offset = self.degree, [], [], torch.zeros_like(kappa2)
         log_lumped = self.high.log_lumped_sum
@@ -235,12 +117,12 @@ class FractionalMeshPrecision:
         diagonal = torch.zeros_like(t["factor_laplacians"][0]).index_fill(-1, t["factor_diag"], 1.0)
         factors = t["factor_laplacians"][0] + factor_kappa2.unsqueeze(-1) * diagonal  # M(s) = s I + L
         powers = (n * len(blocks),) + (1,) * len(shifts)
-        return FractionalSPDEPrecisionLinearOperator(
+        return SPDEPrecisionLinearOperator(
             Q.values,
             factors,
             offset,
             pattern=Q.pattern,
             factor_pattern=self.factor_pattern.to(kappa2.device),
-            powers=powers,
+            power=powers,
             logdet_road=self.logdet_road,
         )

@@ -58,19 +58,25 @@ LOGDET_ROADS = ("auto", "settings")
 class SPDEPrecisionLinearOperator(KnownLogdetSparseLinearOperator):
     r"""``Q`` (symmetric positive definite, sparse) with ``log det Q = power · log det M + offset``.
 
+    With several factors (``power`` a tuple): ``log det Q = Σ_f power_f · log det M_f + offset``,
+    e.g. the block-diagonal precision of a fractional field (``gpsparse.mesh.fractional``).
+
     Parameters
     ----------
     values : Tensor
         ``(*batch, nnz)`` values of ``Q`` on ``pattern`` (symmetric).
     factor_values : Tensor
         ``(*batch_f, nnz_M)`` values of the factor ``M`` on ``factor_pattern``
-        (``batch_f`` broadcastable to ``batch``).
+        (``batch_f`` broadcastable to ``batch``); ``(*batch_f, F, nnz_M)`` for
+        ``F`` factors.
     offset : Tensor
         ``(*batch)`` the additive constant of the log-determinant.
     pattern, factor_pattern : SparsityPattern
-        Symmetric patterns of equal size ``N``.
-    power : int
-        ``α``.
+        Symmetric patterns of equal size ``N`` (with several factors: the
+        factors' size divides ``Q``'s).
+    power : int or tuple of int
+        ``α``; or one positive integer per factor (all ``F`` log-determinants
+        are computed in one batched call).
     logdet_road : {"auto", "settings"}
         How ``log det M`` is computed (module notes).
 
@@ -104,27 +110,31 @@ class SPDEPrecisionLinearOperator(KnownLogdetSparseLinearOperator):
         *,
         pattern: SparsityPattern,
         factor_pattern: SparsityPattern,
-        power: int,
+        power: int | tuple[int, ...],
         logdet_road: str = "auto",
     ):
         SparseLinearOperator.__init__(self, values, pattern=pattern)
+        stacked = isinstance(power, tuple)
+        powers = power if stacked else (power,)
+        if not powers or any(isinstance(q, bool) or int(q) != q or q < 1 for q in powers):
+            raise ValueError(f"power must be a positive integer (or a tuple of them), got {power!r}")
+        power = tuple(int(q) for q in powers) if stacked else int(power)
         if not (pattern.symmetric and factor_pattern.symmetric):
             raise ValueError("an SPDE precision and its factor need symmetric patterns")
-        if factor_pattern.size != pattern.size:
+        if factor_pattern.size != pattern.size and not (stacked and pattern.size[0] % factor_pattern.size[0] == 0):
             raise ValueError(f"the factor has size {factor_pattern.size} but Q has size {pattern.size}")
-        if not isinstance(factor_values, Tensor) or factor_values.shape[-1:] != (factor_pattern.nnz,):
-            raise ValueError(f"factor_values must have shape (*batch, {factor_pattern.nnz})")
+        tail = (len(powers), factor_pattern.nnz) if stacked else (factor_pattern.nnz,)
+        if not isinstance(factor_values, Tensor) or factor_values.shape[-len(tail) :] != tail:
+            raise ValueError(f"factor_values must have shape (*batch, {', '.join(map(str, tail))})")
         try:
-            torch.broadcast_shapes(factor_values.shape[:-1], values.shape[:-1])
+            torch.broadcast_shapes(factor_values.shape[: -len(tail)], values.shape[:-1])
         except RuntimeError:
             raise ValueError(
-                f"factor_values' batch {tuple(factor_values.shape[:-1])} does not broadcast to "
+                f"factor_values' batch {tuple(factor_values.shape[: -len(tail)])} does not broadcast to "
                 f"{tuple(values.shape[:-1])}"
             ) from None
         if not isinstance(offset, Tensor) or offset.shape != values.shape[:-1]:
             raise ValueError(f"offset must have the batch shape {tuple(values.shape[:-1])} of the values")
-        if int(power) != power or power < 1:
-            raise ValueError(f"power must be a positive integer, got {power!r}")
         if logdet_road not in LOGDET_ROADS:
             raise ValueError(f"logdet_road must be one of {LOGDET_ROADS}, got {logdet_road!r}")
         LinearOperator.__init__(
@@ -134,16 +144,17 @@ class SPDEPrecisionLinearOperator(KnownLogdetSparseLinearOperator):
             offset,
             pattern=pattern,
             factor_pattern=factor_pattern,
-            power=int(power),
+            power=power,
             logdet_road=logdet_road,
         )
         self.factor_values, self.offset = factor_values, offset
-        self.factor_pattern, self.power, self.logdet_road = factor_pattern, int(power), logdet_road
+        self.factor_pattern, self.power, self.logdet_road = factor_pattern, power, logdet_road
+        self._factor_dims = len(tail)  # trailing dimensions of factor_values that are not batch
         self._logdet: Tensor | None = None
 
     # ------------------------------------------------------------ log det
     def factor(self) -> SparseLinearOperator:
-        """``M`` as a SparseLinearOperator ``(*batch_f, N, N)``."""
+        """``M`` as a SparseLinearOperator ``(*batch_f, N, N)`` (``(*batch_f, F, N, N)`` for ``F`` factors)."""
         return SparseLinearOperator(self.factor_values, pattern=self.factor_pattern)
 
     def _factor_config(self):
@@ -165,10 +176,15 @@ class SPDEPrecisionLinearOperator(KnownLogdetSparseLinearOperator):
 
     @property
     def known_logdet(self) -> Tensor:
-        """``power · log det M + offset`` ``(*batch)``, computed on first use (module notes)."""
+        """``power · log det M + offset`` (``Σ_f power_f log det M_f + offset``) ``(*batch)``, on first use."""
         if self._logdet is None:
             factor_logdet = dispatch.logdet(self.factor_values, self.factor_pattern, self._factor_config())
-            self._logdet = (self.power * factor_logdet + self.offset).expand(self.batch_shape)
+            if isinstance(self.power, tuple):
+                weights = torch.tensor(self.power, dtype=factor_logdet.dtype, device=factor_logdet.device)
+                factor_logdet = (factor_logdet * weights).sum(-1)
+            else:
+                factor_logdet = self.power * factor_logdet
+            self._logdet = (factor_logdet + self.offset).expand(self.batch_shape)
         return self._logdet
 
     def _set_requires_grad(self, val: bool) -> None:
@@ -195,11 +211,15 @@ class SPDEPrecisionLinearOperator(KnownLogdetSparseLinearOperator):
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple[Tensor | None, ...]:
         return (*SparseLinearOperator._bilinear_derivative(self, left_vecs, right_vecs), None, None)
 
+    def _factors_for(self, batch_shape) -> Tensor:
+        """``factor_values`` expanded to the batch ``batch_shape``."""
+        return self.factor_values.expand(*batch_shape, *self.factor_values.shape[-self._factor_dims :])
+
     def _expand_batch(self, batch_shape) -> SPDEPrecisionLinearOperator:
         batch_shape = torch.Size(batch_shape)
         return self._with(
             self.values.expand(*batch_shape, self.pattern.nnz),
-            self.factor_values.expand(*batch_shape, self.factor_pattern.nnz),
+            self._factors_for(batch_shape),
             self.offset.expand(batch_shape),
         )
 
@@ -207,8 +227,8 @@ class SPDEPrecisionLinearOperator(KnownLogdetSparseLinearOperator):
         result = SparseLinearOperator._getitem(self, row_index, col_index, *batch_indices)
         if not isinstance(result, SparseLinearOperator) or result.pattern is not self.pattern:
             return result  # rows or columns were selected: no factorised form
-        factor = self.factor_values.expand(*self.batch_shape, self.factor_pattern.nnz)
-        factor = factor[(*batch_indices, slice(None))] if batch_indices else factor
+        factor = self._factors_for(self.batch_shape)
+        factor = factor[(*batch_indices, *(slice(None),) * self._factor_dims)] if batch_indices else factor
         offset = self.offset[batch_indices] if batch_indices else self.offset
         if offset.shape != result.values.shape[:-1]:
             return result
@@ -222,7 +242,4 @@ class SPDEPrecisionLinearOperator(KnownLogdetSparseLinearOperator):
         offset = self.offset + self.pattern.size[0] * other.log()
         if offset.shape != scaled.values.shape[:-1]:
             offset = offset.expand(scaled.values.shape[:-1])
-        factor = self.factor_values
-        if factor.shape[:-1] != scaled.values.shape[:-1]:
-            factor = factor.expand(*scaled.values.shape[:-1], self.factor_pattern.nnz)
-        return self._with(scaled.values, factor, offset)
+        return self._with(scaled.values, self._factors_for(scaled.values.shape[:-1]), offset)
