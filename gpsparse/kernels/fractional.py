@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,7 +52,7 @@ from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.operators.block import block_diagonal
 from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
 
-__all__ = ["FractionalMaternPrecision"]
+__all__ = ["FractionalMaternPrecision", "parse_alpha"]
 
 
 class FractionalMaternPrecision:
@@ -132,3 +133,23 @@ class FractionalMaternPrecision:
                 part = part + (-1) ** (n - k) * q ** (-(n - k + 1)) * lattice_variance(kappa2, self.spacing, k)
             total = total + weight * kappa2 * part
         return kappa2 ** (-self.beta) * total
+
+
+def parse_alpha(alpha, d: int, *, minimum: float = 0.0) -> int | float:
+    """``α`` as an int when integral, else a float: ``α > 0`` and ``≥ minimum``, ``ν = α − d/2 ≥ 0``
+    (``> 0`` for a fractional ``α``). Shared by the lattice and mesh kernels.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.integer | np.floating):
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if not math.isfinite(alpha) or alpha <= 0 or alpha < minimum:
+        bound = "a positive number" if minimum <= 0 else f"a number ≥ {minimum:g}"
+        raise ValueError(f"alpha must be {bound}, got {alpha!r}")
+    alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
+    if alpha < d / 2:
+        raise ValueError(
+            f"alpha = {alpha} gives smoothness ν = α − d/2 = {alpha - d / 2:g} < 0 in d = {d} dimensions; "
+            f"use alpha ≥ {(d + 1) // 2}"
+        )
+    if isinstance(alpha, float) and alpha <= d / 2:
+        raise ValueError(f"a fractional alpha needs ν = α − d/2 > 0; alpha = {alpha} in d = {d} dimensions gives ν = 0")
+    return alpha

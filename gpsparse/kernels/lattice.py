@@ -33,7 +33,7 @@ from gpsparse.core.lattice import lattice_variance, neumann_eigenvalues, neumann
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
 from gpsparse.kernels.base import SparsePrecisionKernel
-from gpsparse.kernels.fractional import FractionalMaternPrecision
+from gpsparse.kernels.fractional import FractionalMaternPrecision, parse_alpha
 from gpsparse.kernels.spde import MaternPrecision
 from gpsparse.operators.block import hstack_interpolations
 from gpsparse.operators.known_logdet import KnownLogdetSparseLinearOperator
@@ -299,7 +299,7 @@ class LatticeMaternKernel(SparsePrecisionKernel):
         low, high = _parse_bounds(bounds)
         d = len(low)
         sizes = _parse_grid_size(grid_size, d)
-        alpha = _parse_alpha(alpha, d)
+        alpha = parse_alpha(alpha, d)
         if isinstance(rational_order, bool) or int(rational_order) != rational_order or not 1 <= rational_order <= 8:
             raise ValueError(f"rational_order must be an integer in 1 … 8, got {rational_order!r}")
         ard = kwargs.pop("ard_num_dims", None)
@@ -535,23 +535,6 @@ class LatticeMaternKernel(SparsePrecisionKernel):
 
 
 # ------------------------------------------------------------------ helpers
-def _parse_alpha(alpha, d: int) -> int | float:
-    """``α`` as an int when integral, else a float; ``ν = α − d/2 ≥ 0`` (``> 0`` for a fractional ``α``)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.integer | np.floating):
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    alpha = int(alpha) if float(alpha).is_integer() else float(alpha)
-    if alpha < d / 2:
-        raise ValueError(
-            f"alpha = {alpha} gives smoothness ν = α − d/2 = {alpha - d / 2:g} < 0 in d = {d} dimensions; "
-            f"use alpha ≥ {(d + 1) // 2}"
-        )
-    if isinstance(alpha, float) and alpha <= d / 2:
-        raise ValueError(f"a fractional alpha needs ν = α − d/2 > 0; alpha = {alpha} in d = {d} dimensions gives ν = 0")
-    return alpha
-
-
 def _parse_bounds(bounds) -> tuple[tuple[float, ...], tuple[float, ...]]:
     b = torch.as_tensor(bounds, dtype=torch.float64).detach().cpu()
     if b.dim() == 1:

@@ -67,6 +67,7 @@ from torch.nn import Module as TModule
 from gpsparse.core.pattern import SparsityPattern
 from gpsparse.kernels._inputs import CachedInputs, cache_insert, cache_lookup, check_batch_shapes
 from gpsparse.kernels.base import SparsePrecisionKernel
+from gpsparse.kernels.fractional import parse_alpha
 from gpsparse.mesh.fractional import FractionalMeshPrecision
 from gpsparse.mesh.mesh import Mesh
 from gpsparse.mesh.operator import LOGDET_ROADS, SPDEPrecisionLinearOperator
@@ -259,7 +260,7 @@ class MeshMaternKernel(SparsePrecisionKernel):
     ):
         if not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a gpsparse.mesh.Mesh, got {type(mesh).__name__}")
-        alpha = _parse_alpha(alpha, mesh.dim)
+        alpha = parse_alpha(alpha, mesh.dim, minimum=1)
         fractional = isinstance(alpha, float)
         if fractional and not 1 <= int(rational_order) <= 8:
             raise ValueError(f"rational_order must be an integer in 1 … 8, got {rational_order!r}")
@@ -621,16 +622,3 @@ class PCMaternSigmaPrior(Prior, Exponential):
     def from_rate(cls, rate: Tensor, transform=None) -> PCMaternSigmaPrior:
         """The prior with rate ``λ`` (``P(σ > σ_0) = exp(−λσ_0)``)."""
         return cls(1.0 / rate, probability=math.exp(-1.0), transform=transform)
-
-
-def _parse_alpha(alpha, dim: int) -> int | float:
-    """``α`` as an int (``≥ 1``) when integral, else a float ``> 1`` with ``ν = α − d/2 > 0`` (fractional)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.integer | np.floating):
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if not math.isfinite(alpha) or alpha < 1:
-        raise ValueError(f"alpha must be a number ≥ 1, got {alpha!r}")
-    if float(alpha).is_integer():
-        return int(alpha)
-    if alpha <= dim / 2:
-        raise ValueError(f"a fractional alpha needs ν = α − d/2 > 0; alpha = {alpha} on a {dim}-D mesh gives ν ≤ 0")
-    return float(alpha)
