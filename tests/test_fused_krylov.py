@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpsparse.core.columns import column_dot
-from gpsparse.core.fused import FUSED_MIN_ENTRIES, FusedColumnOps, TorchColumnOps, column_ops
+from gpsparse.core.fused import FUSED_MIN_ENTRIES, FUSED_MIN_ROWS, FusedColumnOps, TorchColumnOps, column_ops
 from gpsparse.core.krylov import cg
 from gpsparse.core.krylov.cg import _cg
 from gpsparse.core.krylov.problem import _Problem
@@ -90,6 +90,9 @@ def test_column_ops_choice():
     assert not column_ops(block[:10], column_dot).fused  # small blocks: torch (less call overhead)
     assert column_ops(block[:10], column_dot, fused=True).fused
     assert not column_ops(block.half(), column_dot).fused
+    tall = torch.zeros(FUSED_MIN_ROWS, 1)  # by rows (Lanczos): the same choice for 1 or 16 columns
+    assert not column_ops(tall, column_dot).fused and column_ops(tall, column_dot, by_rows=True).fused
+    assert not column_ops(tall[:-1].expand(-1, 16).contiguous(), column_dot, by_rows=True).fused
     with pytest.raises(ValueError, match="fused column kernels need"):
         column_ops(block.half(), column_dot, fused=True)
 

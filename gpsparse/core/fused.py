@@ -69,12 +69,15 @@ try:  # numba is a hard dependency; stay importable (torch path only) without it
 except ImportError:  # pragma: no cover
     _numba = None
 
-__all__ = ["FUSED_MIN_ENTRIES", "TorchColumnOps", "FusedColumnOps", "column_ops", "fused_available"]
+__all__ = ["FUSED_MIN_ENTRIES", "FUSED_MIN_ROWS", "TorchColumnOps", "FusedColumnOps", "column_ops", "fused_available"]
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 #: Smallest block (entries ``B·n·k``) for which ``column_ops`` picks the numba kernels by default.
 FUSED_MIN_ENTRIES = 1 << 15
+
+#: The same threshold in rows ``B·n`` (``column_ops(..., by_rows=True)``: Lanczos).
+FUSED_MIN_ROWS = 1 << 12
 
 
 def _jit(fn):
@@ -418,7 +421,9 @@ class FusedColumnOps(TorchColumnOps):
         return q_new
 
 
-def column_ops(block: Tensor, dot: Callable[[Tensor, Tensor], Tensor], *, fused: bool | None = None) -> TorchColumnOps:
+def column_ops(
+    block: Tensor, dot: Callable[[Tensor, Tensor], Tensor], *, fused: bool | None = None, by_rows: bool = False
+) -> TorchColumnOps:
     """The column-work implementation for a solve on ``(*batch, n, k)`` blocks like ``block``.
 
     Parameters
@@ -433,10 +438,15 @@ def column_ops(block: Tensor, dot: Callable[[Tensor, Tensor], Tensor], *, fused:
         ``FUSED_MIN_ENTRIES`` entries: below, the ~10 µs of call overhead per
         kernel exceed what fusing saves); ``False``: torch operations;
         ``True``: the numba kernels, ``ValueError`` where they cannot run.
+    by_rows : bool
+        Decide the default by the rows ``B·n`` (``≥ FUSED_MIN_ROWS``), not the
+        entries: the choice, and so each column's arithmetic, then does not
+        depend on how many columns run together (what probe-parallel runs need).
     """
     can = fused_available() and block.device.type == "cpu" and block.dtype in _FUSED_DTYPES
     if fused is None:
-        fused = can and block.numel() >= FUSED_MIN_ENTRIES
+        rows = block.numel() // max(block.shape[-1], 1)
+        fused = can and (rows >= FUSED_MIN_ROWS if by_rows else block.numel() >= FUSED_MIN_ENTRIES)
     elif fused and not can:
         raise ValueError(
             f"fused column kernels need numba and a float32/float64 CPU block, got {block.dtype} on {block.device}"

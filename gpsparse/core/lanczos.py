@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from gpsparse.core.columns import column_dot
-from gpsparse.core.fused import column_ops, fused_available
+from gpsparse.core.fused import column_ops
 from gpsparse.core.krylov.problem import Matvec, _checked, _where
 from gpsparse.core.quadrature import tridiagonal
 from gpsparse.errors import SolverBreakdownError
@@ -261,10 +261,6 @@ def _validate_forward(matvec, v, num_lanczos, breakdown_tol) -> float:
     return tol
 
 
-#: Rows per column (``B·n``) from which the Lanczos loop uses the fused kernels by default.
-FUSED_MIN_ROWS = 1 << 12
-
-
 def _lanczos(
     matvec: Matvec,
     v: Tensor,
@@ -280,7 +276,7 @@ def _lanczos(
     autograd can run through it: that is the test oracle of
     ``lanczos_adjoint``. Otherwise the column work runs through ``gpsparse.core.fused.column_ops``
     (``fused``: the numba kernels; by default for CPU float32/float64 blocks of at least
-    ``FUSED_MIN_ROWS`` rows per column, whatever the number of columns: each column's coefficients
+    ``gpsparse.core.fused.FUSED_MIN_ROWS`` rows, whatever the number of columns: each column's coefficients
     are then the same bits however many columns run together — what probe-parallel runs rely on)."""
     *batch, n, p = v.shape
     dtype, device = v.dtype, v.device
@@ -289,10 +285,7 @@ def _lanczos(
         norm = torch.linalg.vector_norm(v, dim=-2)
         q = v / norm.unsqueeze(-2)
     else:
-        if fused is None:  # by rows, not columns: a column's arithmetic must not depend on how many run with it
-            fused = fused_available() and v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64)
-            fused = fused and v.numel() // max(p, 1) >= FUSED_MIN_ROWS
-        ops = column_ops(v, column_dot, fused=fused)
+        ops = column_ops(v, column_dot, fused=fused, by_rows=True)  # a column's bits: whatever its neighbours
         v = v.detach().contiguous()
         norm = ops.dot(v, v).sqrt() if ops.fused else torch.linalg.vector_norm(v, dim=-2)
         q = (v / norm.unsqueeze(-2)).contiguous()
